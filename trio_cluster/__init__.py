@@ -1,0 +1,62 @@
+"""trio_cluster: sharded virtual actors (entities) for Trio, coordinated by PostgreSQL alone.
+
+Declare an :class:`Entity` and its RPCs, implement them in a handler class,
+and host it with :func:`open_runner`. Everything a caller can catch is a
+:class:`ClusterError` subclass or an error your RPC declared.
+"""
+
+from .config import ConfigError, EntityOptions, ShardingConfig
+from .core.hashing import ShardId
+from .core.retry import RetryPolicy
+from .entity import Entity, Implementation, Rpc
+from .errors import (
+    AlreadyProcessingMessage,
+    AnyClusterError,
+    ClusterError,
+    EntityNotAssignedToRunner,
+    MailboxFull,
+    MalformedMessage,
+    PersistenceError,
+    RpcClientError,
+    RunnerNotRegistered,
+    RunnerUnavailable,
+    SendTimeout,
+    SerializationError,
+    Suspended,
+)
+from .runtime.client import Client
+from .runtime.context import EntityAddress, EntityContext
+from .runtime.metrics import Snapshot
+from .runtime.runner import Runner, open_runner
+from .storage import MemoryStorage
+
+__all__ = [
+    "AlreadyProcessingMessage",
+    "AnyClusterError",
+    "Client",
+    "ClusterError",
+    "ConfigError",
+    "Entity",
+    "EntityAddress",
+    "EntityContext",
+    "EntityNotAssignedToRunner",
+    "EntityOptions",
+    "Implementation",
+    "MailboxFull",
+    "MalformedMessage",
+    "MemoryStorage",
+    "PersistenceError",
+    "RetryPolicy",
+    "Rpc",
+    "RpcClientError",
+    "Runner",
+    "RunnerNotRegistered",
+    "RunnerUnavailable",
+    "SendTimeout",
+    "SerializationError",
+    "ShardId",
+    "ShardingConfig",
+    "Snapshot",
+    "Suspended",
+    "open_runner",
+]

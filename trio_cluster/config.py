@@ -1,0 +1,417 @@
+"""Runtime configuration: typed, validated, loadable from a mapping or the environment.
+
+Every class validates in ``__init__`` (attrs validators), so a config built in code is
+as trustworthy as one loaded from a file.  Loading goes through one cattrs converter
+that is strict about types (no silent ``1.5 -> 1``, ``"false" -> True`` or
+``"ab" -> ("a", "b")``) and rejects unknown keys, since a misspelt setting that is
+quietly ignored is worse than a crash at startup.  Problems are reported together, as
+one :class:`ConfigError` naming each field by its full path: every bad type and
+unknown key at once, but only the first out-of-range value of each section, since
+range checks run in the section's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
+
+from trio_cluster.core.retry import RetryPolicy
+
+__all__ = ["ConfigError", "EntityOptions", "RetryPolicy", "ShardingConfig"]
+
+_T = TypeVar("_T")
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings.
+
+    ``fields`` holds ``(path, message)`` pairs, the path dotted through nested
+    sections (``entity_defaults.mailbox_capacity``), or the variable's name for an
+    unknown environment variable.
+    """
+
+    def __init__(self, fields: Sequence[tuple[str, str]]) -> None:
+        self.fields = list(fields)
+        # The pairs, not the rendered text, are the args, so the error pickles.
+        super().__init__(self.fields)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{path}: {message}" if path else message for path, message in self.fields)
+
+
+# --- validators --------------------------------------------------------------------
+# Errors read "<field>: <reason>"; _problems() relies on that prefix to report a
+# failure raised by __init__ under the field's full path.
+
+
+def _number(*, minimum: float, integer: bool = False, inclusive: bool = True) -> _Validator:
+    kind = "an integer" if integer else "a finite number"
+    relation = ">=" if inclusive else ">"
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and not isinstance(value, int))
+        ):
+            raise TypeError(f"{attribute.name}: must be {kind} (got {value!r})")
+        if not integer:
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                raise ValueError(f"{attribute.name}: must be {kind} (got {value!r})")
+        if value < minimum or (value == minimum and not inclusive):
+            raise ValueError(f"{attribute.name}: must be {relation} {minimum:g} (got {value!r})")
+
+    return check
+
+
+def _instance_of(cls: type, description: str) -> _Validator:
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        # bool is an int, but True is not a valid RetryPolicy or mailbox size.
+        if not isinstance(value, cls) or (cls is not bool and isinstance(value, bool)):
+            raise TypeError(f"{attribute.name}: must be {description} (got {value!r})")
+
+    return check
+
+
+# Group names appear in storage keys ("default/17") and in comma-separated environment
+# variables, so neither "/" nor "," (nor anything exotic) may appear in one.
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_group_names(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    name = attribute.name
+    if not isinstance(value, tuple) or not all(isinstance(group, str) for group in value):
+        raise TypeError(f"{name}: must be a tuple of strings (got {value!r})")
+    if not value:
+        raise ValueError(f"{name}: must name at least one group")
+    for group in value:
+        if not _GROUP_NAME.fullmatch(group):
+            raise ValueError(
+                f"{name}: {group!r} is not a valid group name (use letters, digits, '_', '-')"
+            )
+    duplicates = sorted({group for group in value if value.count(group) > 1})
+    if duplicates:
+        raise ValueError(f"{name}: duplicate group names {duplicates}")
+
+
+# --- settings ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class EntityOptions:
+    """Per-entity-type behaviour; ``ShardingConfig.entity_defaults`` is the fallback."""
+
+    mailbox_capacity: int = attrs.field(default=100, validator=_number(minimum=1, integer=True))
+    """Messages queued per entity before senders wait: the backpressure bound."""
+    max_idle_time: float = attrs.field(default=300.0, validator=_number(minimum=0, inclusive=False))
+    """Seconds without a message before the entity is passivated to free memory."""
+    concurrency: int = attrs.field(default=1, validator=_number(minimum=1, integer=True))
+    """Messages handled at once; 1 gives the actor model's one-at-a-time guarantee."""
+    defect_retry: RetryPolicy = attrs.field(
+        default=RetryPolicy(
+            base_delay=0.1, factor=2.0, max_delay=5.0, max_attempts=5, max_elapsed=30.0
+        ),
+        validator=_instance_of(RetryPolicy, "a RetryPolicy"),
+    )
+    """Restart schedule after the entity crashes, before it is given up on."""
+    keep_alive: bool = attrs.field(default=False, validator=_instance_of(bool, "a bool"))
+    """Opt out of idle passivation, for entities that hold timers or subscriptions."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """Load per-entity-type overrides; same rules as ``ShardingConfig.from_mapping``."""
+        return _load(cls, data)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers) that ``from_mapping`` accepts back."""
+        return _unstructure(self)
+
+
+@attrs.frozen
+class ShardingConfig:
+    """Settings shared by every runner of a cluster.
+
+    ``shards_per_group`` and ``shard_groups`` define the persisted shard layout: all
+    runners must agree on them, and changing them moves entities between shards.
+    """
+
+    shards_per_group: int = attrs.field(default=100, validator=_number(minimum=1, integer=True))
+    shard_groups: tuple[str, ...] = attrs.field(default=("default",), validator=_check_group_names)
+    max_resident_entities: int = attrs.field(
+        default=100_000, validator=_number(minimum=1, integer=True)
+    )
+    """Per runner; beyond it the least recently used idle entities are passivated."""
+    send_timeout: float = attrs.field(default=10.0, validator=_number(minimum=0, inclusive=False))
+    """Seconds an ask waits for its reply unless the caller says otherwise."""
+    entity_termination_timeout: float = attrs.field(default=15.0, validator=_number(minimum=0))
+    """Seconds entities get to finish on shutdown or shard handover before cancellation."""
+    send_retry: RetryPolicy = attrs.field(
+        default=RetryPolicy(
+            base_delay=0.01, factor=2.0, max_delay=0.5, max_attempts=20, max_elapsed=5.0
+        ),
+        validator=_instance_of(RetryPolicy, "a RetryPolicy"),
+    )
+    """Resends while shards move (EntityNotAssignedToRunner, RunnerUnavailable)."""
+    entity_defaults: EntityOptions = attrs.field(
+        default=EntityOptions(), validator=_instance_of(EntityOptions, "an EntityOptions")
+    )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """Load from nested plain data, as parsed from TOML, JSON or YAML.
+
+        Missing keys take their defaults, nested sections included.
+        """
+        return _load(cls, data)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, prefix: str = "TRIO_CLUSTER_"
+    ) -> Self:
+        """Load from environment variables, e.g. ``TRIO_CLUSTER_SHARDS_PER_GROUP=50``.
+
+        Nested fields use a double underscore (``TRIO_CLUSTER_SEND_RETRY__MAX_ATTEMPTS``),
+        tuples are comma-separated (``TRIO_CLUSTER_SHARD_GROUPS=a,b``), booleans accept
+        true/false, yes/no, on/off and 1/0.  Any other variable with the prefix is an
+        error: with no schema to catch typos, a silently ignored variable is the most
+        likely way to misconfigure a deployment.
+        """
+        return _load_env(cls, os.environ if environ is None else environ, prefix)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers) that ``from_mapping`` accepts back."""
+        return _unstructure(self)
+
+
+# --- loading from a mapping ----------------------------------------------------------
+
+
+class _InvalidValueError(ValueError):
+    """A value our strict hooks refused; its text is the message shown to the user."""
+
+
+def _structure_int(value: Any, _: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _InvalidValueError(f"expected an integer (got {value!r})")
+    return value
+
+
+def _structure_float(value: Any, _: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _InvalidValueError(f"expected a number (got {value!r})")
+    try:
+        return float(value)
+    except OverflowError:
+        raise _InvalidValueError(f"expected a finite number (got {value!r})") from None
+
+
+def _structure_bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _InvalidValueError(f"expected true or false (got {value!r})")
+    return value
+
+
+def _structure_str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise _InvalidValueError(f"expected a string (got {value!r})")
+    return value
+
+
+def _structure_str_tuple(value: Any, _: Any) -> tuple[str, ...]:
+    # A bare string is iterable, so cattrs would happily split "ab" into ("a", "b").
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise _InvalidValueError(f"expected a list of strings (got {value!r})")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _InvalidValueError(f"expected a list of strings (item {index} is {item!r})")
+    return tuple(value)
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    converter.register_structure_hook(int, _structure_int)
+    converter.register_structure_hook(float, _structure_float)
+    converter.register_structure_hook(bool, _structure_bool)
+    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+
+    def attrs_hook(cls: Any) -> Callable[[Any, Any], Any]:
+        structure_fields = make_dict_structure_fn(cls, converter)
+        # A partial section overrides the field's own default, not the section class's
+        # defaults: {"send_retry": {"max_attempts": 3}} must keep send_retry's 0.01 s
+        # base delay rather than fall back to RetryPolicy's 0.05 s.
+        section_defaults = {
+            field.name: converter.unstructure(field.default)
+            for field in attrs.fields(cls)
+            if attrs.has(type(field.default))
+        }
+
+        def structure(value: Any, _: Any) -> Any:
+            # Checked up front: cattrs would test `"field" in value` on a string and
+            # report its characters as unknown keys.
+            if not isinstance(value, Mapping):
+                raise _InvalidValueError(f"expected a mapping (got {value!r})")
+            return structure_fields(_overlay(section_defaults, value), cls)
+
+        return structure
+
+    converter.register_structure_hook_factory(attrs.has, attrs_hook)
+    return converter
+
+
+def _overlay(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` overridden by ``given``, merging nested mappings key by key."""
+    merged = dict(defaults)
+    for key, value in given.items():
+        default = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(default, Mapping):
+            merged[key] = _overlay(default, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+_CONVERTER = _make_converter()
+
+
+def _unstructure(instance: object) -> dict[str, Any]:
+    data: dict[str, Any] = _CONVERTER.unstructure(instance)
+    return data
+
+
+def _load(cls: type[_T], data: object) -> _T:
+    try:
+        return _CONVERTER.structure(data, cls)
+    except (ClassValidationError, _InvalidValueError) as exc:
+        raise ConfigError(list(_problems(exc, "", cls))) from exc
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _problems(exc: BaseException, path: str, cls: Any) -> Iterator[tuple[str, str]]:
+    """Flatten cattrs' nested errors into ``(path, message)`` pairs.
+
+    Like ``cattrs.transform_error``, but yielding pairs rather than text, and placing
+    an attrs validator's error (raised by ``__init__``, which cattrs can only pin on
+    the class) under the field it names.
+    """
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _problems(sub, _join(path, note.name), note.type)
+        for sub in without:
+            yield from _problems(sub, path, exc.cl)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(exc.extra_fields):
+            yield _join(path, key), "unknown field"
+    elif isinstance(exc, _InvalidValueError):
+        yield path, str(exc)
+    elif isinstance(exc, TypeError | ValueError) and attrs.has(cls):
+        field, separator, reason = str(exc).partition(": ")
+        if separator and field in attrs.fields_dict(cls):
+            yield _join(path, field), reason
+        else:
+            yield path, str(exc)
+    else:
+        yield path, f"invalid value ({exc!r})"
+
+
+# --- loading from the environment --------------------------------------------------
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class _UnknownSettingError(Exception):
+    pass
+
+
+def _parse_env_value(field_type: Any, raw: str) -> Any:
+    text = raw.strip()
+    if field_type is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise _InvalidValueError(f"expected true or false (got {raw!r})")
+    if field_type is int or field_type is float:
+        try:
+            return field_type(text)
+        except ValueError:
+            kind = "an integer" if field_type is int else "a number"
+            raise _InvalidValueError(f"expected {kind} (got {raw!r})") from None
+    if field_type is str:
+        return raw
+    if field_type == tuple[str, ...]:
+        return tuple(item.strip() for item in text.split(",")) if text else ()
+    raise TypeError(f"no environment syntax for fields of type {field_type!r}")
+
+
+def _resolve_env(cls: type, key: str) -> tuple[list[str], Any]:
+    """Map ``SEND_RETRY__MAX_ATTEMPTS`` to ``(["send_retry", "max_attempts"], int)``."""
+    parts = key.lower().split("__")
+    section: type = cls
+    for depth, part in enumerate(parts):
+        if part not in attrs.fields_dict(section):
+            break
+        field_type = typing.get_type_hints(section)[part]
+        if depth == len(parts) - 1:
+            return parts, field_type
+        if not attrs.has(field_type):
+            break
+        section = field_type
+    raise _UnknownSettingError
+
+
+def _load_env(cls: type[_T], environ: Mapping[str, str], prefix: str) -> _T:
+    data: dict[str, Any] = {}
+    variable_of: dict[str, str] = {}  # field path -> the variable that set it
+    problems: list[tuple[str, str]] = []
+    for variable, raw in sorted(environ.items()):
+        if not variable.startswith(prefix):
+            continue
+        try:
+            path, field_type = _resolve_env(cls, variable.removeprefix(prefix))
+        except _UnknownSettingError:
+            problems.append((variable, f"unknown setting (no such field in {cls.__name__})"))
+            continue
+        dotted = ".".join(path)
+        if attrs.has(field_type):
+            problems.append((dotted, f"is a section: set its fields, as in {variable}__<FIELD>"))
+            continue
+        try:
+            value = _parse_env_value(field_type, raw)
+        except _InvalidValueError as exc:
+            problems.append((dotted, f"{exc}, set by {variable}"))
+            continue
+        section = data
+        for part in path[:-1]:
+            section = section.setdefault(part, {})
+        section[path[-1]] = value
+        variable_of[dotted] = variable
+    try:
+        config = _load(cls, data)
+    except ConfigError as exc:
+        for field_path, message in exc.fields:
+            source = variable_of.get(field_path)
+            problems.append((field_path, f"{message}, set by {source}" if source else message))
+        raise ConfigError(problems) from exc
+    if problems:
+        raise ConfigError(problems)
+    return config

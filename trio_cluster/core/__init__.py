@@ -1,0 +1,1 @@
+"""The pure core of trio_cluster: deterministic logic, free of I/O and of Trio."""

@@ -1,0 +1,125 @@
+"""Replies as bytes: one encoding for storage, the wire and the local path.
+
+A reply is ``[kind, body]`` in msgpack. Encoding every reply, even a local
+one, means a reply that cannot cross a process boundary fails in tests on
+one runner rather than in production on two, and a stored reply replays
+exactly what the first caller saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+from ..errors import ERROR_TYPES, ClusterError, RpcClientError, SerializationError, Suspended
+
+
+class ReplyKind(IntEnum):
+    SUCCESS = 0
+    DECLARED_ERROR = 1
+    CLUSTER_ERROR = 2
+
+
+class _Reply(msgspec.Struct, array_like=True, frozen=True):
+    kind: ReplyKind
+    body: msgspec.Raw
+
+
+class _DeclaredError(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    args: list[Any]
+
+
+class _ClusterError(msgspec.Struct, array_like=True, frozen=True):
+    reason: str
+    message: str
+    detail: str = ""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_reply_decoder = msgspec.msgpack.Decoder(_Reply)
+_declared_decoder = msgspec.msgpack.Decoder(_DeclaredError)
+_cluster_decoder = msgspec.msgpack.Decoder(_ClusterError)
+
+
+def encode_payload(value: object) -> bytes:
+    """Encode a payload or success value; SerializationError says which value failed."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode {type(value).__name__}: {exc}") from exc
+
+
+def success(value: object) -> bytes:
+    return _encoder.encode(_Reply(ReplyKind.SUCCESS, msgspec.Raw(encode_payload(value))))
+
+
+def declared_error(error: Exception) -> bytes:
+    body = encode_payload(_DeclaredError(type(error).__name__, list(error.args)))
+    return _encoder.encode(_Reply(ReplyKind.DECLARED_ERROR, msgspec.Raw(body)))
+
+
+def cluster_error(error: ClusterError) -> bytes:
+    detail = ""
+    if isinstance(error, Suspended):
+        detail = error.resume_token
+    elif isinstance(error, RpcClientError):
+        detail = error.cause_type
+    body = _encoder.encode(_ClusterError(error.reason, error.message, detail))
+    return _encoder.encode(_Reply(ReplyKind.CLUSTER_ERROR, msgspec.Raw(body)))
+
+
+def decode(
+    reply: bytes,
+    success_decoder: msgspec.msgpack.Decoder[Any],
+    errors_by_name: Mapping[str, type[Exception]],
+    *,
+    entity_id: str | None = None,
+    request_id: int | None = None,
+) -> Any:
+    """Return the success value, or raise the declared or cluster error the reply holds.
+
+    A reply that does not decode (a handler's success type changed between
+    deploys, say) raises SerializationError rather than a raw msgspec error.
+    """
+    try:
+        outer = _reply_decoder.decode(reply)
+        if outer.kind is ReplyKind.SUCCESS:
+            return success_decoder.decode(outer.body)
+        if outer.kind is ReplyKind.DECLARED_ERROR:
+            declared = _declared_decoder.decode(outer.body)
+            error_type = errors_by_name.get(declared.name)
+            if error_type is None:
+                raise SerializationError(
+                    f"reply holds undeclared error {declared.name!r}",
+                    entity_id=entity_id,
+                    request_id=request_id,
+                )
+            failure: Exception = error_type(*declared.args)
+        else:
+            failure = _rebuild_cluster_error(
+                _cluster_decoder.decode(outer.body), entity_id, request_id
+            )
+    except msgspec.MsgspecError as exc:
+        raise SerializationError(
+            f"cannot decode reply: {exc}", entity_id=entity_id, request_id=request_id
+        ) from exc
+    raise failure
+
+
+def _rebuild_cluster_error(
+    data: _ClusterError, entity_id: str | None, request_id: int | None
+) -> ClusterError:
+    error_type = ERROR_TYPES.get(data.reason)
+    if error_type is Suspended:
+        return Suspended(
+            data.message, resume_token=data.detail, entity_id=entity_id, request_id=request_id
+        )
+    if error_type is RpcClientError or error_type is None:
+        return RpcClientError(
+            data.message, cause_type=data.detail, entity_id=entity_id, request_id=request_id
+        )
+    return error_type(data.message, entity_id=entity_id, request_id=request_id)

@@ -1,0 +1,214 @@
+"""Entity protocols: what an entity type accepts and answers, apart from any handler.
+
+A client imports the protocol (this module's objects and your msgspec
+payload types) without importing handler code, so a process that only sends
+never loads the code that handles.
+
+Example::
+
+    class Deposit(msgspec.Struct):
+        amount: int
+        transfer_id: str
+
+    class Overdrawn(Exception):
+        pass
+
+    Account = Entity("Account")
+    deposit = Account.rpc(
+        "deposit", Deposit, int,
+        errors=(Overdrawn,),
+        primary_key=lambda p: p.transfer_id,
+        persisted=True,
+    )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import attrs
+import msgspec
+
+from .core.hashing import ShardId, shard_index
+
+if TYPE_CHECKING:
+    from .config import EntityOptions
+
+P = TypeVar("P")
+S = TypeVar("S")
+H = TypeVar("H")
+
+_IMPLEMENTS = "__trio_cluster_rpc__"
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or not set(name) <= _NAME_CHARS:
+        raise ValueError(f"{kind} name must be letters, digits, '_', '-' or '.': {name!r}")
+
+
+@attrs.frozen(eq=False, repr=False)
+class Rpc(Generic[P, S]):
+    """One request/reply exchange an entity type accepts.
+
+    Declared ``errors`` are exceptions the handler raises on purpose; they are
+    rebuilt on the caller's side from their ``args`` (which must therefore be
+    msgpack-encodable) and raised there. Any other exception is a defect.
+
+    ``primary_key`` makes a persisted request idempotent: a second request
+    with the same key never runs the handler and gets the first one's reply.
+    Idempotency needs the stored reply, so it requires ``persisted=True``.
+    """
+
+    entity: Entity
+    name: str
+    payload_type: Any
+    success_type: Any
+    errors: tuple[type[Exception], ...]
+    primary_key: Callable[[P], str] | None
+    persisted: bool
+    payload_decoder: msgspec.msgpack.Decoder[P] = attrs.field(init=False)
+    success_decoder: msgspec.msgpack.Decoder[S] = attrs.field(init=False)
+    errors_by_name: Mapping[str, type[Exception]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Decoders are built once here: building one per message would
+        # dominate the cost of small messages.
+        object.__setattr__(self, "payload_decoder", msgspec.msgpack.Decoder(self.payload_type))
+        object.__setattr__(self, "success_decoder", msgspec.msgpack.Decoder(self.success_type))
+        object.__setattr__(self, "errors_by_name", {e.__name__: e for e in self.errors})
+
+    def __repr__(self) -> str:
+        return f"<Rpc {self.entity.name}.{self.name}>"
+
+    def handler(self, method: Callable[[H, P], Awaitable[S]]) -> Callable[[H, P], Awaitable[S]]:
+        """Mark a handler-class method as this RPC's implementation.
+
+        The type checker verifies the method takes this RPC's payload and
+        returns its success type.
+        """
+        setattr(method, _IMPLEMENTS, self)
+        return method
+
+
+@attrs.frozen(eq=False, repr=False)
+class Entity:
+    """An entity type: a name, a shard group, and the RPCs it accepts."""
+
+    name: str
+    shard_group: str = "default"
+    rpcs: dict[str, Rpc[Any, Any]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_name("entity", self.name)
+        _check_name("shard group", self.shard_group)
+
+    def __repr__(self) -> str:
+        return f"<Entity {self.name}>"
+
+    @overload
+    def rpc(
+        self,
+        name: str,
+        payload: type[P],
+        success: type[S],
+        *,
+        errors: tuple[type[Exception], ...] = (),
+        primary_key: Callable[[P], str] | None = None,
+        persisted: bool = False,
+    ) -> Rpc[P, S]: ...
+
+    @overload
+    def rpc(
+        self,
+        name: str,
+        payload: object,
+        success: type[S],
+        *,
+        errors: tuple[type[Exception], ...] = (),
+        primary_key: Callable[[Any], str] | None = None,
+        persisted: bool = False,
+    ) -> Rpc[Any, S]: ...
+
+    def rpc(
+        self,
+        name: str,
+        payload: Any,
+        success: Any,
+        *,
+        errors: tuple[type[Exception], ...] = (),
+        primary_key: Callable[[Any], str] | None = None,
+        persisted: bool = False,
+    ) -> Rpc[Any, Any]:
+        """Declare an RPC.
+
+        ``payload`` may be a union of tagged msgspec Structs (annotate the
+        result, e.g. ``draw: Rpc[Circle | Square, float] = ...``): one RPC
+        then accepts a family of message shapes and the handler ``match``es
+        on them. Use ``type(None)`` as ``success`` for RPCs that return nothing.
+        """
+        _check_name("rpc", name)
+        if name in self.rpcs:
+            raise ValueError(f"{self.name} already has an RPC named {name!r}")
+        if primary_key is not None and not persisted:
+            raise ValueError(
+                f"{self.name}.{name}: a primary key needs persisted=True, "
+                "because a duplicate is answered from the stored reply"
+            )
+        for error in errors:
+            if not (isinstance(error, type) and issubclass(error, Exception)):
+                raise TypeError(f"{self.name}.{name}: declared errors must be Exception classes")
+        rpc: Rpc[Any, Any] = Rpc(self, name, payload, success, errors, primary_key, persisted)
+        self.rpcs[name] = rpc
+        return rpc
+
+    def shard_of(self, entity_id: str, shards_per_group: int) -> ShardId:
+        return ShardId(self.shard_group, shard_index(entity_id, shards_per_group))
+
+    def implement(
+        self, handler: Callable[[Any], object], options: EntityOptions | None = None
+    ) -> Implementation:
+        """Pair this protocol with a handler class, for a runner to host.
+
+        Every RPC must be implemented by exactly one method marked with
+        ``@rpc.handler``; a missing or foreign one is an error now, not when
+        the first message arrives.
+        """
+        return Implementation(self, handler, options)
+
+
+@attrs.frozen(eq=False)
+class Implementation:
+    """An entity type, its handler class, and options overriding the runner's defaults.
+
+    The handler class is called with an :class:`~trio_cluster.EntityContext`
+    each time an entity is activated (and again after a defect), so instance
+    attributes are the entity's in-memory state.
+    """
+
+    entity: Entity
+    handler: Callable[[Any], object]
+    options: EntityOptions | None = None
+    methods: Mapping[str, Callable[[Any, Any], Awaitable[Any]]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "methods", _collect_methods(self.entity, self.handler))
+
+
+def _collect_methods(
+    entity: Entity, handler: Callable[[Any], object]
+) -> dict[str, Callable[[Any, Any], Awaitable[Any]]]:
+    methods: dict[str, Callable[[Any, Any], Awaitable[Any]]] = {}
+    for klass in reversed(getattr(handler, "__mro__", (handler,))):
+        for attr in vars(klass).values():
+            rpc = getattr(attr, _IMPLEMENTS, None)
+            if rpc is None:
+                continue
+            if rpc.entity is not entity:
+                raise TypeError(f"{handler!r} implements {rpc!r}, which belongs to another entity")
+            methods[rpc.name] = attr
+    missing = sorted(set(entity.rpcs) - set(methods))
+    if missing:
+        raise TypeError(f"{handler!r} does not implement {entity.name} RPCs: {', '.join(missing)}")
+    return methods

@@ -1,0 +1,1 @@
+"""The Trio runtime: runners, shard nurseries, entity tasks and their mailboxes."""

@@ -1,0 +1,52 @@
+"""Callers waiting for replies, by request id.
+
+Duplicates of a persisted request wait on the original's id, so one slot
+may have many waiters; the reply is delivered to all of them at once.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class _Slot:
+    __slots__ = ("event", "reply", "waiters")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply = b""
+        self.waiters = 0
+
+
+class ReplyWaiters:
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+
+    def expect(self, request_id: int) -> _Slot:
+        """Register interest before the request can complete, so no reply is missed."""
+        slot = self._slots.get(request_id)
+        if slot is None:
+            slot = self._slots[request_id] = _Slot()
+        slot.waiters += 1
+        return slot
+
+    def forget(self, request_id: int, slot: _Slot) -> None:
+        """Drop one waiter (its call returned or was cancelled)."""
+        slot.waiters -= 1
+        if slot.waiters == 0 and self._slots.get(request_id) is slot:
+            del self._slots[request_id]
+
+    def resolve(self, request_id: int, reply: bytes) -> None:
+        """Hand ``reply`` to everyone waiting for ``request_id``; a no-op when nobody is."""
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            slot.reply = reply
+            slot.event.set()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+async def wait(slot: _Slot) -> bytes:
+    await slot.event.wait()
+    return slot.reply

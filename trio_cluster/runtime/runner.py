@@ -1,0 +1,259 @@
+"""A runner: the process-level owner of shards, entities and callers' reply slots.
+
+``open_runner`` is the whole lifecycle in one ``async with``: register, take
+shards, serve; on the way out (normal exit, an exception or cancellation)
+drain each shard within the termination timeout, release the leases and
+unregister, shielded so that a cancelled parent still gets a clean handoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from itertools import count
+
+import trio
+
+from ..config import EntityOptions, ShardingConfig
+from ..core.envelope import Envelope
+from ..core.hashing import ShardId
+from ..core.snowflake import SnowflakeGenerator
+from ..entity import Implementation
+from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
+from ..storage.base import Lease, LeaseSession, Storage
+from ..storage.memory import MemoryStorage
+from .client import Client
+from .mailbox import ActiveEntity
+from .metrics import Counters, Snapshot
+from .replies import ReplyWaiters
+from .shard import ShardRuntime
+
+log = logging.getLogger("trio_cluster.runner")
+
+ACQUIRE_RETRY_INTERVAL = 1.0
+"""How often a runner retries taking the shards it should own but does not."""
+
+_runner_numbers = count(1)
+
+
+class Runner:
+    """Hosts entities. Create with :func:`open_runner`; send with :attr:`client`."""
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        config: ShardingConfig,
+        storage: Storage,
+        session: LeaseSession,
+        implementations: Iterable[Implementation],
+    ) -> None:
+        self.address = address
+        self.config = config
+        self.storage = storage
+        self.session = session
+        self.hosted: dict[str, tuple[Implementation, EntityOptions]] = {}
+        for implementation in implementations:
+            name = implementation.entity.name
+            if name in self.hosted:
+                raise ValueError(f"entity type {name!r} is implemented twice")
+            self.hosted[name] = (
+                implementation,
+                implementation.options or config.entity_defaults,
+            )
+        self.shards: dict[ShardId, ShardRuntime] = {}
+        # Every resident entity, least recently used first.
+        self.resident: OrderedDict[str, ActiveEntity] = OrderedDict()
+        self.replies = ReplyWaiters()
+        self.ids = SnowflakeGenerator(session.machine_id % 1024)
+        self.metrics = Counters()
+        self.client = Client(self)
+        self.ask = self.client.ask
+        self.tell = self.client.tell
+        self._wake = trio.Event()
+
+    # -- routing --------------------------------------------------------------
+
+    def route(self, envelope: Envelope) -> None:
+        """Queue a request on the shard that owns it here, or say why not."""
+        shard = self.shards.get(ShardId(envelope.shard_group, envelope.shard_index))
+        if shard is None:
+            raise EntityNotAssignedToRunner(
+                f"shard {envelope.shard_group}/{envelope.shard_index} "
+                f"is not owned by {self.address}",
+                entity_id=envelope.entity_id,
+                request_id=envelope.request_id,
+            )
+        shard.offer(envelope)
+
+    async def store_reply(self, envelope: Envelope, reply: bytes, lease: Lease) -> bool:
+        """Store a final reply, retrying storage outages; False when fenced off or given up.
+
+        Fenced off means a newer lease exists: the new owner answers. Given
+        up means storage stayed down: the request is still unprocessed in
+        storage and is redelivered when the shard is next acquired.
+        """
+        delays = self.config.send_retry.delays()
+        while True:
+            try:
+                await self.storage.messages.save_reply(envelope.request_id, reply, lease)
+            except EntityNotAssignedToRunner:
+                log.info("reply to %s fenced off: %s is stale", envelope.request_id, lease)
+                return False
+            except PersistenceError:
+                delay = next(delays, None)
+                if delay is None:
+                    log.exception("could not store the reply to %s", envelope.request_id)
+                    return False
+                await trio.sleep(delay)
+            else:
+                return True
+
+    # -- entity residency -----------------------------------------------------
+
+    def touch(self, entity: ActiveEntity) -> None:
+        self.resident.move_to_end(entity.key)
+
+    def make_room(self) -> None:
+        """Passivate the least recently used idle entity when at the resident cap.
+
+        An entity with work in hand is never chosen; when every resident
+        entity is busy the cap is exceeded rather than a message dropped,
+        and it is restored as they go idle.
+        """
+        if len(self.resident) < self.config.max_resident_entities:
+            return
+        for entity in self.resident.values():
+            if entity.idle:
+                entity.shard.passivate(entity)
+                return
+
+    # -- shards ---------------------------------------------------------------
+
+    def desired_shards(self) -> list[ShardId]:
+        groups = sorted({impl.entity.shard_group for impl, _ in self.hosted.values()})
+        per_group = self.config.shards_per_group
+        return [ShardId(group, index) for group in groups for index in range(per_group)]
+
+    async def keep_shards(
+        self,
+        nursery: trio.Nursery,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Acquire every desired shard not yet owned; again whenever one is lost.
+
+        Shards run in ``nursery``, not under ``scope``, so that stopping this
+        loop at shutdown leaves them to drain.
+        """
+        with scope:
+            while True:
+                for shard_id in self.desired_shards():
+                    if shard_id in self.shards:
+                        continue
+                    try:
+                        lease = await self.session.acquire(shard_id)
+                    except ClusterError as error:
+                        log.warning("cannot acquire %s yet: %s", shard_id, error)
+                        break
+                    if lease is not None:
+                        shard = ShardRuntime(self, lease)
+                        self.shards[shard_id] = shard
+                        await nursery.start(shard.run)
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                with trio.move_on_after(ACQUIRE_RETRY_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    def on_lease_lost(self, shard_id: ShardId) -> None:
+        shard = self.shards.get(shard_id)
+        if shard is not None:
+            log.warning("lease of %s lost: stopping its entities", shard_id)
+            shard.lose()
+        self._wake.set()
+
+    def shard_stopped(self, shard: ShardRuntime) -> None:
+        if self.shards.get(shard.lease.shard) is shard:
+            del self.shards[shard.lease.shard]
+        for entity in list(shard.entities.values()):
+            shard.forget(entity)
+
+    async def shutdown(self) -> None:
+        """Drain every shard within the termination timeout, then release them."""
+        timeout = self.config.entity_termination_timeout
+        async with trio.open_nursery() as nursery:
+            for shard in list(self.shards.values()):
+                nursery.start_soon(shard.stop, timeout)
+
+    def snapshot(self) -> Snapshot:
+        counters = self.metrics
+        return Snapshot(
+            processed=counters.processed,
+            defects=counters.defects,
+            mailbox_full=counters.mailbox_full,
+            activations=counters.activations,
+            passivations=counters.passivations,
+            resident_entities=len(self.resident),
+            owned_shards=len(self.shards),
+            waiting_callers=len(self.replies),
+        )
+
+
+@asynccontextmanager
+async def open_runner(
+    *implementations: Implementation,
+    storage: Storage | None = None,
+    config: ShardingConfig | None = None,
+    address: str | None = None,
+) -> AsyncIterator[Runner]:
+    """Run a runner hosting ``implementations`` for the duration of the block.
+
+    Without ``storage`` the runner uses a private :class:`MemoryStorage`:
+    a complete single-process cluster. Share one storage between runners
+    (in-process, or PostgreSQL across processes) to spread shards over them.
+    The block starts once the runner owns its shards, so the first message
+    is not refused.
+    """
+    config = config or ShardingConfig()
+    storage = storage or MemoryStorage()
+    address = address or f"local-{os.getpid()}-{next(_runner_numbers)}"
+    runner: Runner | None = None
+
+    def on_lease_lost(shard_id: ShardId) -> None:
+        if runner is not None:
+            runner.on_lease_lost(shard_id)
+
+    body_error: BaseException | None = None
+    try:
+        async with storage.runners.session(address, on_lease_lost) as session:
+            runner = Runner(
+                address=address,
+                config=config,
+                storage=storage,
+                session=session,
+                implementations=implementations,
+            )
+            async with trio.open_nursery() as nursery:
+                keeper = trio.CancelScope()
+                await nursery.start(runner.keep_shards, nursery, keeper)
+                try:
+                    yield runner
+                except BaseException as error:
+                    body_error = error
+                    raise
+                finally:
+                    keeper.cancel()
+                    with trio.CancelScope(shield=True):
+                        await runner.shutdown()
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's own exception comes back as itself, not wrapped in
+        # the group of a nursery it never opened.
+        if body_error is not None and group.exceptions == (body_error,):
+            raise body_error from None
+        raise

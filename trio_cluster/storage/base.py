@@ -1,0 +1,120 @@
+"""What the runtime needs from storage, as small protocols.
+
+Two concerns, two protocols: who owns which shard (:class:`RunnerStorage`)
+and which persisted requests and replies exist (:class:`MessageStorage`).
+They meet in one place, fencing: a reply is written only with the lease
+under which its request was processed, and storage refuses a lease that
+is no longer the shard's current one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import attrs
+
+from ..core.envelope import Envelope
+from ..core.hashing import ShardId
+
+
+@attrs.frozen
+class Lease:
+    """The right to run a shard's entities, valid while ``epoch`` is the shard's current one.
+
+    The epoch is the fencing token: it only grows, so a writer holding an
+    old lease can always be told apart from the current owner.
+    """
+
+    shard: ShardId
+    machine_id: int
+    epoch: int
+
+
+@attrs.frozen
+class Saved:
+    """What saving a request found.
+
+    ``request_id`` is the stored request's id: the new one, or, for a
+    duplicate primary key, the original's, whose reply the caller should
+    wait for. ``reply`` is the original's final reply when it already has one.
+    """
+
+    request_id: int
+    duplicate: bool = False
+    reply: bytes | None = None
+
+
+class LeaseSession(Protocol):
+    """A runner's registration and the leases it holds, open while the runner runs.
+
+    Closing the session unregisters the runner and releases every lease.
+    """
+
+    @property
+    def machine_id(self) -> int:
+        """Unique among live runners; the Snowflake machine id."""
+        ...
+
+    async def acquire(self, shard: ShardId) -> Lease | None:
+        """Take the shard's lease, or return None when another runner holds it."""
+        ...
+
+    async def release(self, lease: Lease) -> None: ...
+
+
+class RunnerStorage(Protocol):
+    def session(
+        self, address: str, on_lease_lost: Callable[[ShardId], None]
+    ) -> AbstractAsyncContextManager[LeaseSession]:
+        """Register a runner for the duration of an ``async with``.
+
+        ``on_lease_lost`` is called, synchronously and at most once per
+        lease, when storage learns a held lease is gone (its connection
+        dropped, say), so the runner can stop that shard's entities at once.
+        """
+        ...
+
+
+class MessageStorage(Protocol):
+    async def save_request(self, envelope: Envelope) -> Saved:
+        """Store a persisted request before anything delivers it.
+
+        A request whose dedup key is already stored is not stored again.
+        """
+        ...
+
+    async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
+        """Store the final reply and mark the request processed, fenced by ``lease``.
+
+        Raises EntityNotAssignedToRunner when ``lease`` is no longer the
+        shard's current lease; the current owner will process the request.
+        A second final reply for one request is ignored: the first one stands.
+        """
+        ...
+
+    async def reply_for(self, request_id: int) -> bytes | None: ...
+
+    async def unprocessed(
+        self,
+        shard: ShardId,
+        *,
+        entity: tuple[str, str] | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[Envelope]:
+        """Requests of the shard (or of one ``(entity_type, entity_id)``) without a final reply.
+
+        Oldest first, so redelivery keeps each entity's order; ``after`` is
+        the last request id of the previous page.
+        """
+        ...
+
+
+class Storage(Protocol):
+    @property
+    def runners(self) -> RunnerStorage: ...
+
+    @property
+    def messages(self) -> MessageStorage: ...

@@ -1,0 +1,189 @@
+"""In-memory storage: the embedded default, and the storage of in-process test clusters.
+
+It keeps every promise the PostgreSQL storage keeps within one process:
+unique dedup keys, one final reply per request, fencing by lease epoch,
+leases exclusive between runners that share it. What it cannot do is
+survive the process. Each method checkpoints, so concurrent callers
+interleave as they would against a real database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from itertools import count
+
+import attrs
+import trio
+
+from ..core.envelope import Envelope
+from ..core.hashing import ShardId
+from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
+from .base import Lease, Saved
+
+
+@attrs.define
+class _Holder:
+    machine_id: int
+    epoch: int
+    on_lost: Callable[[ShardId], None]
+
+
+@attrs.define
+class _Stored:
+    envelope: Envelope
+    reply: bytes | None = None
+
+
+class MemoryStorage:
+    """Both storage protocols over plain dicts.
+
+    Set :attr:`available` to False to simulate an outage: every call then
+    raises PersistenceError, as the PostgreSQL storage does when its server
+    is unreachable.
+    """
+
+    def __init__(self) -> None:
+        self.available = True
+        self._machine_ids = count(1)
+        self._live: dict[int, str] = {}
+        self._holders: dict[ShardId, _Holder] = {}
+        self._epochs: dict[ShardId, int] = {}
+        self._requests: dict[int, _Stored] = {}
+        self._by_dedup_key: dict[str, int] = {}
+        # Per shard, the ids of requests without a final reply, oldest first
+        # (a dict is an ordered set).
+        self._pending: dict[ShardId, dict[int, None]] = {}
+
+    @property
+    def runners(self) -> MemoryStorage:
+        return self
+
+    @property
+    def messages(self) -> MemoryStorage:
+        return self
+
+    async def _enter(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self.available:
+            raise PersistenceError("memory storage is marked unavailable")
+
+    # -- runners and leases --------------------------------------------------
+
+    @asynccontextmanager
+    async def session(
+        self, address: str, on_lease_lost: Callable[[ShardId], None]
+    ) -> AsyncIterator[_MemorySession]:
+        await self._enter()
+        machine_id = next(self._machine_ids)
+        self._live[machine_id] = address
+        try:
+            yield _MemorySession(self, machine_id, on_lease_lost)
+        finally:
+            del self._live[machine_id]
+            for shard, holder in list(self._holders.items()):
+                if holder.machine_id == machine_id:
+                    del self._holders[shard]
+
+    def holder_of(self, shard: ShardId) -> int | None:
+        """The machine id holding ``shard``, for tests and the shard map."""
+        holder = self._holders.get(shard)
+        return None if holder is None else holder.machine_id
+
+    def revoke(self, shard: ShardId) -> None:
+        """Take a lease away from its holder, as a dropped lock connection would.
+
+        The holder is told through its ``on_lease_lost`` callback; writes
+        under the old epoch are refused from now on.
+        """
+        holder = self._holders.pop(shard, None)
+        if holder is not None:
+            self._epochs[shard] = self._epochs.get(shard, 0) + 1
+            holder.on_lost(shard)
+
+    async def _acquire(
+        self, machine_id: int, shard: ShardId, on_lost: Callable[[ShardId], None]
+    ) -> Lease | None:
+        await self._enter()
+        if machine_id not in self._live:
+            raise RunnerNotRegistered(f"runner {machine_id} is not registered")
+        holder = self._holders.get(shard)
+        if holder is not None:
+            mine = holder.machine_id == machine_id
+            return Lease(shard, machine_id, holder.epoch) if mine else None
+        epoch = self._epochs.get(shard, 0) + 1
+        self._epochs[shard] = epoch
+        self._holders[shard] = _Holder(machine_id, epoch, on_lost)
+        return Lease(shard, machine_id, epoch)
+
+    async def _release(self, lease: Lease) -> None:
+        await self._enter()
+        holder = self._holders.get(lease.shard)
+        if holder is not None and holder.epoch == lease.epoch:
+            del self._holders[lease.shard]
+
+    # -- messages ------------------------------------------------------------
+
+    async def save_request(self, envelope: Envelope) -> Saved:
+        await self._enter()
+        key = envelope.dedup_key
+        if key is not None:
+            original = self._by_dedup_key.get(key)
+            if original is not None:
+                return Saved(original, duplicate=True, reply=self._requests[original].reply)
+            self._by_dedup_key[key] = envelope.request_id
+        self._requests[envelope.request_id] = _Stored(envelope)
+        shard = ShardId(envelope.shard_group, envelope.shard_index)
+        self._pending.setdefault(shard, {})[envelope.request_id] = None
+        return Saved(envelope.request_id)
+
+    async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
+        await self._enter()
+        if self._epochs.get(lease.shard) != lease.epoch or lease.shard not in self._holders:
+            raise EntityNotAssignedToRunner(
+                f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
+                request_id=request_id,
+            )
+        stored = self._requests.get(request_id)
+        if stored is None or stored.reply is not None:
+            return
+        stored.reply = reply
+        self._pending.get(lease.shard, {}).pop(request_id, None)
+
+    async def reply_for(self, request_id: int) -> bytes | None:
+        await self._enter()
+        stored = self._requests.get(request_id)
+        return None if stored is None else stored.reply
+
+    async def unprocessed(
+        self,
+        shard: ShardId,
+        *,
+        entity: tuple[str, str] | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[Envelope]:
+        await self._enter()
+        found: list[Envelope] = []
+        for request_id in self._pending.get(shard, {}):
+            if request_id <= after:
+                continue
+            envelope = self._requests[request_id].envelope
+            if entity is None or (envelope.entity_type, envelope.entity_id) == entity:
+                found.append(envelope)
+                if len(found) >= limit:
+                    break
+        return found
+
+
+@attrs.frozen
+class _MemorySession:
+    storage: MemoryStorage
+    machine_id: int
+    on_lost: Callable[[ShardId], None]
+
+    async def acquire(self, shard: ShardId) -> Lease | None:
+        return await self.storage._acquire(self.machine_id, shard, self.on_lost)
+
+    async def release(self, lease: Lease) -> None:
+        await self.storage._release(lease)

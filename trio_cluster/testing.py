@@ -1,0 +1,58 @@
+"""Run entities in-process in your own tests.
+
+``open_test_runner`` is :func:`~trio_cluster.open_runner` on a
+:class:`~trio_cluster.MemoryStorage` with settings that keep tests quick
+(few shards, fast send retries, no defect backoff). It yields the runner
+and the storage, whose ``revoke(shard)`` and ``available`` flag let a test
+inject lease loss and outages::
+
+    async def test_deposit():
+        async with open_test_runner(Account.implement(AccountHandler)) as (runner, _):
+            assert await runner.ask(deposit, "acc-1", Deposit(5, "t1")) == 5
+
+Time-based behaviour (idle passivation, timeouts, retry backoff) is best
+tested under ``trio.testing.MockClock(autojump_threshold=0)``: the runner
+reads only Trio's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+
+from .config import EntityOptions, ShardingConfig
+from .core.retry import RetryPolicy
+from .entity import Implementation
+from .runtime.runner import Runner, open_runner
+from .storage.memory import MemoryStorage
+
+TEST_CONFIG = ShardingConfig(
+    shards_per_group=8,
+    send_timeout=10.0,
+    entity_termination_timeout=1.0,
+    send_retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_attempts=50, max_elapsed=1.0),
+    entity_defaults=EntityOptions(
+        defect_retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_attempts=3, jitter=0.0)
+    ),
+)
+"""The defaults of :func:`open_test_runner`; derive variants with ``attrs.evolve``."""
+
+
+@asynccontextmanager
+async def open_test_runner(
+    *implementations: Implementation,
+    config: ShardingConfig = TEST_CONFIG,
+    storage: MemoryStorage | None = None,
+) -> AsyncIterator[tuple[Runner, MemoryStorage]]:
+    """A runner on memory storage, and that storage (pass one to share it between runners)."""
+    storage = storage if storage is not None else MemoryStorage()
+    async with open_runner(*implementations, storage=storage, config=config) as runner:
+        yield runner, storage
+
+
+def with_entity_options(config: ShardingConfig, **changes: Any) -> ShardingConfig:
+    """``config`` with some of its entity defaults changed, for one test."""
+    return attrs.evolve(config, entity_defaults=attrs.evolve(config.entity_defaults, **changes))
