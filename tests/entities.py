@@ -14,7 +14,7 @@ from typing import ClassVar
 import msgspec
 import trio
 
-from trio_cluster import Entity, EntityContext, Rpc, Suspended
+from trio_cluster import Entity, EntityContext, EntityOptions, Implementation, Rpc, Suspended
 
 
 class Probe:
@@ -159,6 +159,13 @@ class CounterHandler:
     @bad_reply.handler
     async def bad_reply(self, p: Unencodable) -> int:
         return object()  # type: ignore[return-value]
+
+
+def counter(options: EntityOptions | None = None) -> tuple[Implementation, Probe]:
+    """A Counter implementation with a fresh probe of its own."""
+    probe = Probe()
+    handler = type("ProbedCounter", (CounterHandler,), {"probe": probe})
+    return Counter.implement(handler, options), probe
 
 
 # -- entities that call entities --------------------------------------------

@@ -15,7 +15,6 @@ from trio_cluster import (
     Entity,
     EntityNotAssignedToRunner,
     EntityOptions,
-    Implementation,
     MailboxFull,
     MalformedMessage,
     PersistenceError,
@@ -38,12 +37,9 @@ from .entities import (
     Caller,
     CallerHandler,
     Circle,
-    Counter,
-    CounterHandler,
     Get,
     Negative,
     Park,
-    Probe,
     Shapes,
     ShapesHandler,
     Square,
@@ -56,17 +52,12 @@ from .entities import (
     block,
     boom,
     call,
+    counter,
     get,
     park,
     slow_add,
     slow_add_once,
 )
-
-
-def counter(options: EntityOptions | None = None) -> tuple[Implementation, Probe]:
-    probe = Probe()
-    handler = type("ProbedCounter", (CounterHandler,), {"probe": probe})
-    return Counter.implement(handler, options), probe
 
 
 def ids_on_distinct_shards(count: int) -> list[str]:

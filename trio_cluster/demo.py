@@ -34,9 +34,7 @@ class InsufficientFunds(Exception):
 
 
 Account = Entity("Account")
-deposit = Account.rpc(
-    "deposit", Deposit, int, persisted=True, primary_key=lambda d: d.transfer_id
-)
+deposit = Account.rpc("deposit", Deposit, int, persisted=True, primary_key=lambda d: d.transfer_id)
 withdraw = Account.rpc("withdraw", Withdraw, int, errors=(InsufficientFunds,))
 balance = Account.rpc("balance", Balance, int)
 

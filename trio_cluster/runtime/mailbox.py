@@ -14,7 +14,6 @@ persisted request never overtakes an older one for the same entity.
 from __future__ import annotations
 
 import logging
-import random
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -48,7 +47,6 @@ class ActiveEntity:
         "_handler",
         "_limiter",
         "_receive",
-        "_rng",
         "_send",
         "address",
         "backlog",
@@ -58,6 +56,7 @@ class ActiveEntity:
         "implementation",
         "in_flight",
         "key",
+        "last_active",
         "options",
         "shard",
     )
@@ -79,7 +78,7 @@ class ActiveEntity:
         self._send, self._receive = trio.open_memory_channel[Envelope](options.mailbox_capacity)
         self._limiter = trio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._handler: Any = None
-        self._rng = random.Random()
+        self.last_active = trio.current_time()
         # Queued or running request ids: how duplicates are recognised and
         # why an entity with work in hand is never passivated.
         self.in_flight: dict[int, None] = {}
@@ -148,29 +147,31 @@ class ActiveEntity:
             self.shard.forget(self)
 
     async def _next(self) -> Envelope | None:
-        """The next request, or None when the entity should stop (closed or idle too long)."""
-        while True:
-            if self.backlog and not self._receive.statistics().current_buffer_used:
-                await self._refill()
-            try:
-                if self.options.keep_alive:
-                    return await self._receive.receive()
-                with trio.move_on_after(self.options.max_idle_time):
-                    return await self._receive.receive()
-            except trio.EndOfChannel:
-                return None
-            if self.idle:
-                self.shard.passivate(self)
-                return None
+        """The next request, or None once the mailbox is closed.
+
+        Idle passivation closes the mailbox from the runner's sweeper rather
+        than bounding this wait with a timer: a cancel scope per message
+        was a quarter of the hot path.
+        """
+        while self.backlog and not self._receive.statistics().current_buffer_used:
+            await self._refill()
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
 
     async def _refill(self) -> None:
         """Read this entity's stored backlog into the emptied mailbox, oldest first."""
         if self.closed:
+            # Stopping: the backlog stays in storage for the shard's next owner.
+            self.backlog = False
             return
         self.backlog_stale = False
         found, cursor = await self.shard.read_unprocessed(
             entity=(self.address.entity_type, self.address.entity_id),
-            limit=self.options.mailbox_capacity,
+            # Room for what may still be running, so a full page always
+            # holds something new to queue.
+            limit=self.options.mailbox_capacity + self.options.concurrency,
         )
         self.backlog = False
         for envelope in found:
@@ -206,6 +207,7 @@ class ActiveEntity:
             raise
         finally:
             del self.in_flight[envelope.request_id]
+            self.last_active = trio.current_time()
 
     async def _reply_to(self, envelope: Envelope) -> bytes:
         """Run the handler under the defect retry policy and encode what it said."""
@@ -221,7 +223,7 @@ class ActiveEntity:
                 MalformedMessage(f"payload of {rpc!r} does not decode: {exc}"), envelope
             )
         method = implementation.methods[envelope.rpc]
-        delays = self.options.defect_retry.delays(self._rng)
+        delays = self.options.defect_retry.delays()
         while True:
             try:
                 if self._handler is None:

@@ -33,6 +33,8 @@ from .shard import ShardRuntime
 
 log = logging.getLogger("trio_cluster.runner")
 
+MIN_SWEEP_INTERVAL = 0.01
+MAX_SWEEP_INTERVAL = 5.0
 ACQUIRE_RETRY_INTERVAL = 1.0
 """How often a runner retries taking the shards it should own but does not."""
 
@@ -170,6 +172,32 @@ class Runner:
                     await self._wake.wait()
                 self._wake = trio.Event()
 
+    async def sweep_idle(self) -> None:
+        """Passivate entities idle for longer than their ``max_idle_time``.
+
+        One sweep of the resident set replaces a timer per entity; an
+        entity therefore goes between ``max_idle_time`` and a quarter of
+        it more after its last message.
+        """
+        idle_times = [
+            options.max_idle_time for _, options in self.hosted.values() if not options.keep_alive
+        ]
+        if not idle_times:
+            return
+        interval = min(max(min(idle_times) / 4, MIN_SWEEP_INTERVAL), MAX_SWEEP_INTERVAL)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            expired = [
+                entity
+                for entity in self.resident.values()
+                if entity.idle
+                and not entity.options.keep_alive
+                and now - entity.last_active >= entity.options.max_idle_time
+            ]
+            for entity in expired:
+                entity.shard.passivate(entity)
+
     def on_lease_lost(self, shard_id: ShardId) -> None:
         shard = self.shards.get(shard_id)
         if shard is not None:
@@ -241,6 +269,7 @@ async def open_runner(
             async with trio.open_nursery() as nursery:
                 keeper = trio.CancelScope()
                 await nursery.start(runner.keep_shards, nursery, keeper)
+                nursery.start_soon(runner.sweep_idle)
                 try:
                     yield runner
                 except BaseException as error:

@@ -1,0 +1,54 @@
+"""A PostgreSQL server for the tests in this directory.
+
+One throwaway server serves the whole session; set ``TRIO_CLUSTER_TEST_DSN`` to use an
+existing server instead (tests that restart the server are then skipped).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from trio_cluster.postgres.server import ThrowawayPostgres
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.postgres)
+
+
+@dataclass(frozen=True)
+class ExternalPostgres:
+    """A server we did not start and must not restart."""
+
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[ThrowawayPostgres | ExternalPostgres]:
+    dsn = os.environ.get("TRIO_CLUSTER_TEST_DSN")
+    if dsn:
+        yield ExternalPostgres(dsn)
+        return
+    with ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: ThrowawayPostgres | ExternalPostgres) -> str:
+    return pg_server.dsn
+
+
+@pytest.fixture
+def own_pg_server(pg_server: ThrowawayPostgres | ExternalPostgres) -> ThrowawayPostgres:
+    """The session server, for tests that restart it (skipped on an external server)."""
+    if not isinstance(pg_server, ThrowawayPostgres):
+        pytest.skip("TRIO_CLUSTER_TEST_DSN is set: not restarting a server we do not own")
+    return pg_server
