@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -488,3 +489,43 @@ async def test_snapshot_counts_what_happened() -> None:
     assert (snapshot.processed, snapshot.activations, snapshot.resident_entities) == (2, 2, 2)
     assert snapshot.owned_shards == TEST_CONFIG.shards_per_group
     assert msgspec.to_builtins(attrs.asdict(snapshot))["waiting_callers"] == 0
+
+
+# -- scheduled delivery and cross-runner persistence ---------------------------------
+
+
+async def test_deliver_at_holds_a_request_back_until_its_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    impl, probe = counter()
+    async with open_test_runner(impl) as (runner, storage):
+        due = datetime.now(UTC) + timedelta(seconds=30)
+        await runner.tell(add_persisted, "a", Add(5), deliver_at=due)
+        await runner.tell(add, "a", Add(1))
+        assert await runner.ask(get, "a", Get()) == 1
+        start = trio.current_time()
+        await probe.wait_until(lambda: len(probe.order) == 2)
+        assert trio.current_time() - start == pytest.approx(30, abs=1)
+        assert await storage.unprocessed(shard_of("a")) == []
+
+
+async def test_naive_deliver_at_is_refused() -> None:
+    impl, _ = counter()
+    async with open_test_runner(impl) as (runner, _):
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await runner.tell(add, "a", Add(1), deliver_at=datetime.now())
+
+
+async def test_persisted_messages_reach_the_owner_through_storage_alone() -> None:
+    impl, probe = counter()
+    async with (
+        open_test_runner(impl) as (owner, storage),
+        # Owns nothing: every shard is the first runner's.
+        open_test_runner(impl, storage=storage) as (sender, _),
+    ):
+        assert not sender.shards
+        await sender.tell(add_persisted, "a", Add(2))
+        assert await sender.ask(add_once, "a", Add(3, key="k")) == 5
+        # A duplicate asked on the owner is answered from the stored reply.
+        assert await owner.ask(add_once, "a", Add(3, key="k")) == 5
+        assert probe.runs["a/add_once/k"] == 1

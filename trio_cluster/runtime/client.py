@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -47,13 +48,15 @@ class Client:
         payload: P,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+        deliver_at: datetime | None = None,
     ) -> S:
         """Send a request and return the handler's result, or raise its declared error.
 
         Raises SendTimeout when no reply comes within ``timeout`` (default
         ``ShardingConfig.send_timeout``). A persisted request stays stored
         after a timeout and is still processed; asking again with the same
-        primary key returns its reply.
+        primary key returns its reply. ``deliver_at`` holds the request back
+        from the handler until that (timezone-aware) time.
         """
         chain = call_chain.get()
         target = entity_key(rpc.entity.name, entity_id)
@@ -64,7 +67,7 @@ class Client:
                 "or raise the entity's concurrency)",
                 entity_id=entity_id,
             )
-        envelope = self._envelope(rpc, entity_id, payload, chain)
+        envelope = self._envelope(rpc, entity_id, payload, chain, deliver_at)
         limit = self._runner.config.send_timeout if timeout is None else timeout
         with trio.move_on_after(limit if limit > 0 else math.inf):
             reply = await self._send(envelope)
@@ -81,23 +84,34 @@ class Client:
             request_id=envelope.request_id,
         )
 
-    async def tell(self, rpc: Rpc[P, Any], entity_id: str, payload: P) -> None:
+    async def tell(
+        self, rpc: Rpc[P, Any], entity_id: str, payload: P, *, deliver_at: datetime | None = None
+    ) -> None:
         """Send without waiting for the handler.
 
         Returns once the request is accepted: stored, for a persisted RPC
         (then it will be processed even if this process dies now), or
-        queued in the entity's mailbox for a volatile one.
+        queued in the entity's mailbox for a volatile one. With
+        ``deliver_at``, the handler sees it at that time, not before; a
+        persisted one is kept to that time across restarts.
         """
-        envelope = self._envelope(rpc, entity_id, payload, ())
+        envelope = self._envelope(rpc, entity_id, payload, (), deliver_at)
         if envelope.persisted:
-            saved = await self._runner.storage.messages.save_request(envelope)
+            saved = await self._runner.storage.messages.save_request(
+                envelope, self._runner.session.machine_id
+            )
             if not saved.duplicate:
                 self._notify(envelope)
             return
         await self._deliver(envelope)
 
     def _envelope(
-        self, rpc: Rpc[P, Any], entity_id: str, payload: P, chain: tuple[str, ...]
+        self,
+        rpc: Rpc[P, Any],
+        entity_id: str,
+        payload: P,
+        chain: tuple[str, ...],
+        deliver_at: datetime | None,
     ) -> Envelope:
         runner = self._runner
         entity = rpc.entity
@@ -112,6 +126,7 @@ class Client:
             payload=replies.encode_payload(payload),
             persisted=rpc.persisted,
             primary_key=primary_key,
+            deliver_at_ms=None if deliver_at is None else _unix_ms(deliver_at),
             call_chain=chain,
         )
 
@@ -126,7 +141,7 @@ class Client:
                 runner.replies.forget(envelope.request_id, slot)
 
         messages = runner.storage.messages
-        saved = await messages.save_request(envelope)
+        saved = await messages.save_request(envelope, runner.session.machine_id)
         if saved.reply is not None:
             return saved.reply
         slot = runner.replies.expect(saved.request_id)
@@ -165,3 +180,12 @@ class Client:
                 await trio.sleep(delay)
             else:
                 return
+
+
+def _unix_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError(
+            "deliver_at must be timezone-aware: a naive time names a different "
+            "instant on each runner"
+        )
+    return int(moment.timestamp() * 1000)

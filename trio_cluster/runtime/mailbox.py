@@ -167,16 +167,16 @@ class ActiveEntity:
             self.backlog = False
             return
         self.backlog_stale = False
-        found, cursor = await self.shard.read_unprocessed(
-            entity=(self.address.entity_type, self.address.entity_id),
+        found, more = await self.shard.read_backlog(
+            (self.address.entity_type, self.address.entity_id),
             # Room for what may still be running, so a full page always
             # holds something new to queue.
-            limit=self.options.mailbox_capacity + self.options.concurrency,
+            self.options.mailbox_capacity + self.options.concurrency,
         )
         self.backlog = False
         for envelope in found:
             self.offer(envelope)
-        if self.backlog_stale or cursor is not None:
+        if self.backlog_stale or more:
             self.backlog = True
 
     async def _handle_concurrently(self, envelope: Envelope, limiter: trio.Semaphore) -> None:

@@ -8,6 +8,7 @@ unregister, shielded so that a cancelled parent still gets a clean handoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from ..core.hashing import ShardId
 from ..core.snowflake import SnowflakeGenerator
 from ..entity import Implementation
 from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
-from ..storage.base import Lease, LeaseSession, Storage
+from ..storage.base import Gap, Lease, LeaseSession, Notice, Replied, Storage, Stored
 from ..storage.memory import MemoryStorage
 from .client import Client
 from .mailbox import ActiveEntity
@@ -36,6 +37,8 @@ log = logging.getLogger("trio_cluster.runner")
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 5.0
 ACQUIRE_RETRY_INTERVAL = 1.0
+NOTICE_BATCH = 500
+"""Most notices turned into one storage read."""
 """How often a runner retries taking the shards it should own but does not."""
 
 _runner_numbers = count(1)
@@ -198,6 +201,46 @@ class Runner:
             for entity in expired:
                 entity.shard.passivate(entity)
 
+    async def follow_notices(self) -> None:
+        """Act on what other runners store: requests for shards owned here, awaited replies."""
+        async with self.storage.messages.notices() as notices:
+            async for first in notices:
+                # Everything already waiting is handled in one pass.
+                batch = [first]
+                with contextlib.suppress(trio.WouldBlock):
+                    while len(batch) < NOTICE_BATCH:
+                        batch.append(notices.receive_nowait())
+                await self._act_on(batch)
+
+    async def _act_on(self, batch: list[Notice]) -> None:
+        me = self.session.machine_id
+        stored: dict[ShardId, list[int]] = {}
+        for notice in batch:
+            match notice:
+                case Gap():
+                    for shard in list(self.shards.values()):
+                        await shard.redeliver()
+                    return
+                case Replied(request_id) if request_id in self.replies:
+                    await self._fetch_reply(request_id)
+                case Stored(shard_id, request_id, origin) if origin != me:
+                    stored.setdefault(shard_id, []).append(request_id)
+        for shard_id, request_ids in stored.items():
+            owner = self.shards.get(shard_id)
+            if owner is not None:
+                await owner.deliver_stored(request_ids)
+
+    async def _fetch_reply(self, request_id: int) -> None:
+        try:
+            reply = await self.storage.messages.reply_for(request_id)
+        except PersistenceError as error:
+            # The caller's own timeout bounds its wait; a later notice or
+            # duplicate ask can still find the stored reply.
+            log.warning("could not read the reply to %s: %s", request_id, error)
+            return
+        if reply is not None:
+            self.replies.resolve(request_id, reply)
+
     def on_lease_lost(self, shard_id: ShardId) -> None:
         shard = self.shards.get(shard_id)
         if shard is not None:
@@ -270,6 +313,7 @@ async def open_runner(
                 keeper = trio.CancelScope()
                 await nursery.start(runner.keep_shards, nursery, keeper)
                 nursery.start_soon(runner.sweep_idle)
+                nursery.start_soon(runner.follow_notices)
                 try:
                     yield runner
                 except BaseException as error:

@@ -7,14 +7,19 @@ the lease is lost, or after draining their mailboxes on a graceful stop.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..core import reply as replies
 from ..core.envelope import Envelope
 from ..core.retry import RetryPolicy
-from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
+from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError, RunnerUnavailable
 from ..storage.base import Lease
 from .mailbox import ActiveEntity
 
@@ -32,14 +37,23 @@ RELEASE_TIMEOUT = 5.0
 """Bound on releasing a lease: a storage that does not answer must not hold up shutdown."""
 
 
+def wall_clock_ms() -> int:
+    """``deliver_at`` is wall-clock time, shared with other processes and storage."""
+    return time.time_ns() // 1_000_000
+
+
 class ShardRuntime:
     __slots__ = (
         "_done_while_reading",
         "_draining",
+        "_helpers",
         "_nursery",
         "_readers",
+        "_scheduled",
         "_scope",
         "_stopped",
+        "_timer_changed",
+        "_timers",
         "accepting",
         "entities",
         "lease",
@@ -57,12 +71,14 @@ class ShardRuntime:
         self._draining = trio.Event()
         self._stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
-        # Storage reads are snapshots: a request read as unprocessed may
-        # complete before the read returns. While a read is outstanding,
-        # completed ids are remembered here and filtered from its result,
-        # so redelivery never runs a handler twice.
+        # Ids completed while a storage read is outstanding (see _read).
         self._readers = 0
         self._done_while_reading: set[int] = set()
+        # Requests whose deliver_at is still ahead, soonest first.
+        self._timers: list[tuple[int, int, Envelope]] = []
+        self._scheduled: set[int] = set()
+        self._timer_changed = trio.Event()
+        self._helpers = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -71,9 +87,11 @@ class ShardRuntime:
                     self._nursery = nursery
                     self.accepting = True
                     task_status.started()
-                    nursery.start_soon(self._redeliver)
+                    nursery.start_soon(self._run_helpers)
                     await self._draining.wait()
                     self.accepting = False
+                    self._helpers.cancel()
+                    self._abandon_timers()
                     for entity in list(self.entities.values()):
                         entity.close()
         finally:
@@ -94,12 +112,68 @@ class ShardRuntime:
                 entity_id=envelope.entity_id,
                 request_id=envelope.request_id,
             )
+        due = envelope.deliver_at_ms
+        if due is not None and due > wall_clock_ms():
+            self._schedule(envelope, due)
+            return
+        self.offer_now(envelope)
+
+    def offer_now(self, envelope: Envelope) -> None:
+        """Queue on the entity, activating it if needed, whatever ``deliver_at`` says."""
         key = envelope.entity_key
         entity = self.entities.get(key)
         if entity is None:
             entity = self._activate(envelope, key)
         entity.offer(envelope)
         self.runner.touch(entity)
+
+    async def _run_helpers(self) -> None:
+        """Shard-level work that stops when draining starts, unlike entities."""
+        with self._helpers:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.redeliver)
+                nursery.start_soon(self._run_timers)
+
+    def _abandon_timers(self) -> None:
+        """Persisted timers live on in storage; volatile ones fail now, not at their timeout."""
+        for _, request_id, envelope in self._timers:
+            if not envelope.persisted:
+                unavailable = RunnerUnavailable(
+                    f"shard {self.lease.shard} stopped before the request was due",
+                    entity_id=envelope.entity_id,
+                    request_id=request_id,
+                )
+                self.runner.replies.resolve(request_id, replies.cluster_error(unavailable))
+        self._timers.clear()
+        self._scheduled.clear()
+
+    def _schedule(self, envelope: Envelope, due: int) -> None:
+        if envelope.request_id in self._scheduled:
+            return
+        self._scheduled.add(envelope.request_id)
+        heapq.heappush(self._timers, (due, envelope.request_id, envelope))
+        self._timer_changed.set()
+
+    async def _run_timers(self) -> None:
+        """Offer scheduled requests at their time: one task and a heap, not a task each."""
+        while True:
+            self._timer_changed = trio.Event()
+            if not self._timers:
+                await self._timer_changed.wait()
+                continue
+            due = self._timers[0][0]
+            with trio.move_on_after(max(0.0, (due - wall_clock_ms()) / 1000)):
+                await self._timer_changed.wait()
+                continue
+            _, request_id, envelope = heapq.heappop(self._timers)
+            self._scheduled.discard(request_id)
+            try:
+                self.offer_now(envelope)
+            except ClusterError as error:
+                if envelope.persisted:
+                    log.debug("left %s in storage: %s", request_id, error)
+                else:
+                    self.runner.replies.resolve(request_id, replies.cluster_error(error))
 
     def _activate(self, envelope: Envelope, key: str) -> ActiveEntity:
         runner = self.runner
@@ -140,27 +214,28 @@ class ShardRuntime:
         self.runner.metrics.processed += 1
         self.runner.replies.resolve(envelope.request_id, reply)
 
-    async def read_unprocessed(
-        self, *, entity: tuple[str, str] | None = None, after: int = 0, limit: int
+    async def _read(
+        self, query: Callable[[], Awaitable[list[Envelope]]], limit: int | None = None
     ) -> tuple[list[Envelope], int | None]:
-        """Unprocessed requests, less any that completed while reading, and the next cursor.
+        """Run a storage read; return what is still to do, and the next page's cursor.
 
-        A storage outage is waited out, for as long as the shard is ours:
-        these requests are acknowledged, so giving up would strand them.
+        Storage reads are snapshots: a request read as unprocessed may
+        complete before the read returns, so what completed meanwhile is
+        filtered out, and redelivery never runs a handler twice. A storage
+        outage is waited out for as long as the shard is ours: these
+        requests are acknowledged, so giving up would strand them.
         """
         self._readers += 1
         try:
             delays = STORAGE_RECOVERY.delays()
             while True:
                 try:
-                    found = await self.runner.storage.messages.unprocessed(
-                        self.lease.shard, entity=entity, after=after, limit=limit
-                    )
+                    found = await query()
                     break
                 except PersistenceError as error:
                     log.warning("reading %s failed, retrying: %s", self.lease.shard, error)
                     await trio.sleep(next(delays))
-            cursor = found[-1].request_id if len(found) >= limit else None
+            cursor = found[-1].request_id if limit is not None and len(found) >= limit else None
             done = self._done_while_reading
             return [e for e in found if e.request_id not in done], cursor
         finally:
@@ -168,22 +243,55 @@ class ShardRuntime:
             if not self._readers:
                 self._done_while_reading.clear()
 
-    async def _redeliver(self) -> None:
-        """Offer what the previous owner left unprocessed, as soon as the shard is ours."""
+    async def read_backlog(
+        self, entity: tuple[str, str], limit: int
+    ) -> tuple[list[Envelope], bool]:
+        """An entity's due, unprocessed requests, oldest first, and whether more remain."""
+        messages = self.runner.storage.messages
+        found, cursor = await self._read(
+            lambda: messages.unprocessed(
+                self.lease.shard, entity=entity, due_by=wall_clock_ms(), limit=limit
+            ),
+            limit,
+        )
+        return found, cursor is not None
+
+    async def deliver_stored(self, request_ids: Sequence[int]) -> None:
+        """Offer requests another runner stored for this shard, as its notice said."""
+        messages = self.runner.storage.messages
+        found, _ = await self._read(lambda: messages.fetch(self.lease.shard, request_ids))
+        self._offer_all(found)
+
+    async def redeliver(self) -> None:
+        """Offer everything unprocessed: on acquiring the shard, and after missed notices."""
+        messages = self.runner.storage.messages
         cursor: int | None = 0
         while cursor is not None and self.accepting:
-            page, cursor = await self.read_unprocessed(after=cursor, limit=REDELIVERY_PAGE)
-            for envelope in page:
-                try:
-                    self.offer(envelope)
-                except ClusterError as error:
-                    log.debug("left %s in storage: %s", envelope.request_id, error)
+            page, cursor = await self._read(
+                functools.partial(
+                    messages.unprocessed, self.lease.shard, after=cursor, limit=REDELIVERY_PAGE
+                ),
+                REDELIVERY_PAGE,
+            )
+            self._offer_all(page)
+
+    def _offer_all(self, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            try:
+                self.offer(envelope)
+            except ClusterError as error:
+                log.debug("left %s in storage: %s", envelope.request_id, error)
 
     def lose(self) -> None:
-        """The lease is gone: stop every entity now, without draining or releasing."""
+        """The lease is gone: stop every entity now, without draining or releasing.
+
+        The shard leaves the runner's maps at once, so a new lease for the
+        same shard can start serving while this one's tasks unwind.
+        """
         self.lost = True
         self.accepting = False
         self._scope.cancel()
+        self.runner.shard_stopped(self)
 
     async def stop(self, grace: float) -> None:
         """Drain gracefully for up to ``grace`` seconds, then cancel whatever still runs."""

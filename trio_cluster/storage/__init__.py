@@ -4,15 +4,30 @@ The runtime never imports an adapter: it takes any object with these
 methods. The PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
 """
 
-from .base import Lease, LeaseSession, MessageStorage, RunnerStorage, Saved, Storage
+from .base import (
+    Gap,
+    Lease,
+    LeaseSession,
+    MessageStorage,
+    Notice,
+    Replied,
+    RunnerStorage,
+    Saved,
+    Storage,
+    Stored,
+)
 from .memory import MemoryStorage
 
 __all__ = [
+    "Gap",
     "Lease",
     "LeaseSession",
     "MemoryStorage",
     "MessageStorage",
+    "Notice",
+    "Replied",
     "RunnerStorage",
     "Saved",
     "Storage",
+    "Stored",
 ]

@@ -9,11 +9,12 @@ is no longer the shard's current one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import attrs
+import trio
 
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
@@ -30,6 +31,38 @@ class Lease:
     shard: ShardId
     machine_id: int
     epoch: int
+
+
+@attrs.frozen
+class Stored:
+    """A notice that ``origin`` stored a request for ``shard``: its owner should fetch it."""
+
+    shard: ShardId
+    request_id: int
+    origin: int
+
+
+@attrs.frozen
+class Replied:
+    """A notice that a final reply to ``request_id`` was stored.
+
+    Callers waiting on another runner (or on a duplicate's original) learn
+    of their reply this way, with no socket between them.
+    """
+
+    request_id: int
+
+
+@attrs.frozen
+class Gap:
+    """Notices may have been missed (a listener reconnected, a buffer overflowed).
+
+    The owner rescans its shards, so a missed notice delays a request but
+    never strands it.
+    """
+
+
+Notice = Stored | Replied | Gap
 
 
 @attrs.frozen
@@ -78,11 +111,25 @@ class RunnerStorage(Protocol):
 
 
 class MessageStorage(Protocol):
-    async def save_request(self, envelope: Envelope) -> Saved:
-        """Store a persisted request before anything delivers it.
+    async def save_request(self, envelope: Envelope, origin: int) -> Saved:
+        """Store a persisted request before anything delivers it, and notify its owner.
 
         A request whose dedup key is already stored is not stored again.
+        ``origin`` is the storing runner's machine id, so that runner can
+        ignore its own notice (it has offered the request directly).
         """
+        ...
+
+    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+        """Follow what every runner stores, for as long as the ``async with`` lasts.
+
+        The channel is bounded: a follower that falls behind gets a
+        :class:`Gap` instead of unbounded memory.
+        """
+        ...
+
+    async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
+        """Those of ``request_ids`` that are still unprocessed, oldest first."""
         ...
 
     async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
@@ -102,12 +149,14 @@ class MessageStorage(Protocol):
         *,
         entity: tuple[str, str] | None = None,
         after: int = 0,
+        due_by: int | None = None,
         limit: int = 1000,
     ) -> list[Envelope]:
         """Requests of the shard (or of one ``(entity_type, entity_id)``) without a final reply.
 
         Oldest first, so redelivery keeps each entity's order; ``after`` is
-        the last request id of the previous page.
+        the last request id of the previous page; with ``due_by`` (Unix ms),
+        only requests whose ``deliver_at`` has come.
         """
         ...
 

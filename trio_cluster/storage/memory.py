@@ -9,7 +9,7 @@ interleave as they would against a real database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import count
 
@@ -19,7 +19,7 @@ import trio
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
-from .base import Lease, Saved
+from .base import Gap, Lease, Notice, Replied, Saved, Stored
 
 
 @attrs.define
@@ -27,6 +27,28 @@ class _Holder:
     machine_id: int
     epoch: int
     on_lost: Callable[[ShardId], None]
+
+
+NOTICE_BUFFER = 1024
+
+
+@attrs.define
+class _Follower:
+    """One ``notices()`` subscriber; overflow becomes a Gap, not memory."""
+
+    channel: trio.MemorySendChannel[Notice]
+    missed: bool = False
+
+    def send(self, notice: Notice) -> None:
+        try:
+            if self.missed:
+                self.channel.send_nowait(Gap())
+                self.missed = False
+            self.channel.send_nowait(notice)
+        except trio.WouldBlock:
+            self.missed = True
+        except trio.BrokenResourceError:
+            pass
 
 
 @attrs.define
@@ -54,6 +76,7 @@ class MemoryStorage:
         # Per shard, the ids of requests without a final reply, oldest first
         # (a dict is an ordered set).
         self._pending: dict[ShardId, dict[int, None]] = {}
+        self._followers: list[_Follower] = []
 
     @property
     def runners(self) -> MemoryStorage:
@@ -124,7 +147,7 @@ class MemoryStorage:
 
     # -- messages ------------------------------------------------------------
 
-    async def save_request(self, envelope: Envelope) -> Saved:
+    async def save_request(self, envelope: Envelope, origin: int) -> Saved:
         await self._enter()
         key = envelope.dedup_key
         if key is not None:
@@ -135,7 +158,27 @@ class MemoryStorage:
         self._requests[envelope.request_id] = _Stored(envelope)
         shard = ShardId(envelope.shard_group, envelope.shard_index)
         self._pending.setdefault(shard, {})[envelope.request_id] = None
+        notice = Stored(shard, envelope.request_id, origin)
+        for follower in self._followers:
+            follower.send(notice)
         return Saved(envelope.request_id)
+
+    @asynccontextmanager
+    async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+        send, receive = trio.open_memory_channel[Notice](NOTICE_BUFFER)
+        follower = _Follower(send)
+        self._followers.append(follower)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self._followers.remove(follower)
+            send.close()
+
+    async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
+        await self._enter()
+        pending = self._pending.get(shard, {})
+        return [self._requests[i].envelope for i in sorted(request_ids) if i in pending]
 
     async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
         await self._enter()
@@ -149,6 +192,9 @@ class MemoryStorage:
             return
         stored.reply = reply
         self._pending.get(lease.shard, {}).pop(request_id, None)
+        notice = Replied(request_id)
+        for follower in self._followers:
+            follower.send(notice)
 
     async def reply_for(self, request_id: int) -> bytes | None:
         await self._enter()
@@ -161,6 +207,7 @@ class MemoryStorage:
         *,
         entity: tuple[str, str] | None = None,
         after: int = 0,
+        due_by: int | None = None,
         limit: int = 1000,
     ) -> list[Envelope]:
         await self._enter()
@@ -169,6 +216,8 @@ class MemoryStorage:
             if request_id <= after:
                 continue
             envelope = self._requests[request_id].envelope
+            if due_by is not None and (envelope.deliver_at_ms or 0) > due_by:
+                continue
             if entity is None or (envelope.entity_type, envelope.entity_id) == entity:
                 found.append(envelope)
                 if len(found) >= limit:
