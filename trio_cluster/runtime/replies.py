@@ -43,6 +43,9 @@ class ReplyWaiters:
             slot.reply = reply
             slot.event.set()
 
+    def waiting(self) -> list[int]:
+        return list(self._slots)
+
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._slots
 

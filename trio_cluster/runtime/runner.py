@@ -201,9 +201,16 @@ class Runner:
             for entity in expired:
                 entity.shard.passivate(entity)
 
-    async def follow_notices(self) -> None:
-        """Act on what other runners store: requests for shards owned here, awaited replies."""
+    async def follow_notices(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Act on what other runners store: requests for shards owned here, awaited replies.
+
+        Started before any shard is acquired, so every request stored after
+        a shard's redelivery scan is announced to its new owner.
+        """
         async with self.storage.messages.notices() as notices:
+            task_status.started()
             async for first in notices:
                 # Everything already waiting is handled in one pass.
                 batch = [first]
@@ -218,6 +225,8 @@ class Runner:
         for notice in batch:
             match notice:
                 case Gap():
+                    for request_id in self.replies.waiting():
+                        await self._fetch_reply(request_id)
                     for shard in list(self.shards.values()):
                         await shard.redeliver()
                     return
@@ -310,10 +319,10 @@ async def open_runner(
                 implementations=implementations,
             )
             async with trio.open_nursery() as nursery:
+                await nursery.start(runner.follow_notices)
                 keeper = trio.CancelScope()
                 await nursery.start(runner.keep_shards, nursery, keeper)
                 nursery.start_soon(runner.sweep_idle)
-                nursery.start_soon(runner.follow_notices)
                 try:
                     yield runner
                 except BaseException as error:

@@ -19,7 +19,8 @@ import trio
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
-from .base import Gap, Lease, Notice, Replied, Saved, Stored
+from .base import Lease, Notice, Replied, Saved, Stored
+from .notices import Follower, open_follower
 
 
 @attrs.define
@@ -27,28 +28,6 @@ class _Holder:
     machine_id: int
     epoch: int
     on_lost: Callable[[ShardId], None]
-
-
-NOTICE_BUFFER = 1024
-
-
-@attrs.define
-class _Follower:
-    """One ``notices()`` subscriber; overflow becomes a Gap, not memory."""
-
-    channel: trio.MemorySendChannel[Notice]
-    missed: bool = False
-
-    def send(self, notice: Notice) -> None:
-        try:
-            if self.missed:
-                self.channel.send_nowait(Gap())
-                self.missed = False
-            self.channel.send_nowait(notice)
-        except trio.WouldBlock:
-            self.missed = True
-        except trio.BrokenResourceError:
-            pass
 
 
 @attrs.define
@@ -76,7 +55,7 @@ class MemoryStorage:
         # Per shard, the ids of requests without a final reply, oldest first
         # (a dict is an ordered set).
         self._pending: dict[ShardId, dict[int, None]] = {}
-        self._followers: list[_Follower] = []
+        self._followers: list[Follower] = []
 
     @property
     def runners(self) -> MemoryStorage:
@@ -165,15 +144,12 @@ class MemoryStorage:
 
     @asynccontextmanager
     async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
-        send, receive = trio.open_memory_channel[Notice](NOTICE_BUFFER)
-        follower = _Follower(send)
-        self._followers.append(follower)
-        try:
-            async with receive:
+        with open_follower() as (follower, receive):
+            self._followers.append(follower)
+            try:
                 yield receive
-        finally:
-            self._followers.remove(follower)
-            send.close()
+            finally:
+                self._followers.remove(follower)
 
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
         await self._enter()

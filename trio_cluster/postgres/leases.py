@@ -1,0 +1,259 @@
+"""Runner registration and shard leases: session advisory locks on one dedicated connection.
+
+Why one connection, used by nothing else: a session advisory lock lives
+exactly as long as its backend, so whoever holds the connection holds the
+leases, and the connection's death is the leases' death. The pool never
+touches it, so no borrowed connection can leak or re-enter a lock.
+
+How loss is noticed:
+- the socket is watched while idle (``wait_closed``): a terminated backend
+  is seen within milliseconds;
+- a heartbeat must complete within ``liveness_timeout``: a wedged or
+  partitioned connection cannot answer, so it is declared lost after that
+  bound, without waiting on the wedged connection itself;
+- TCP keepalives and a user timeout on both ends bound how long the server
+  keeps a partitioned holder's locks.
+On loss every lease is reported lost at once (the runner stops those
+shards' entities), then the session reconnects and re-registers, keeping
+its machine id when it is still free.
+
+Because a window between losing a lease and noticing it always exists,
+completing a message is fenced by the shard's epoch (see ``messages``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ..core.hashing import ShardId
+from ..core.retry import RetryPolicy
+from ..errors import PersistenceError
+from ..storage.base import Lease
+from .connection import Connection, open_connection
+from .errors import PgError
+from .schema import lock_namespace
+
+log = logging.getLogger("trio_cluster.postgres.leases")
+
+MACHINE_IDS = 1024
+"""Snowflake ids have 10 bits of machine id; live runners never share one."""
+
+RECONNECT = RetryPolicy(base_delay=0.05, max_delay=1.0, max_attempts=2**62, max_elapsed=2.0**62)
+
+
+@attrs.frozen
+class LeaseTiming:
+    """How fast a lost lock connection is given up, on our side and the server's.
+
+    The client declares loss after ``liveness_timeout``; the server drops a
+    silent client after about ``keepalive_idle + keepalive_interval *
+    keepalive_count`` seconds (or ``user_timeout_ms``), and only then frees
+    the locks. Keep the server's bound the larger, so a partitioned holder
+    stops its entities before anyone else can take its shards.
+    """
+
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 2.0
+    keepalive_idle: int = 2
+    keepalive_interval: int = 1
+    keepalive_count: int = 3
+    user_timeout_ms: int = 5000
+
+
+class PgLeaseSession:
+    """The registration of one runner and the shard leases it holds."""
+
+    def __init__(
+        self,
+        dsn: str,
+        prefix: str,
+        address: str,
+        on_lease_lost: Callable[[ShardId], None],
+        timing: LeaseTiming,
+    ) -> None:
+        self._dsn = dsn
+        self._prefix = prefix
+        self._address = address
+        self._on_lease_lost = on_lease_lost
+        self._timing = timing
+        self._conn: Connection | None = None
+        self._machine_id = -1
+        self._held: dict[ShardId, Lease] = {}
+        self._namespaces: dict[str, int] = {}
+
+    @property
+    def machine_id(self) -> int:
+        return self._machine_id
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The lock connection's server process, for operators and tests."""
+        return None if self._conn is None else self._conn.backend_pid
+
+    # -- the lock connection's lifecycle --------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the lock connection; on loss report every lease lost and reconnect."""
+        delays = RECONNECT.delays()
+        first = True
+        while True:
+            try:
+                async with self._connect() as conn:
+                    await self._register(conn)
+                    self._conn = conn
+                    if first:
+                        task_status.started()
+                        first = False
+                    delays = RECONNECT.delays()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._heartbeat, conn)
+                        await conn.wait_closed()
+                        nursery.cancel_scope.cancel()
+            except (PgError, OSError) as error:
+                if first:
+                    raise PersistenceError(f"cannot register runner: {error}") from error
+                log.warning("lock connection of runner %s failed: %s", self._machine_id, error)
+            finally:
+                self._conn = None
+                self._lose_all()
+            await trio.sleep(next(delays))
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[Connection]:
+        timing = self._timing
+        async with open_connection(
+            self._dsn,
+            keepalives_idle_s=timing.keepalive_idle,
+            keepalives_interval_s=timing.keepalive_interval,
+            keepalives_count=timing.keepalive_count,
+            tcp_user_timeout_ms=timing.user_timeout_ms,
+            application_name=f"trio_cluster lock {self._address}"[:63],
+        ) as conn:
+            # The server's side of the same bound: it drops a silent holder,
+            # and with it the locks, within seconds rather than hours.
+            await conn.execute_script(
+                f"SET tcp_keepalives_idle = {timing.keepalive_idle};"
+                f"SET tcp_keepalives_interval = {timing.keepalive_interval};"
+                f"SET tcp_keepalives_count = {timing.keepalive_count};"
+                f"SET tcp_user_timeout = {timing.user_timeout_ms};"
+            )
+            yield conn
+
+    async def _register(self, conn: Connection) -> None:
+        """Take a machine id (the previous one if still free) under a session lock."""
+        namespace = await self._namespace(conn, "runners")
+        preferred = [self._machine_id] if self._machine_id >= 0 else []
+        free = await conn.fetch(
+            "SELECT g FROM generate_series(0, $2::int - 1) AS g WHERE NOT EXISTS ("
+            " SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+            " AND classid = $1::int::oid AND objid = g::oid) ORDER BY g LIMIT 8",
+            [namespace, MACHINE_IDS],
+        )
+        for candidate in preferred + [int(row[0]) for row in free]:
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", [namespace, candidate]):
+                break
+        else:
+            raise PersistenceError(f"no free machine id among {MACHINE_IDS}")
+        if self._machine_id not in (-1, candidate):
+            log.warning("runner %s re-registered as machine %s", self._machine_id, candidate)
+        self._machine_id = candidate
+        await conn.execute(
+            f"INSERT INTO {self._prefix}runners (machine_id, address, lock_pid)"
+            " VALUES ($1, $2, pg_backend_pid()) ON CONFLICT (machine_id) DO UPDATE"
+            " SET address = excluded.address, lock_pid = excluded.lock_pid,"
+            " registered_at = now(), heartbeat_at = now()",
+            [candidate, self._address],
+        )
+
+    async def _heartbeat(self, conn: Connection) -> None:
+        """Prove the connection answers in bounded time; close it when it does not."""
+        timing = self._timing
+        while True:
+            await trio.sleep(timing.heartbeat_interval)
+            with trio.move_on_after(timing.liveness_timeout) as deadline:
+                await conn.execute(
+                    f"UPDATE {self._prefix}runners SET heartbeat_at = now() WHERE machine_id = $1",
+                    [self._machine_id],
+                )
+            if deadline.cancelled_caught:
+                log.error(
+                    "lock connection silent for %s s: giving up its leases", timing.liveness_timeout
+                )
+                conn.close()
+                return
+
+    def _lose_all(self) -> None:
+        held, self._held = self._held, {}
+        for shard in held:
+            self._on_lease_lost(shard)
+
+    async def _namespace(self, conn: Connection, name: str) -> int:
+        number = self._namespaces.get(name)
+        if number is None:
+            number = self._namespaces[name] = await lock_namespace(conn, f"{self._prefix}:{name}")
+        return number
+
+    # -- leases ---------------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise PersistenceError("the lock connection is down; reconnecting")
+        return self._conn
+
+    async def acquire(self, shard: ShardId) -> Lease | None:
+        conn = self._connection()
+        try:
+            namespace = await self._namespace(conn, f"group:{shard.group}")
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", [namespace, shard.index]
+            ):
+                return None
+            try:
+                epoch = await conn.fetchval(
+                    f"INSERT INTO {self._prefix}shards AS s"
+                    " (shard_group, shard_index, epoch, machine_id) VALUES ($1, $2, 1, $3)"
+                    " ON CONFLICT (shard_group, shard_index) DO UPDATE"
+                    " SET epoch = s.epoch + 1, machine_id = $3, acquired_at = now()"
+                    " RETURNING epoch",
+                    [shard.group, shard.index, self._machine_id],
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1, $2)", [namespace, shard.index]
+                    )
+                raise
+        except PgError as error:
+            raise PersistenceError(f"cannot acquire {shard}: {error}") from error
+        lease = Lease(shard, self._machine_id, int(epoch))
+        self._held[shard] = lease
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        if self._held.get(lease.shard) != lease:
+            return
+        del self._held[lease.shard]
+        conn = self._connection()
+        try:
+            namespace = await self._namespace(conn, f"group:{lease.shard.group}")
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", [namespace, lease.shard.index])
+        except PgError as error:
+            raise PersistenceError(f"cannot release {lease.shard}: {error}") from error
+
+    async def unregister(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.execute(
+                f"DELETE FROM {self._prefix}runners"
+                " WHERE machine_id = $1 AND lock_pid = pg_backend_pid()",
+                [self._machine_id],
+            )
+        except PgError as error:
+            log.warning("could not unregister runner %s: %s", self._machine_id, error)

@@ -1,0 +1,44 @@
+"""Fan-out of storage notices to followers, bounded.
+
+A follower that falls behind must cost neither unbounded memory nor the
+notices of others: what does not fit is replaced by one Gap, after which
+the follower rescans storage, which stays the source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from .base import Gap, Notice
+
+NOTICE_BUFFER = 1024
+
+
+class Follower:
+    __slots__ = ("_channel", "_missed")
+
+    def __init__(self, channel: trio.MemorySendChannel[Notice]) -> None:
+        self._channel = channel
+        self._missed = False
+
+    def send(self, notice: Notice) -> None:
+        """Pass a notice on without waiting; note a gap when the buffer is full."""
+        try:
+            if self._missed:
+                self._channel.send_nowait(Gap())
+                self._missed = False
+            self._channel.send_nowait(notice)
+        except trio.WouldBlock:
+            self._missed = True
+        except trio.BrokenResourceError:
+            pass
+
+
+@contextmanager
+def open_follower() -> Iterator[tuple[Follower, trio.MemoryReceiveChannel[Notice]]]:
+    send, receive = trio.open_memory_channel[Notice](NOTICE_BUFFER)
+    with send, receive:
+        yield Follower(send), receive
