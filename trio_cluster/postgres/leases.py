@@ -85,10 +85,15 @@ class PgLeaseSession:
         self._machine_id = -1
         self._held: dict[ShardId, Lease] = {}
         self._namespaces: dict[str, int] = {}
+        self._registered = trio.Event()
 
     @property
     def machine_id(self) -> int:
         return self._machine_id
+
+    async def wait_registered(self) -> None:
+        """Return once the lock connection is up and the runner registered on it."""
+        await self._registered.wait()
 
     @property
     def backend_pid(self) -> int | None:
@@ -106,6 +111,7 @@ class PgLeaseSession:
                 async with self._connect() as conn:
                     await self._register(conn)
                     self._conn = conn
+                    self._registered.set()
                     if first:
                         task_status.started()
                         first = False
@@ -120,6 +126,8 @@ class PgLeaseSession:
                 log.warning("lock connection of runner %s failed: %s", self._machine_id, error)
             finally:
                 self._conn = None
+                if self._registered.is_set():
+                    self._registered = trio.Event()
                 self._lose_all()
             await trio.sleep(next(delays))
 
