@@ -19,6 +19,7 @@ from trio_cluster import (
     ShardId,
     open_runner,
 )
+from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
 from trio_cluster.postgres import open_connection
@@ -97,8 +98,8 @@ async def test_two_sessions_never_hold_the_same_shard(pg_dsn: str) -> None:
     shards = [ShardId(group, i) for group in ("default", "other") for i in range(20)]
     async with (
         storage_for(pg_dsn) as storage,
-        storage.session("one", lambda _: None) as one,
-        storage.session("two", lambda _: None) as two,
+        storage.session(RunnerSpec("one"), lambda _: None) as one,
+        storage.session(RunnerSpec("two"), lambda _: None) as two,
     ):
         assert one.machine_id != two.machine_id
         held: dict[str, list[ShardId]] = {"one": [], "two": []}
@@ -132,7 +133,7 @@ async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str)
         if len(lost) == 3:
             all_lost.set()
 
-    async with storage_for(pg_dsn) as storage, storage.session("r", on_lost) as session:
+    async with storage_for(pg_dsn) as storage, storage.session(RunnerSpec("r"), on_lost) as session:
         leases = [await session.acquire(ShardId("default", i)) for i in range(3)]
         assert all(lease is not None for lease in leases)
         old_pid = session.backend_pid
@@ -155,12 +156,12 @@ async def test_a_stale_lease_can_never_complete_a_message(pg_dsn: str) -> None:
     async with storage_for(pg_dsn) as storage:
         messages = storage.messages
         await messages.save_request(envelope(7), origin=0)
-        async with storage.session("old", lambda _: None) as old:
+        async with storage.session(RunnerSpec("old"), lambda _: None) as old:
             stale = await old.acquire(shard_of("a"))
             assert stale is not None
             assert old.backend_pid is not None
             await terminate(pg_dsn, old.backend_pid)
-            async with storage.session("new", lambda _: None) as new:
+            async with storage.session(RunnerSpec("new"), lambda _: None) as new:
                 # The server freed the old backend's locks when it ended it.
                 current = await new.acquire(shard_of("a"))
                 assert current is not None

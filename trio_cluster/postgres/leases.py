@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.retry import RetryPolicy
 from ..errors import PersistenceError
@@ -72,13 +73,16 @@ class PgLeaseSession:
         self,
         dsn: str,
         prefix: str,
-        address: str,
+        spec: RunnerSpec,
+        *,
         on_lease_lost: Callable[[ShardId], None],
         timing: LeaseTiming,
+        channel: str,
     ) -> None:
         self._dsn = dsn
         self._prefix = prefix
-        self._address = address
+        self._spec = spec
+        self._channel = channel
         self._on_lease_lost = on_lease_lost
         self._timing = timing
         self._conn: Connection | None = None
@@ -140,7 +144,7 @@ class PgLeaseSession:
             keepalives_interval_s=timing.keepalive_interval,
             keepalives_count=timing.keepalive_count,
             tcp_user_timeout_ms=timing.user_timeout_ms,
-            application_name=f"trio_cluster lock {self._address}"[:63],
+            application_name=f"trio_cluster lock {self._spec.address}"[:63],
         ) as conn:
             # The server's side of the same bound: it drops a silent holder,
             # and with it the locks, within seconds rather than hours.
@@ -170,12 +174,22 @@ class PgLeaseSession:
         if self._machine_id not in (-1, candidate):
             log.warning("runner %s re-registered as machine %s", self._machine_id, candidate)
         self._machine_id = candidate
+        spec = self._spec
         await conn.execute(
-            f"INSERT INTO {self._prefix}runners (machine_id, address, lock_pid)"
-            " VALUES ($1, $2, pg_backend_pid()) ON CONFLICT (machine_id) DO UPDATE"
+            f"WITH r AS (INSERT INTO {self._prefix}runners"
+            " (machine_id, address, lock_pid, weight, groups)"
+            " VALUES ($1, $2, pg_backend_pid(), $3, $4) ON CONFLICT (machine_id) DO UPDATE"
             " SET address = excluded.address, lock_pid = excluded.lock_pid,"
-            " registered_at = now(), heartbeat_at = now()",
-            [candidate, self._address],
+            " weight = excluded.weight, groups = excluded.groups,"
+            " registered_at = now(), heartbeat_at = now() RETURNING 1)"
+            " SELECT pg_notify($5, 'm:') FROM r",
+            [
+                candidate,
+                spec.address,
+                float(spec.weight),
+                ",".join(sorted(spec.groups)),
+                self._channel,
+            ],
         )
 
     async def _heartbeat(self, conn: Connection) -> None:
@@ -259,9 +273,10 @@ class PgLeaseSession:
             return
         try:
             await conn.execute(
-                f"DELETE FROM {self._prefix}runners"
-                " WHERE machine_id = $1 AND lock_pid = pg_backend_pid()",
-                [self._machine_id],
+                f"WITH r AS (DELETE FROM {self._prefix}runners"
+                " WHERE machine_id = $1 AND lock_pid = pg_backend_pid() RETURNING 1)"
+                " SELECT pg_notify($2, 'm:') FROM r",
+                [self._machine_id, self._channel],
             )
         except PgError as error:
             log.warning("could not unregister runner %s: %s", self._machine_id, error)

@@ -22,7 +22,7 @@ import trio
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError
-from ..storage.base import Gap, Lease, Notice, Replied, Saved, Stored
+from ..storage.base import Gap, Lease, MembershipChanged, Notice, Replied, Saved, Stored
 from ..storage.notices import open_follower
 from .connection import open_connection
 from .errors import PgError
@@ -74,6 +74,8 @@ def _parse_notice(payload: str) -> Notice | None:
     """``s:<origin>:<group>:<index>:<request_id>`` or ``r:<request_id>``."""
     kind, _, rest = payload.partition(":")
     try:
+        if kind == "m":
+            return MembershipChanged()
         if kind == "r":
             return Replied(int(rest))
         if kind == "s":
@@ -90,7 +92,7 @@ class PgMessageStorage:
         self._pool = pool
         self._dsn = dsn
         self._prefix = prefix
-        self._channel = f"{prefix}events"
+        self.channel = f"{prefix}events"
 
     async def save_request(self, envelope: Envelope, origin: int) -> Saved:
         p = self._prefix
@@ -115,7 +117,7 @@ class PgMessageStorage:
                     envelope.deliver_at_ms,
                     _encode_meta(_Meta(envelope.headers, envelope.call_chain)),
                     dedup_key,
-                    self._channel,
+                    self.channel,
                     notice,
                 ],
             )
@@ -147,7 +149,7 @@ class PgMessageStorage:
                     lease.epoch,
                     request_id,
                     reply,
-                    self._channel,
+                    self.channel,
                 ],
             )
         except PgError as error:
@@ -228,7 +230,7 @@ class PgMessageStorage:
                 async with open_connection(
                     self._dsn, application_name="trio_cluster notices"
                 ) as conn:
-                    await conn.listen(self._channel)
+                    await conn.listen(self.channel)
                     if first:
                         task_status.started()
                         first = False

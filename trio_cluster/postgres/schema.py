@@ -66,6 +66,11 @@ MIGRATIONS: tuple[str, ...] = (
         ON {p}messages (shard_group, shard_index, entity_type, entity_id, request_id)
         WHERE NOT processed;
     """,
+    # 2: what assignment needs to know of each runner.
+    """
+    ALTER TABLE {p}runners ADD COLUMN weight float8 NOT NULL DEFAULT 1;
+    ALTER TABLE {p}runners ADD COLUMN groups text NOT NULL DEFAULT 'default';
+    """,
 )
 
 

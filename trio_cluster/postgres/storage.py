@@ -11,22 +11,27 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
 from .connection import open_connection
 from .errors import PgError
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
-from .pool import open_pool
-from .schema import check_prefix, migrate
+from .pool import Pool, open_pool
+from .schema import check_prefix, lock_namespace, migrate
 
 
 class PostgresStorage:
-    def __init__(self, dsn: str, prefix: str, messages: PgMessageStorage, timing: LeaseTiming):
+    def __init__(
+        self, dsn: str, prefix: str, pool: Pool, messages: PgMessageStorage, timing: LeaseTiming
+    ) -> None:
         self._dsn = dsn
         self._prefix = prefix
+        self._pool = pool
         self._messages = messages
         self._timing = timing
+        self._runners_namespace: int | None = None
 
     @property
     def runners(self) -> PostgresStorage:
@@ -36,12 +41,44 @@ class PostgresStorage:
     def messages(self) -> PgMessageStorage:
         return self._messages
 
+    async def live_runners(self) -> list[RunnerSpec]:
+        """Registered runners whose lock connection still holds their machine-id lock.
+
+        Liveness is the lock itself, not a heartbeat timestamp: a runner is
+        dead the moment the server has ended its lock connection.
+        """
+        p = self._prefix
+        try:
+            if self._runners_namespace is None:
+                async with self._pool.connection() as conn:
+                    self._runners_namespace = await lock_namespace(conn, f"{p}:runners")
+            rows = await self._pool.fetch(
+                f"SELECT r.address, r.weight, r.groups FROM {p}runners AS r WHERE EXISTS ("
+                " SELECT 1 FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.granted"
+                " AND l.objsubid = 2 AND l.classid = $1::int::oid"
+                " AND l.objid = r.machine_id::oid AND l.pid = r.lock_pid)",
+                [self._runners_namespace],
+            )
+        except PgError as error:
+            raise PersistenceError(f"cannot list runners: {error}") from error
+        return [
+            RunnerSpec(address, float(weight), frozenset(filter(None, groups.split(","))))
+            for address, weight, groups in rows
+        ]
+
     @asynccontextmanager
     async def session(
-        self, address: str, on_lease_lost: Callable[[ShardId], None]
+        self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AsyncIterator[PgLeaseSession]:
         """Register a runner on a dedicated lock connection, supervised by its own task."""
-        session = PgLeaseSession(self._dsn, self._prefix, address, on_lease_lost, self._timing)
+        session = PgLeaseSession(
+            self._dsn,
+            self._prefix,
+            spec,
+            on_lease_lost=on_lease_lost,
+            timing=self._timing,
+            channel=self._messages.channel,
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             try:
@@ -74,4 +111,4 @@ async def open_postgres_storage(
         raise PersistenceError(f"cannot prepare the schema: {error}") from error
     async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
         messages = PgMessageStorage(pool, dsn, prefix)
-        yield PostgresStorage(dsn, prefix, messages, timing or LeaseTiming())
+        yield PostgresStorage(dsn, prefix, pool, messages, timing or LeaseTiming())

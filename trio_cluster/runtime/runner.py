@@ -19,12 +19,22 @@ from itertools import count
 import trio
 
 from ..config import EntityOptions, ShardingConfig
+from ..core.assignment import RunnerSpec, assign
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..core.snowflake import SnowflakeGenerator
 from ..entity import Implementation
 from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
-from ..storage.base import Gap, Lease, LeaseSession, Notice, Replied, Storage, Stored
+from ..storage.base import (
+    Gap,
+    Lease,
+    LeaseSession,
+    MembershipChanged,
+    Notice,
+    Replied,
+    Storage,
+    Stored,
+)
 from ..storage.memory import MemoryStorage
 from .client import Client
 from .mailbox import ActiveEntity
@@ -36,7 +46,10 @@ log = logging.getLogger("trio_cluster.runner")
 
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 5.0
-ACQUIRE_RETRY_INTERVAL = 1.0
+MEMBERSHIP_INTERVAL = 0.5
+"""How often live runners are re-read: the bound on noticing a silent death."""
+HANDOFF_RETRY = 0.05
+"""How soon to try again for a shard whose previous owner still holds it."""
 NOTICE_BATCH = 500
 """Most notices turned into one storage read."""
 """How often a runner retries taking the shards it should own but does not."""
@@ -79,6 +92,8 @@ class Runner:
         self.ask = self.client.ask
         self.tell = self.client.tell
         self._wake = trio.Event()
+        self.assignment: dict[ShardId, str] = {}
+        self._shards_changed = trio.Event()
 
     # -- routing --------------------------------------------------------------
 
@@ -138,10 +153,17 @@ class Runner:
 
     # -- shards ---------------------------------------------------------------
 
-    def desired_shards(self) -> list[ShardId]:
-        groups = sorted({impl.entity.shard_group for impl, _ in self.hosted.values()})
+    async def refresh_assignment(self) -> None:
+        """Recompute who owns what from the live runners; keep the last answer on an outage."""
+        try:
+            runners = await self.storage.runners.live_runners()
+        except PersistenceError as error:
+            log.warning("cannot read the live runners: %s", error)
+            return
         per_group = self.config.shards_per_group
-        return [ShardId(group, index) for group in groups for index in range(per_group)]
+        groups = sorted({group for spec in runners for group in spec.groups})
+        shards = [ShardId(group, index) for group in groups for index in range(per_group)]
+        self.assignment = assign(shards, runners)
 
     async def keep_shards(
         self,
@@ -150,30 +172,43 @@ class Runner:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Acquire every desired shard not yet owned; again whenever one is lost.
+        """Own exactly the shards the assignment gives this runner.
 
-        Shards run in ``nursery``, not under ``scope``, so that stopping this
-        loop at shutdown leaves them to drain.
+        Shards assigned elsewhere are handed off gracefully (drained, then
+        released); shards assigned here are acquired as soon as their
+        previous owner lets go, then their stored requests redelivered.
+        Runs again on a membership notice, a lost lease, or every
+        ``MEMBERSHIP_INTERVAL`` (how a runner that died without a word is
+        noticed). Shards run in ``nursery``, not under ``scope``, so that
+        stopping this loop at shutdown leaves them to drain.
         """
         with scope:
             while True:
-                for shard_id in self.desired_shards():
-                    if shard_id in self.shards:
-                        continue
+                self._wake = trio.Event()
+                await self.refresh_assignment()
+                mine = {s for s, owner in self.assignment.items() if owner == self.address}
+                for shard in list(self.shards.values()):
+                    if shard.lease.shard not in mine and shard.accepting:
+                        nursery.start_soon(shard.stop, self.config.entity_termination_timeout)
+                waiting = False
+                for shard_id in sorted(mine - self.shards.keys()):
                     try:
                         lease = await self.session.acquire(shard_id)
                     except ClusterError as error:
                         log.warning("cannot acquire %s yet: %s", shard_id, error)
+                        waiting = True
                         break
-                    if lease is not None:
-                        shard = ShardRuntime(self, lease)
-                        self.shards[shard_id] = shard
-                        await nursery.start(shard.run)
+                    if lease is None:
+                        waiting = True  # its previous owner is still handing it off
+                        continue
+                    shard = ShardRuntime(self, lease)
+                    self.shards[shard_id] = shard
+                    await nursery.start(shard.run)
+                    self.note_shards_changed()
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
-                with trio.move_on_after(ACQUIRE_RETRY_INTERVAL):
+                with trio.move_on_after(HANDOFF_RETRY if waiting else MEMBERSHIP_INTERVAL):
                     await self._wake.wait()
-                self._wake = trio.Event()
 
     async def sweep_idle(self) -> None:
         """Passivate entities idle for longer than their ``max_idle_time``.
@@ -230,6 +265,8 @@ class Runner:
                     for shard in list(self.shards.values()):
                         await shard.redeliver()
                     return
+                case MembershipChanged():
+                    self._wake.set()
                 case Replied(request_id) if request_id in self.replies:
                     await self._fetch_reply(request_id)
                 case Stored(shard_id, request_id, origin) if origin != me:
@@ -250,6 +287,23 @@ class Runner:
         if reply is not None:
             self.replies.resolve(request_id, reply)
 
+    def owns_its_assignment(self) -> bool:
+        mine = {s for s, owner in self.assignment.items() if owner == self.address}
+        return mine == {s for s, shard in self.shards.items() if shard.accepting}
+
+    async def settled(self) -> None:
+        """Wait until this runner serves exactly the shards assigned to it.
+
+        A readiness probe for rolling deploys, and how tests wait for a
+        rebalance to finish without sleeping.
+        """
+        while not self.owns_its_assignment():
+            await self._shards_changed.wait()
+
+    def note_shards_changed(self) -> None:
+        self._shards_changed.set()
+        self._shards_changed = trio.Event()
+
     def on_lease_lost(self, shard_id: ShardId) -> None:
         shard = self.shards.get(shard_id)
         if shard is not None:
@@ -260,6 +314,7 @@ class Runner:
     def shard_stopped(self, shard: ShardRuntime) -> None:
         if self.shards.get(shard.lease.shard) is shard:
             del self.shards[shard.lease.shard]
+            self.note_shards_changed()
         for entity in list(shard.entities.values()):
             shard.forget(entity)
 
@@ -290,6 +345,7 @@ async def open_runner(
     storage: Storage | None = None,
     config: ShardingConfig | None = None,
     address: str | None = None,
+    weight: float = 1.0,
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -308,9 +364,11 @@ async def open_runner(
         if runner is not None:
             runner.on_lease_lost(shard_id)
 
+    groups = frozenset(implementation.entity.shard_group for implementation in implementations)
+    spec = RunnerSpec(address, weight, groups)
     body_error: BaseException | None = None
     try:
-        async with storage.runners.session(address, on_lease_lost) as session:
+        async with storage.runners.session(spec, on_lease_lost) as session:
             runner = Runner(
                 address=address,
                 config=config,

@@ -16,6 +16,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 
@@ -54,6 +55,15 @@ class Replied:
 
 
 @attrs.frozen
+class MembershipChanged:
+    """A runner registered or unregistered: owners recompute the assignment now.
+
+    A runner that dies without unregistering sends no notice; its lock
+    connection's end is seen by the periodic membership check instead.
+    """
+
+
+@attrs.frozen
 class Gap:
     """Notices may have been missed (a listener reconnected, a buffer overflowed).
 
@@ -62,7 +72,7 @@ class Gap:
     """
 
 
-Notice = Stored | Replied | Gap
+Notice = Stored | Replied | MembershipChanged | Gap
 
 
 @attrs.frozen
@@ -98,8 +108,12 @@ class LeaseSession(Protocol):
 
 
 class RunnerStorage(Protocol):
+    async def live_runners(self) -> list[RunnerSpec]:
+        """The runners registered now, whose sessions are alive: the input of assignment."""
+        ...
+
     def session(
-        self, address: str, on_lease_lost: Callable[[ShardId], None]
+        self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AbstractAsyncContextManager[LeaseSession]:
         """Register a runner for the duration of an ``async with``.
 

@@ -16,10 +16,11 @@ from itertools import count
 import attrs
 import trio
 
+from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
-from .base import Lease, Notice, Replied, Saved, Stored
+from .base import Lease, MembershipChanged, Notice, Replied, Saved, Stored
 from .notices import Follower, open_follower
 
 
@@ -47,7 +48,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self.available = True
         self._machine_ids = count(1)
-        self._live: dict[int, str] = {}
+        self._live: dict[int, RunnerSpec] = {}
         self._holders: dict[ShardId, _Holder] = {}
         self._epochs: dict[ShardId, int] = {}
         self._requests: dict[int, _Stored] = {}
@@ -72,13 +73,18 @@ class MemoryStorage:
 
     # -- runners and leases --------------------------------------------------
 
+    async def live_runners(self) -> list[RunnerSpec]:
+        await self._enter()
+        return list(self._live.values())
+
     @asynccontextmanager
     async def session(
-        self, address: str, on_lease_lost: Callable[[ShardId], None]
+        self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AsyncIterator[_MemorySession]:
         await self._enter()
         machine_id = next(self._machine_ids)
-        self._live[machine_id] = address
+        self._live[machine_id] = spec
+        self._announce(MembershipChanged())
         try:
             yield _MemorySession(self, machine_id, on_lease_lost)
         finally:
@@ -86,6 +92,11 @@ class MemoryStorage:
             for shard, holder in list(self._holders.items()):
                 if holder.machine_id == machine_id:
                     del self._holders[shard]
+            self._announce(MembershipChanged())
+
+    def _announce(self, notice: Notice) -> None:
+        for follower in self._followers:
+            follower.send(notice)
 
     def holder_of(self, shard: ShardId) -> int | None:
         """The machine id holding ``shard``, for tests and the shard map."""
@@ -137,9 +148,7 @@ class MemoryStorage:
         self._requests[envelope.request_id] = _Stored(envelope)
         shard = ShardId(envelope.shard_group, envelope.shard_index)
         self._pending.setdefault(shard, {})[envelope.request_id] = None
-        notice = Stored(shard, envelope.request_id, origin)
-        for follower in self._followers:
-            follower.send(notice)
+        self._announce(Stored(shard, envelope.request_id, origin))
         return Saved(envelope.request_id)
 
     @asynccontextmanager
@@ -168,9 +177,7 @@ class MemoryStorage:
             return
         stored.reply = reply
         self._pending.get(lease.shard, {}).pop(request_id, None)
-        notice = Replied(request_id)
-        for follower in self._followers:
-            follower.send(notice)
+        self._announce(Replied(request_id))
 
     async def reply_for(self, request_id: int) -> bytes | None:
         await self._enter()
