@@ -17,17 +17,19 @@ reads only Trio's clock.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
 from .config import EntityOptions, ShardingConfig
 from .core.retry import RetryPolicy
-from .entity import Implementation
+from .entity import Entity, Implementation
 from .runtime.runner import Runner, open_runner
 from .storage.memory import MemoryStorage
+from .transport.network import TransportConfig
 
 TEST_CONFIG = ShardingConfig(
     shards_per_group=8,
@@ -56,3 +58,59 @@ async def open_test_runner(
 def with_entity_options(config: ShardingConfig, **changes: Any) -> ShardingConfig:
     """``config`` with some of its entity defaults changed, for one test."""
     return attrs.evolve(config, entity_defaults=attrs.evolve(config.entity_defaults, **changes))
+
+
+@attrs.frozen
+class TestCluster:
+    """Runners sharing one storage, talking over real sockets on 127.0.0.1."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+
+    runners: list[Runner]
+    storage: MemoryStorage
+
+    def owner_of(self, entity: Entity, entity_id: str) -> Runner:
+        """The runner whose shard holds ``entity_id``, by the agreed assignment."""
+        shard = entity.shard_of(entity_id, self.runners[0].config.shards_per_group)
+        for runner in self.runners:
+            if shard in runner.shards:
+                return runner
+        raise LookupError(f"no runner owns {shard}")
+
+    async def settled(self) -> None:
+        """Wait until every runner agrees on the assignment and serves its part."""
+        while True:
+            for runner in self.runners:
+                await runner.settled()
+            first = self.runners[0].assignment
+            laggard = next((r for r in self.runners if r.assignment != first), None)
+            if laggard is None and all(r.owns_its_assignment() for r in self.runners):
+                return
+            await (laggard or self.runners[0]).changed()
+
+
+@asynccontextmanager
+async def open_test_cluster(
+    *implementations: Implementation,
+    runners: int = 3,
+    config: ShardingConfig = TEST_CONFIG,
+    storage: MemoryStorage | None = None,
+) -> AsyncIterator[TestCluster]:
+    """Several runners in this process, over the real routing and socket transport.
+
+    The cluster is settled (every shard owned by its assigned runner)
+    before the block starts.
+    """
+    storage = storage if storage is not None else MemoryStorage()
+    async with contextlib.AsyncExitStack() as stack:
+        started = [
+            await stack.enter_async_context(
+                open_runner(
+                    *implementations, storage=storage, config=config, transport=TransportConfig()
+                )
+            )
+            for _ in range(runners)
+        ]
+        cluster = TestCluster(started, storage)
+        await cluster.settled()
+        yield cluster

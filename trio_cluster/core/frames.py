@@ -19,6 +19,8 @@ the socket delivered and hands back whole messages, like h11's connection object
 
 from __future__ import annotations
 
+import struct
+import sys
 from collections.abc import Iterable
 from typing import Final, TypeAlias
 
@@ -50,7 +52,8 @@ __all__ = [
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
 """Both ends use this unless configured: a frame the peer would refuse is refused here."""
 
-_HEADER_SIZE: Final = 4
+_HEADER: Final = struct.Struct(">I")
+_HEADER_SIZE: Final = _HEADER.size
 _MAX_LENGTH: Final = 2**32 - 1  # what a 4-byte length can say
 
 
@@ -153,8 +156,8 @@ Message: TypeAlias = (
     Hello | Welcome | Reject | Goodbye | Request | Reply | Interrupt | Notify | Ping | Pong
 )
 
-_MESSAGE_TYPES: Final[dict[int, str]] = {
-    cls.__struct_config__.tag: cls.__name__  # type: ignore[misc]
+_MESSAGE_TYPES: Final[dict[int | str | None, str]] = {
+    cls.__struct_config__.tag: cls.__name__
     for cls in (Hello, Welcome, Reject, Goodbye, Request, Reply, Interrupt, Notify, Ping, Pong)
 }
 
@@ -169,6 +172,13 @@ class _Head(msgspec.Struct, array_like=True):
 
 
 _head_decoder = msgspec.msgpack.Decoder(_Head)
+
+_UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+"""What msgspec raises for bytes that are not msgpack of the expected shape.
+
+UnicodeDecodeError: a string that is not UTF-8.  RecursionError: msgspec's guard
+against deeply nested input, raised cleanly from C.
+"""
 
 
 def encode_into(
@@ -244,10 +254,7 @@ class FrameDecoder:
         :meth:`next_message` instead.
         """
         self.receive(data)
-        messages = []
-        while (message := self.next_message()) is not None:
-            messages.append(message)
-        return messages
+        return self._decode(sys.maxsize)
 
     def receive(self, data: bytes) -> None:
         """Buffer ``data`` without decoding anything."""
@@ -260,34 +267,42 @@ class FrameDecoder:
 
     def next_message(self) -> Message | None:
         """Decode the next whole frame, or return None until more data arrives."""
+        messages = self._decode(1)
+        return messages[0] if messages else None
+
+    def _decode(self, limit: int) -> list[Message]:
         if self._error is not None:
             raise ProtocolError(self._error)
         buffer = self._buffer
-        start = self._start
-        available = len(buffer) - start
-        if available < _HEADER_SIZE:
-            return None
-        size = int.from_bytes(buffer[start : start + _HEADER_SIZE], "big")
-        if size > self.max_frame_size:
-            # Refused on the length alone: the body is never waited for nor buffered.
-            raise self._fail(f"frame of {size} bytes exceeds the {self.max_frame_size}-byte limit")
-        end = start + _HEADER_SIZE + size
-        if end > len(buffer):
-            return None
-        with memoryview(buffer) as view, view[start + _HEADER_SIZE : end] as body:
-            try:
-                message = _decoder.decode(body)
-            except msgspec.ValidationError as exc:
-                raise self._fail(_explain(body, exc)) from None
-            except (msgspec.DecodeError, RecursionError) as exc:
-                # RecursionError: msgspec's guard against deeply nested input.
-                raise self._fail(f"undecodable frame: {exc}") from None
-        if end == len(buffer):
+        position = self._start
+        end = len(buffer)
+        max_size = self.max_frame_size
+        decode = _decoder.decode
+        messages: list[Message] = []
+        # One view for the whole batch: a memoryview costs as much as decoding a
+        # small message, and slicing the bytearray instead would copy every body.
+        with memoryview(buffer) as view:
+            while len(messages) < limit and end - position >= _HEADER_SIZE:
+                (size,) = _HEADER.unpack_from(buffer, position)
+                if size > max_size:
+                    # Refused on the length alone: the body is never waited for.
+                    raise self._fail(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+                stop = position + _HEADER_SIZE + size
+                if stop > end:
+                    break
+                try:
+                    messages.append(decode(view[position + _HEADER_SIZE : stop]))
+                except msgspec.ValidationError as exc:
+                    raise self._fail(_explain(view[position + _HEADER_SIZE : stop], exc)) from None
+                except _UNDECODABLE as exc:
+                    raise self._fail(f"undecodable frame: {exc}") from None
+                position = stop
+        if position == end:
             buffer.clear()
             self._start = 0
         else:
-            self._start = end
-        return message
+            self._start = position
+        return messages
 
     def _fail(self, reason: str) -> ProtocolError:
         self._error = reason
@@ -300,7 +315,7 @@ def _explain(body: memoryview, exc: msgspec.ValidationError) -> str:
     """Tell an unknown message type from a known one with bad contents."""
     try:
         tag = _head_decoder.decode(body).tag
-    except (msgspec.MsgspecError, RecursionError):
+    except (msgspec.ValidationError, *_UNDECODABLE):
         return f"undecodable frame: {exc}"
     name = _MESSAGE_TYPES.get(tag)
     if name is None:

@@ -14,7 +14,14 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ERROR_TYPES, ClusterError, RpcClientError, SerializationError, Suspended
+from ..errors import (
+    ERROR_TYPES,
+    ClusterError,
+    EntityNotAssignedToRunner,
+    RpcClientError,
+    SerializationError,
+    Suspended,
+)
 
 
 class ReplyKind(IntEnum):
@@ -70,6 +77,24 @@ def cluster_error(error: ClusterError) -> bytes:
         detail = error.cause_type
     body = _encoder.encode(_ClusterError(error.reason, error.message, detail))
     return _encoder.encode(_Reply(ReplyKind.CLUSTER_ERROR, msgspec.Raw(body)))
+
+
+_CLUSTER_ERROR_HEAD = bytes([0x92, ReplyKind.CLUSTER_ERROR])
+
+
+def misrouted(reply: bytes) -> bool:
+    """Whether the reply says the request reached a runner that does not own its shard.
+
+    Such a request never reached a handler, so the sender may resend it.
+    The prefix check keeps the common case (a success) to one comparison.
+    """
+    if not reply.startswith(_CLUSTER_ERROR_HEAD):
+        return False
+    try:
+        error = _cluster_decoder.decode(_reply_decoder.decode(reply).body)
+    except msgspec.MsgspecError:
+        return False
+    return error.reason == EntityNotAssignedToRunner.reason
 
 
 def decode(

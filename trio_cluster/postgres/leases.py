@@ -267,6 +267,10 @@ class PgLeaseSession:
         except PgError as error:
             raise PersistenceError(f"cannot release {lease.shard}: {error}") from error
 
+    async def leave(self) -> None:
+        """Drop out of the live runners (the machine-id lock stays until the end)."""
+        await self.unregister()
+
     async def unregister(self) -> None:
         conn = self._conn
         if conn is None:

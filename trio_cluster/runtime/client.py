@@ -133,12 +133,15 @@ class Client:
     async def _send(self, envelope: Envelope) -> bytes:
         runner = self._runner
         if not envelope.persisted:
-            slot = runner.replies.expect(envelope.request_id)
-            try:
-                await self._deliver(envelope)
-                return await wait(slot)
-            finally:
-                runner.replies.forget(envelope.request_id, slot)
+            # A request that reached a runner no longer owning its shard
+            # never ran: resend it while the shard settles on its new owner.
+            delays = runner.config.send_retry.delays()
+            while True:
+                reply = await self._attempt(envelope)
+                delay = next(delays, None) if replies.misrouted(reply) else None
+                if delay is None:
+                    return reply
+                await trio.sleep(delay)
 
         messages = runner.storage.messages
         saved = await messages.save_request(envelope, runner.session.machine_id)
@@ -158,8 +161,17 @@ class Client:
         finally:
             runner.replies.forget(saved.request_id, slot)
 
+    async def _attempt(self, envelope: Envelope) -> bytes:
+        runner = self._runner
+        slot = runner.replies.expect(envelope.request_id)
+        try:
+            await self._deliver(envelope)
+            return await wait(slot)
+        finally:
+            runner.replies.forget(envelope.request_id, slot)
+
     def _notify(self, envelope: Envelope) -> None:
-        """Offer a stored request to its owner now; if that fails, redelivery will."""
+        """Offer a stored request to an owner here now; otherwise the storage notice will."""
         with contextlib.suppress(EntityNotAssignedToRunner, RunnerUnavailable):
             self._runner.route(envelope)
 
@@ -169,10 +181,14 @@ class Client:
         Only routing failures are retried, within ``ShardingConfig.send_retry``:
         the request has then certainly not reached a handler.
         """
-        delays = self._runner.config.send_retry.delays()
+        runner = self._runner
+        delays = runner.config.send_retry.delays()
         while True:
             try:
-                self._runner.route(envelope)
+                owner = runner.route(envelope)
+                if owner is not None:
+                    assert runner.network is not None
+                    await runner.network.send_request(owner, envelope)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:

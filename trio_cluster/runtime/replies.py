@@ -6,6 +6,8 @@ may have many waiters; the reply is delivered to all of them at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 
@@ -21,6 +23,14 @@ class _Slot:
 class ReplyWaiters:
     def __init__(self) -> None:
         self._slots: dict[int, _Slot] = {}
+        # Requests that came from another runner: their reply goes back there.
+        self._forwards: dict[int, Callable[[bytes], None]] = {}
+
+    def forward(self, request_id: int, send: Callable[[bytes], None]) -> None:
+        self._forwards[request_id] = send
+
+    def unforward(self, request_id: int) -> None:
+        self._forwards.pop(request_id, None)
 
     def expect(self, request_id: int) -> _Slot:
         """Register interest before the request can complete, so no reply is missed."""
@@ -42,6 +52,9 @@ class ReplyWaiters:
         if slot is not None:
             slot.reply = reply
             slot.event.set()
+        send = self._forwards.pop(request_id, None)
+        if send is not None:
+            send(reply)
 
     def waiting(self) -> list[int]:
         return list(self._slots)

@@ -9,6 +9,7 @@ unregister, shielded so that a cancelled parent still gets a clean handoff.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from itertools import count
 import trio
 
 from ..config import EntityOptions, ShardingConfig
+from ..core import reply as replies
 from ..core.assignment import RunnerSpec, assign
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
@@ -36,6 +38,8 @@ from ..storage.base import (
     Stored,
 )
 from ..storage.memory import MemoryStorage
+from ..transport.link import PeerLink
+from ..transport.network import Network, TransportConfig, open_listeners
 from .client import Client
 from .mailbox import ActiveEntity
 from .metrics import Counters, Snapshot
@@ -93,21 +97,49 @@ class Runner:
         self.tell = self.client.tell
         self._wake = trio.Event()
         self.assignment: dict[ShardId, str] = {}
+        self.network: Network | None = None
         self._shards_changed = trio.Event()
 
     # -- routing --------------------------------------------------------------
 
-    def route(self, envelope: Envelope) -> None:
-        """Queue a request on the shard that owns it here, or say why not."""
-        shard = self.shards.get(ShardId(envelope.shard_group, envelope.shard_index))
-        if shard is None:
+    def route(self, envelope: Envelope) -> str | None:
+        """Queue a request whose shard is owned here; otherwise name the owner to send it to."""
+        shard_id = ShardId(envelope.shard_group, envelope.shard_index)
+        shard = self.shards.get(shard_id)
+        if shard is not None:
+            shard.offer(envelope)
+            return None
+        owner = self.assignment.get(shard_id)
+        if owner is None or owner == self.address or self.network is None:
             raise EntityNotAssignedToRunner(
-                f"shard {envelope.shard_group}/{envelope.shard_index} "
-                f"is not owned by {self.address}",
+                f"shard {shard_id} is not owned by {self.address}",
                 entity_id=envelope.entity_id,
                 request_id=envelope.request_id,
             )
-        shard.offer(envelope)
+        return owner
+
+    def on_remote_request(self, link: PeerLink, envelope: Envelope) -> None:
+        """A peer sent a request for a shard it believes is ours: queue it or refuse it."""
+        request_id = envelope.request_id
+        shard = self.shards.get(ShardId(envelope.shard_group, envelope.shard_index))
+        try:
+            if shard is None:
+                raise EntityNotAssignedToRunner(
+                    f"shard {envelope.shard_group}/{envelope.shard_index} "
+                    f"is not owned by {self.address}",
+                    entity_id=envelope.entity_id,
+                    request_id=request_id,
+                )
+            self.replies.forward(request_id, functools.partial(link.send_reply, request_id))
+            shard.offer(envelope)
+        except ClusterError as error:
+            self.replies.unforward(request_id)
+            link.send_reply(request_id, replies.cluster_error(error))
+
+    def on_peer_lost(self, peer: str) -> None:
+        """A link dropped: the peer may be dead, so look at the membership now."""
+        if peer in self.assignment.values():
+            self._wake.set()
 
     async def store_reply(self, envelope: Envelope, reply: bytes, lease: Lease) -> bool:
         """Store a final reply, retrying storage outages; False when fenced off or given up.
@@ -163,7 +195,10 @@ class Runner:
         per_group = self.config.shards_per_group
         groups = sorted({group for spec in runners for group in spec.groups})
         shards = [ShardId(group, index) for group in groups for index in range(per_group)]
-        self.assignment = assign(shards, runners)
+        assignment = assign(shards, runners)
+        if assignment != self.assignment:
+            self.assignment = assignment
+            self.note_shards_changed()
 
     async def keep_shards(
         self,
@@ -298,7 +333,11 @@ class Runner:
         rebalance to finish without sleeping.
         """
         while not self.owns_its_assignment():
-            await self._shards_changed.wait()
+            await self.changed()
+
+    async def changed(self) -> None:
+        """Wait for the next change of the assignment or of the shards owned here."""
+        await self._shards_changed.wait()
 
     def note_shards_changed(self) -> None:
         self._shards_changed.set()
@@ -319,11 +358,21 @@ class Runner:
             shard.forget(entity)
 
     async def shutdown(self) -> None:
-        """Drain every shard within the termination timeout, then release them."""
+        """Leave the cluster, drain every shard within the termination timeout, release them.
+
+        Leaving first lets the other runners reassign at once, so each shard
+        is taken over the moment it is released rather than after all are.
+        """
+        try:
+            await self.session.leave()
+        except PersistenceError as error:
+            log.warning("could not announce leaving: %s", error)
         timeout = self.config.entity_termination_timeout
         async with trio.open_nursery() as nursery:
             for shard in list(self.shards.values()):
                 nursery.start_soon(shard.stop, timeout)
+        if self.network is not None:
+            self.network.close_all("runner shutting down")
 
     def snapshot(self) -> Snapshot:
         counters = self.metrics
@@ -344,20 +393,21 @@ async def open_runner(
     *implementations: Implementation,
     storage: Storage | None = None,
     config: ShardingConfig | None = None,
-    address: str | None = None,
+    transport: TransportConfig | None = None,
     weight: float = 1.0,
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
     Without ``storage`` the runner uses a private :class:`MemoryStorage`:
     a complete single-process cluster. Share one storage between runners
-    (in-process, or PostgreSQL across processes) to spread shards over them.
-    The block starts once the runner owns its shards, so the first message
-    is not refused.
+    (in-process, or PostgreSQL across processes) to spread shards over
+    them; give each a ``transport`` so volatile requests can cross between
+    them (persisted ones travel through storage). A runner hosting no
+    implementations owns no shards: a client. The block starts once the
+    runner has taken its first shards; leaving it hands them off gracefully.
     """
     config = config or ShardingConfig()
     storage = storage or MemoryStorage()
-    address = address or f"local-{os.getpid()}-{next(_runner_numbers)}"
     runner: Runner | None = None
 
     def on_lease_lost(shard_id: ShardId) -> None:
@@ -365,10 +415,16 @@ async def open_runner(
             runner.on_lease_lost(shard_id)
 
     groups = frozenset(implementation.entity.shard_group for implementation in implementations)
-    spec = RunnerSpec(address, weight, groups)
     body_error: BaseException | None = None
     try:
-        async with storage.runners.session(spec, on_lease_lost) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            listeners: list[trio.SocketListener] = []
+            if transport is None:
+                address = f"local-{os.getpid()}-{next(_runner_numbers)}"
+            else:
+                listeners, address = await stack.enter_async_context(open_listeners(transport))
+            spec = RunnerSpec(address, weight, groups)
+            session = await stack.enter_async_context(storage.runners.session(spec, on_lease_lost))
             runner = Runner(
                 address=address,
                 config=config,
@@ -377,6 +433,16 @@ async def open_runner(
                 implementations=implementations,
             )
             async with trio.open_nursery() as nursery:
+                if transport is not None:
+                    runner.network = Network(
+                        transport,
+                        address,
+                        nursery,
+                        on_request=runner.on_remote_request,
+                        on_reply=runner.replies.resolve,
+                        on_peer_lost=runner.on_peer_lost,
+                    )
+                    await nursery.start(runner.network.serve, listeners)
                 await nursery.start(runner.follow_notices)
                 keeper = trio.CancelScope()
                 await nursery.start(runner.keep_shards, nursery, keeper)

@@ -106,6 +106,10 @@ class LeaseSession(Protocol):
 
     async def release(self, lease: Lease) -> None: ...
 
+    async def leave(self) -> None:
+        """Stop being assigned shards (leases stay until released): the start of a handoff."""
+        ...
+
 
 class RunnerStorage(Protocol):
     async def live_runners(self) -> list[RunnerSpec]:

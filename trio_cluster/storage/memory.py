@@ -88,7 +88,7 @@ class MemoryStorage:
         try:
             yield _MemorySession(self, machine_id, on_lease_lost)
         finally:
-            del self._live[machine_id]
+            self._live.pop(machine_id, None)
             for shard, holder in list(self._holders.items()):
                 if holder.machine_id == machine_id:
                     del self._holders[shard]
@@ -128,6 +128,11 @@ class MemoryStorage:
         self._epochs[shard] = epoch
         self._holders[shard] = _Holder(machine_id, epoch, on_lost)
         return Lease(shard, machine_id, epoch)
+
+    async def _leave(self, machine_id: int) -> None:
+        await self._enter()
+        if self._live.pop(machine_id, None) is not None:
+            self._announce(MembershipChanged())
 
     async def _release(self, lease: Lease) -> None:
         await self._enter()
@@ -219,3 +224,6 @@ class _MemorySession:
 
     async def release(self, lease: Lease) -> None:
         await self.storage._release(lease)
+
+    async def leave(self) -> None:
+        await self.storage._leave(self.machine_id)

@@ -1,0 +1,1 @@
+"""Runner-to-runner messaging over TCP: the Trio layer around ``core.protocol``."""
