@@ -101,14 +101,18 @@ def test_handshake_does_not_depend_on_who_reads_first() -> None:
     assert b.receive_data(a.data_to_send()) == [Handshaken("runner-a")]
 
 
-def test_proof_never_contains_the_secret() -> None:
+def test_the_secret_never_crosses_the_wire() -> None:
     secret = b"s3cr3t-s3cr3t"
     a, b = client(secret), server(secret)
-    wire = a.initiate() + b.initiate()
-    b.receive_data(wire[: len(wire) // 2])
-    a.receive_data(wire[len(wire) // 2 :])
-    wire += a.data_to_send() + b.data_to_send()
-    assert secret not in wire
+    hello_a, hello_b = a.initiate(), b.initiate()
+    b.receive_data(hello_a)
+    a.receive_data(hello_b)
+    welcome_a, welcome_b = a.data_to_send(), b.data_to_send()
+    assert secret not in hello_a + hello_b + welcome_a + welcome_b
+    (welcome,) = FrameDecoder().feed(welcome_a)
+    assert isinstance(welcome, Welcome)
+    assert len(welcome.proof) == 32  # HMAC-SHA256
+    assert b.receive_data(welcome_a) == [Handshaken("runner-a")]
 
 
 @pytest.mark.parametrize(
@@ -253,8 +257,10 @@ def test_sends_are_coalesced_into_one_write() -> None:
     sent: list[ApplicationMessage] = [Request(ENVELOPE), Ping(1), Reply(9, b"x")]
     for message in sent:
         a.send(message)
+    assert a.bytes_to_send == len(encode_many(sent))
     assert a.data_to_send() == encode_many(sent)
     assert a.data_to_send() == b""
+    assert a.bytes_to_send == 0
 
 
 def test_a_message_too_large_for_the_peer_fails_alone() -> None:

@@ -26,8 +26,10 @@ from trio_cluster import (
     ShardId,
     Suspended,
 )
+from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
 from trio_cluster.runtime.context import call_chain
+from trio_cluster.storage.memory import MemoryStorage
 from trio_cluster.testing import TEST_CONFIG, open_test_runner, with_entity_options
 
 from .entities import (
@@ -291,9 +293,11 @@ async def test_entities_call_entities() -> None:
 async def test_call_cycle_into_a_turn_based_entity_fails_fast(target: str) -> None:
     async with open_test_runner(Caller.implement(CallerHandler)) as (runner, _):
         # a -> a, or a -> b -> a: the last call could never be answered.
-        with trio.fail_after(5), pytest.raises(RpcClientError) as caught:
+        with trio.fail_after(5), pytest.raises(AlreadyProcessingMessage) as caught:
             await runner.ask(call, "a", Call(target, depth=2 if target == "b" else 1))
         assert "could never answer" in caught.value.message
+        # Refused at once, not retried as a defect.
+        assert runner.snapshot().defects == 0
 
 
 async def test_self_call_is_allowed_with_concurrency() -> None:
@@ -530,3 +534,91 @@ async def test_persisted_messages_reach_the_owner_through_storage_alone() -> Non
         # A duplicate asked on the owner is answered from the stored reply.
         assert await owner.ask(add_once, "a", Add(3, key="k")) == 5
         assert probe.runs["a/add_once/k"] == 1
+
+
+# -- regressions ---------------------------------------------------------------------
+
+
+async def test_queued_volatile_callers_are_answered_at_once_when_a_lease_is_lost() -> None:
+    impl, probe = counter()
+    async with open_test_runner(impl) as (runner, storage):
+        failures: list[Exception] = []
+
+        async def send(rpc: Any, payload: Any) -> None:
+            try:
+                await runner.ask(rpc, "a", payload)
+            except RunnerUnavailable as error:
+                failures.append(error)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, block, Block())
+            await probe.started.wait()
+            nursery.start_soon(send, add, Add(1))
+            nursery.start_soon(send, add, Add(2))
+            await trio.testing.wait_all_tasks_blocked()
+            storage.revoke(shard_of("a"))
+            # All three answered now, not after the 10 s send timeout.
+            with trio.fail_after(1):
+                await probe.wait_until(lambda: probe.running == 0)
+                while len(failures) < 3:
+                    await trio.testing.wait_all_tasks_blocked()
+        assert len(failures) == 3
+
+
+async def test_resident_count_comes_back_under_the_cap_once_entities_go_idle() -> None:
+    impl, probe = counter(EntityOptions(concurrency=1))
+    config = attrs.evolve(TEST_CONFIG, max_resident_entities=3)
+    async with open_test_runner(impl, config=config) as (runner, _):
+        for name in ("b1", "b2", "b3", "b4"):
+            await runner.tell(block, name, Block())
+        await probe.wait_until(lambda: probe.running == 4)
+        assert len(runner.resident) == 4  # over the cap: all four have work in hand
+        probe.release.set()
+        await probe.wait_until(lambda: probe.running == 0)
+        assert await runner.ask(add, "new", Add(1)) == 1
+        assert len(runner.resident) <= 3
+
+
+class Picky(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code)  # args no longer rebuild the error
+        self.detail = detail
+
+
+async def test_a_declared_error_that_cannot_be_rebuilt_is_a_serialization_error() -> None:
+    strict = Entity("Strict")
+    refuse = strict.rpc("refuse", Get, int, errors=(Picky,))
+
+    class StrictHandler:
+        def __init__(self, ctx: Any) -> None:
+            pass
+
+        @refuse.handler
+        async def handle(self, p: Get) -> int:
+            raise Picky(7, "why")
+
+    async with open_test_runner(strict.implement(StrictHandler)) as (runner, _):
+        with pytest.raises(SerializationError, match="cannot rebuild Picky"):
+            await runner.ask(refuse, "s", Get())
+
+
+class SlowReads(MemoryStorage):
+    """Reads take time, as over a network: what arrives meanwhile must wait its turn."""
+
+    async def unprocessed(self, *args: Any, **kwargs: Any) -> list[Envelope]:
+        await trio.sleep(0.005)
+        return await super().unprocessed(*args, **kwargs)
+
+
+async def test_requests_stored_during_redelivery_do_not_overtake_older_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    impl, probe = counter()
+    storage = SlowReads()
+    async with open_test_runner(storage=storage) as (client, _):
+        for amount in range(3):
+            await client.tell(add_persisted, "a", Add(amount))
+        async with open_test_runner(impl, storage=storage):
+            await client.tell(add_persisted, "a", Add(99))
+            await probe.wait_until(lambda: len(probe.order) == 4)
+    assert [amount for _, amount in probe.order] == [0, 1, 2, 99]

@@ -83,10 +83,14 @@ class EntityNotAssignedToRunner(ClusterError):
 
 
 class AlreadyProcessingMessage(ClusterError):
-    """A volatile request id arrived again while the first copy is still running."""
+    """The entity is busy with a turn that this call would have to wait on.
+
+    Raised at once, instead of a deadlock, when a turn-based entity (or a
+    chain of them) would ask itself; and when a volatile request id arrives
+    again while its first copy is queued. Retrying cannot help.
+    """
 
     reason = "AlreadyProcessingMessage"
-    retryable = True
 
 
 class MalformedMessage(ClusterError):

@@ -20,8 +20,7 @@ the socket delivered and hands back whole messages, like h11's connection object
 from __future__ import annotations
 
 import struct
-import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, TypeAlias
 
 import msgspec
@@ -62,12 +61,16 @@ class ProtocolError(ValueError):
 
     The stream cannot be resynchronised after a bad frame (its length may be the
     part that is wrong), so the decoder refuses all further input and the
-    connection must be dropped.
+    connection must be dropped.  ``messages`` holds the whole messages that came
+    before the bad frame in the same :meth:`FrameDecoder.feed`: they are valid, and
+    a connection must act on them first (a Goodbye followed by garbage is still a
+    Goodbye), or the events would depend on how the network split the stream.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, messages: Sequence[Message] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.messages = list(messages)
 
 
 class FrameTooLarge(ValueError):
@@ -246,34 +249,14 @@ class FrameDecoder:
         return len(self._buffer) - self._start
 
     def feed(self, data: bytes) -> list[Message]:
-        """Buffer ``data`` and return every message it completes, in order.
-
-        A bad frame raises ProtocolError even when whole messages preceded it in
-        ``data``; callers that must act on those (a connection that should see a
-        Goodbye before the garbage after it) use :meth:`receive` and
-        :meth:`next_message` instead.
-        """
-        self.receive(data)
-        return self._decode(sys.maxsize)
-
-    def receive(self, data: bytes) -> None:
-        """Buffer ``data`` without decoding anything."""
-        if self._error is not None:
-            raise ProtocolError(self._error)
-        if self._start and self._start >= len(self._buffer) - self._start:
-            del self._buffer[: self._start]
-            self._start = 0
-        self._buffer += data
-
-    def next_message(self) -> Message | None:
-        """Decode the next whole frame, or return None until more data arrives."""
-        messages = self._decode(1)
-        return messages[0] if messages else None
-
-    def _decode(self, limit: int) -> list[Message]:
+        """Buffer ``data`` and return every message it completes, in order."""
         if self._error is not None:
             raise ProtocolError(self._error)
         buffer = self._buffer
+        if self._start and self._start >= len(buffer) - self._start:
+            del buffer[: self._start]
+            self._start = 0
+        buffer += data
         position = self._start
         end = len(buffer)
         max_size = self.max_frame_size
@@ -282,20 +265,23 @@ class FrameDecoder:
         # One view for the whole batch: a memoryview costs as much as decoding a
         # small message, and slicing the bytearray instead would copy every body.
         with memoryview(buffer) as view:
-            while len(messages) < limit and end - position >= _HEADER_SIZE:
+            while end - position >= _HEADER_SIZE:
                 (size,) = _HEADER.unpack_from(buffer, position)
                 if size > max_size:
                     # Refused on the length alone: the body is never waited for.
-                    raise self._fail(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+                    reason = f"frame of {size} bytes exceeds the {max_size}-byte limit"
+                    raise self._fail(reason, messages)
                 stop = position + _HEADER_SIZE + size
                 if stop > end:
                     break
+                # No name for the slice: a view left alive would pin the buffer's size.
                 try:
                     messages.append(decode(view[position + _HEADER_SIZE : stop]))
                 except msgspec.ValidationError as exc:
-                    raise self._fail(_explain(view[position + _HEADER_SIZE : stop], exc)) from None
+                    reason = _explain(view[position + _HEADER_SIZE : stop], exc)
+                    raise self._fail(reason, messages) from None
                 except _UNDECODABLE as exc:
-                    raise self._fail(f"undecodable frame: {exc}") from None
+                    raise self._fail(f"undecodable frame: {exc}", messages) from None
                 position = stop
         if position == end:
             buffer.clear()
@@ -304,11 +290,11 @@ class FrameDecoder:
             self._start = position
         return messages
 
-    def _fail(self, reason: str) -> ProtocolError:
+    def _fail(self, reason: str, messages: list[Message]) -> ProtocolError:
         self._error = reason
         self._buffer = bytearray()
         self._start = 0
-        return ProtocolError(reason)
+        return ProtocolError(reason, messages)
 
 
 def _explain(body: memoryview, exc: msgspec.ValidationError) -> str:

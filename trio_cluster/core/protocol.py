@@ -210,6 +210,11 @@ class PeerConnection:
     def state(self) -> State:
         return self._state
 
+    @property
+    def bytes_to_send(self) -> int:
+        """How much :meth:`data_to_send` would return: for backpressure on a slow peer."""
+        return len(self._outgoing)
+
     def initiate(self) -> bytes:
         """Return our Hello, to be sent before anything else; call it exactly once."""
         if self._initiated:
@@ -227,19 +232,20 @@ class PeerConnection:
             raise LocalProtocolError("call initiate() and send our Hello first")
         if self._state is State.CLOSED:
             return []
-        self._decoder.receive(data)
+        try:
+            messages, error = self._decoder.feed(data), None
+        except ProtocolError as exc:
+            messages, error = exc.messages, exc.reason
         events: list[Event] = []
-        while self.state is not State.CLOSED:  # the property: mypy would narrow _state
-            try:
-                message = self._decoder.next_message()
-            except ProtocolError as exc:
-                events.append(self._fail(exc.reason))
-                break
-            if message is None:
-                break
+        for message in messages:
             event = self._handle(message)
             if event is not None:
                 events.append(event)
+            # The property, not _state: mypy would keep the narrowing from above.
+            if self.state is State.CLOSED:
+                return events  # whatever followed, even a bad frame, is ignored
+        if error is not None:
+            events.append(self._fail(error))
         return events
 
     def receive_eof(self) -> list[Event]:

@@ -123,7 +123,14 @@ def decode(
                     entity_id=entity_id,
                     request_id=request_id,
                 )
-            failure: Exception = error_type(*declared.args)
+            try:
+                failure: Exception = error_type(*declared.args)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot rebuild {declared.name}{tuple(declared.args)!r}: {exc}",
+                    entity_id=entity_id,
+                    request_id=request_id,
+                ) from exc
         else:
             failure = _rebuild_cluster_error(
                 _cluster_decoder.decode(outer.body), entity_id, request_id

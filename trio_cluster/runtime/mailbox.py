@@ -30,7 +30,6 @@ from ..errors import (
     MalformedMessage,
     RpcClientError,
     RunnerUnavailable,
-    Suspended,
 )
 from .context import EntityAddress, EntityContext, call_chain
 
@@ -145,6 +144,28 @@ class ActiveEntity:
                         workers.start_soon(self._handle_concurrently, envelope, self._limiter)
         finally:
             self.shard.forget(self)
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Volatile requests still queued when the entity stops get an answer now.
+
+        Without it their callers would wait out their whole timeout;
+        persisted ones stay in storage for the shard's next owner.
+        """
+        while True:
+            try:
+                envelope = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            del self.in_flight[envelope.request_id]
+            if not envelope.persisted:
+                self.shard.runner.replies.fail(
+                    envelope.request_id,
+                    RunnerUnavailable(
+                        f"{self.address} stopped before handling the request",
+                        entity_id=self.address.entity_id,
+                    ),
+                )
 
     async def _next(self) -> Envelope | None:
         """The next request, or None once the mailbox is closed.
@@ -194,14 +215,11 @@ class ActiveEntity:
                 # The shard was released under this request: tell the caller
                 # now rather than at its timeout. Persisted requests stay in
                 # storage for the next owner.
-                self.shard.runner.replies.resolve(
+                self.shard.runner.replies.fail(
                     envelope.request_id,
-                    replies.cluster_error(
-                        RunnerUnavailable(
-                            f"{self.address} stopped while processing the request",
-                            entity_id=self.address.entity_id,
-                            request_id=envelope.request_id,
-                        )
+                    RunnerUnavailable(
+                        f"{self.address} stopped while processing the request",
+                        entity_id=self.address.entity_id,
                     ),
                 )
             raise
@@ -234,10 +252,12 @@ class ActiveEntity:
                     return replies.declared_error(declared)
                 except ClusterError as error:
                     return self._error(error, envelope)
-            except Suspended as suspended:
-                return self._error(suspended, envelope)
             except Exception as defect:
-                # Anything undeclared is a defect: drop the (possibly
+                if isinstance(defect, ClusterError) and not defect.retryable:
+                    # Suspended, a refused call cycle, a malformed call out:
+                    # deterministic, so a restart could only repeat it.
+                    return self._error(defect, envelope)
+                # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
                 self._handler = None
                 self.shard.runner.metrics.defects += 1

@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import trio
 
+from ..core import reply as replies
+from ..errors import ClusterError
+
 
 class _Slot:
     __slots__ = ("event", "reply", "waiters")
@@ -58,6 +61,11 @@ class ReplyWaiters:
 
     def waiting(self) -> list[int]:
         return list(self._slots)
+
+    def fail(self, request_id: int, error: ClusterError) -> None:
+        """Answer ``request_id`` with a cluster error, as its owner would have."""
+        error.request_id = request_id
+        self.resolve(request_id, replies.cluster_error(error))
 
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._slots

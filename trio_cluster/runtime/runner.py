@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -170,18 +171,18 @@ class Runner:
         self.resident.move_to_end(entity.key)
 
     def make_room(self) -> None:
-        """Passivate the least recently used idle entity when at the resident cap.
+        """Passivate least recently used idle entities until one more fits under the cap.
 
         An entity with work in hand is never chosen; when every resident
         entity is busy the cap is exceeded rather than a message dropped,
-        and it is restored as they go idle.
+        and the next activation brings the count back down.
         """
-        if len(self.resident) < self.config.max_resident_entities:
+        excess = len(self.resident) - self.config.max_resident_entities + 1
+        if excess <= 0:
             return
-        for entity in self.resident.values():
-            if entity.idle:
-                entity.shard.passivate(entity)
-                return
+        idle = (entity for entity in self.resident.values() if entity.idle)
+        for entity in list(itertools.islice(idle, excess)):
+            entity.shard.passivate(entity)
 
     # -- shards ---------------------------------------------------------------
 
@@ -440,6 +441,7 @@ async def open_runner(
                         nursery,
                         on_request=runner.on_remote_request,
                         on_reply=runner.replies.resolve,
+                        on_failure=runner.replies.fail,
                         on_peer_lost=runner.on_peer_lost,
                     )
                     await nursery.start(runner.network.serve, listeners)

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..core import reply as replies
 from ..core.envelope import Envelope
 from ..core.retry import RetryPolicy
 from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError, RunnerUnavailable
-from ..storage.base import Lease
+from ..storage.base import Lease, MessageStorage
 from .mailbox import ActiveEntity
 
 if TYPE_CHECKING:
@@ -49,8 +48,10 @@ class ShardRuntime:
         "_helpers",
         "_nursery",
         "_readers",
+        "_scanning",
         "_scheduled",
         "_scope",
+        "_set_aside",
         "_stopped",
         "_timer_changed",
         "_timers",
@@ -73,6 +74,10 @@ class ShardRuntime:
         self._nursery: trio.Nursery | None = None
         # Ids completed while a storage read is outstanding (see _read).
         self._readers = 0
+        # The first scan is due from birth: nothing may overtake it, even
+        # before its task first runs.
+        self._scanning = 1
+        self._set_aside: list[int] = []
         self._done_while_reading: set[int] = set()
         # Requests whose deliver_at is still ahead, soonest first.
         self._timers: list[tuple[int, int, Envelope]] = []
@@ -105,7 +110,13 @@ class ShardRuntime:
                         log.warning("could not release %s; it expires with the session", self.lease)
             self._stopped.set()
 
-    def offer(self, envelope: Envelope) -> None:
+    def offer(self, envelope: Envelope, *, scanned: bool = False) -> None:
+        """Queue a request for its entity, now or at its ``deliver_at``.
+
+        While a redelivery scan runs, a newly stored request must not
+        overtake older ones the scan has yet to reach: it is set aside and
+        delivered when the scan is done.
+        """
         if not self.accepting:
             raise EntityNotAssignedToRunner(
                 f"shard {self.lease.shard} is stopping on {self.runner.address}",
@@ -115,6 +126,9 @@ class ShardRuntime:
         due = envelope.deliver_at_ms
         if due is not None and due > wall_clock_ms():
             self._schedule(envelope, due)
+            return
+        if self._scanning and envelope.persisted and not scanned:
+            self._set_aside.append(envelope.request_id)
             return
         self.offer_now(envelope)
 
@@ -131,19 +145,20 @@ class ShardRuntime:
         """Shard-level work that stops when draining starts, unlike entities."""
         with self._helpers:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.redeliver)
+                nursery.start_soon(functools.partial(self.redeliver, first=True))
                 nursery.start_soon(self._run_timers)
 
     def _abandon_timers(self) -> None:
         """Persisted timers live on in storage; volatile ones fail now, not at their timeout."""
         for _, request_id, envelope in self._timers:
             if not envelope.persisted:
-                unavailable = RunnerUnavailable(
-                    f"shard {self.lease.shard} stopped before the request was due",
-                    entity_id=envelope.entity_id,
-                    request_id=request_id,
+                self.runner.replies.fail(
+                    request_id,
+                    RunnerUnavailable(
+                        f"shard {self.lease.shard} stopped before the request was due",
+                        entity_id=envelope.entity_id,
+                    ),
                 )
-                self.runner.replies.resolve(request_id, replies.cluster_error(unavailable))
         self._timers.clear()
         self._scheduled.clear()
 
@@ -173,7 +188,7 @@ class ShardRuntime:
                 if envelope.persisted:
                     log.debug("left %s in storage: %s", request_id, error)
                 else:
-                    self.runner.replies.resolve(request_id, replies.cluster_error(error))
+                    self.runner.replies.fail(request_id, error)
 
     def _activate(self, envelope: Envelope, key: str) -> ActiveEntity:
         runner = self.runner
@@ -260,12 +275,27 @@ class ShardRuntime:
         """Offer requests another runner stored for this shard, as its notice said."""
         messages = self.runner.storage.messages
         found, _ = await self._read(lambda: messages.fetch(self.lease.shard, request_ids))
-        self._offer_all(found)
+        self._offer_all(found, scanned=False)
 
-    async def redeliver(self) -> None:
+    async def redeliver(self, *, first: bool = False) -> None:
         """Offer everything unprocessed: on acquiring the shard, and after missed notices."""
         messages = self.runner.storage.messages
         cursor: int | None = 0
+        if not first:
+            self._scanning += 1
+        try:
+            await self._scan(messages, cursor)
+            # What arrived meanwhile is newer than all the scan found.
+            while self._set_aside and self.accepting:
+                request_ids, self._set_aside = self._set_aside, []
+                found, _ = await self._read(
+                    functools.partial(messages.fetch, self.lease.shard, request_ids)
+                )
+                self._offer_all(found, scanned=True)
+        finally:
+            self._scanning -= 1
+
+    async def _scan(self, messages: MessageStorage, cursor: int | None) -> None:
         while cursor is not None and self.accepting:
             page, cursor = await self._read(
                 functools.partial(
@@ -273,12 +303,12 @@ class ShardRuntime:
                 ),
                 REDELIVERY_PAGE,
             )
-            self._offer_all(page)
+            self._offer_all(page, scanned=True)
 
-    def _offer_all(self, envelopes: list[Envelope]) -> None:
+    def _offer_all(self, envelopes: list[Envelope], *, scanned: bool) -> None:
         for envelope in envelopes:
             try:
-                self.offer(envelope)
+                self.offer(envelope, scanned=scanned)
             except ClusterError as error:
                 log.debug("left %s in storage: %s", envelope.request_id, error)
 
@@ -291,6 +321,7 @@ class ShardRuntime:
         self.lost = True
         self.accepting = False
         self._scope.cancel()
+        self._abandon_timers()
         self.runner.shard_stopped(self)
 
     async def stop(self, grace: float) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import trio
 
-from ..core import reply as replies
 from ..core.envelope import Envelope
 from ..core.frames import Ping, Reply, Request
 from ..core.protocol import (
@@ -28,7 +27,7 @@ from ..core.protocol import (
     Role,
     State,
 )
-from ..errors import RunnerUnavailable
+from ..errors import ClusterError, RunnerUnavailable
 
 log = logging.getLogger("trio_cluster.transport")
 
@@ -50,12 +49,14 @@ class PeerLink:
         role: Role,
         on_request: Callable[[PeerLink, Envelope], None],
         on_reply: Callable[[int, bytes], None],
+        on_failure: Callable[[int, ClusterError], None],
         ping_interval: float,
     ) -> None:
         self._stream = stream
         self._conn = PeerConnection(our_address, cluster, secret, role, secrets.token_bytes(32))
         self._on_request = on_request
         self._on_reply = on_reply
+        self._on_failure = on_failure
         self._ping_interval = ping_interval
         self._ready = trio.Event()
         self._closed = trio.Event()
@@ -189,8 +190,8 @@ class PeerLink:
     def _fail_in_flight(self) -> None:
         """A volatile request whose link dropped may or may not have run: say so now."""
         for request_id in self.in_flight:
-            unavailable = RunnerUnavailable(
-                f"connection to {self.peer} lost: {self.close_reason}", request_id=request_id
+            self._on_failure(
+                request_id,
+                RunnerUnavailable(f"connection to {self.peer} lost: {self.close_reason}"),
             )
-            self._on_reply(request_id, replies.cluster_error(unavailable))
         self.in_flight.clear()

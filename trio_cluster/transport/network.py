@@ -49,6 +49,7 @@ class Network:
         *,
         on_request: Callable[[PeerLink, Envelope], None],
         on_reply: Callable[[int, bytes], None],
+        on_failure: Callable[[int, ClusterError], None],
         on_peer_lost: Callable[[str], None],
     ) -> None:
         self.config = config
@@ -56,6 +57,7 @@ class Network:
         self._nursery = nursery
         self._on_request = on_request
         self._on_reply = on_reply
+        self._on_failure = on_failure
         self._on_peer_lost = on_peer_lost
         self._links: dict[str, PeerLink] = {}
         self._dialling: dict[str, trio.Event] = {}
@@ -70,6 +72,7 @@ class Network:
             role="client" if role == "client" else "server",
             on_request=self._on_request,
             on_reply=self._on_reply,
+            on_failure=self._on_failure,
             ping_interval=config.ping_interval,
         )
 
