@@ -28,7 +28,9 @@ from .runtime.client import Client
 from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
+from .runtime.signals import wait_for_termination
 from .storage import MemoryStorage
+from .transport.network import TransportConfig
 
 __all__ = [
     "AlreadyProcessingMessage",
@@ -58,5 +60,7 @@ __all__ = [
     "ShardingConfig",
     "Snapshot",
     "Suspended",
+    "TransportConfig",
     "open_runner",
+    "wait_for_termination",
 ]

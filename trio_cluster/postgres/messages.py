@@ -71,13 +71,14 @@ def _envelope(row: tuple[Any, ...]) -> Envelope:
 
 
 def _parse_notice(payload: str) -> Notice | None:
-    """``s:<origin>:<group>:<index>:<request_id>`` or ``r:<request_id>``."""
+    """``s:<origin>:<group>:<index>:<request_id>``, ``r:<origin>:<request_id>`` or ``m:``."""
     kind, _, rest = payload.partition(":")
     try:
         if kind == "m":
             return MembershipChanged()
         if kind == "r":
-            return Replied(int(rest))
+            origin, request_id = rest.split(":")
+            return Replied(int(request_id), int(origin))
         if kind == "s":
             origin, group, index, request_id = rest.split(":")
             return Stored(ShardId(group, int(index)), int(request_id), int(origin))
@@ -141,7 +142,7 @@ class PgMessageStorage:
                 f" done AS (UPDATE {p}messages SET processed = true, reply = $5,"
                 " replied_at = now() WHERE request_id = $4 AND NOT processed"
                 " AND EXISTS (SELECT 1 FROM lease) RETURNING request_id),"
-                " sent AS (SELECT pg_notify($6, 'r:' || request_id) FROM done)"
+                " sent AS (SELECT pg_notify($6, 'r:' || $7::text || ':' || request_id) FROM done)"
                 " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)",
                 [
                     lease.shard.group,
@@ -150,6 +151,7 @@ class PgMessageStorage:
                     request_id,
                     reply,
                     self.channel,
+                    lease.machine_id,
                 ],
             )
         except PgError as error:

@@ -144,20 +144,24 @@ class Client:
                 await trio.sleep(delay)
 
         messages = runner.storage.messages
-        saved = await messages.save_request(envelope, runner.session.machine_id)
+        # Expect the reply before storing: another runner may process the
+        # request and announce its reply before the save returns here.
+        slot = runner.replies.expect(envelope.request_id)
+        try:
+            saved = await messages.save_request(envelope, runner.session.machine_id)
+            if not saved.duplicate:
+                self._notify(envelope)
+                return await wait(slot)
+        finally:
+            runner.replies.forget(envelope.request_id, slot)
         if saved.reply is not None:
             return saved.reply
         slot = runner.replies.expect(saved.request_id)
         try:
-            if saved.duplicate:
-                # The original may have completed between the save and
-                # expect(); its reply is then only in storage.
-                stored = await messages.reply_for(saved.request_id)
-                if stored is not None:
-                    return stored
-            else:
-                self._notify(envelope)
-            return await wait(slot)
+            # The original may have completed between the save and expect();
+            # its reply is then only in storage.
+            stored = await messages.reply_for(saved.request_id)
+            return stored if stored is not None else await wait(slot)
         finally:
             runner.replies.forget(saved.request_id, slot)
 

@@ -303,7 +303,7 @@ class Runner:
                     return
                 case MembershipChanged():
                     self._wake.set()
-                case Replied(request_id) if request_id in self.replies:
+                case Replied(request_id, origin) if origin != me and request_id in self.replies:
                     await self._fetch_reply(request_id)
                 case Stored(shard_id, request_id, origin) if origin != me:
                     stored.setdefault(shard_id, []).append(request_id)

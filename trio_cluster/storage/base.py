@@ -45,13 +45,15 @@ class Stored:
 
 @attrs.frozen
 class Replied:
-    """A notice that a final reply to ``request_id`` was stored.
+    """A notice that ``origin`` stored a final reply to ``request_id``.
 
     Callers waiting on another runner (or on a duplicate's original) learn
-    of their reply this way, with no socket between them.
+    of their reply this way, with no socket between them; ``origin`` has
+    already answered its own callers.
     """
 
     request_id: int
+    origin: int
 
 
 @attrs.frozen

@@ -182,7 +182,7 @@ class MemoryStorage:
             return
         stored.reply = reply
         self._pending.get(lease.shard, {}).pop(request_id, None)
-        self._announce(Replied(request_id))
+        self._announce(Replied(request_id, lease.machine_id))
 
     async def reply_for(self, request_id: int) -> bytes | None:
         await self._enter()

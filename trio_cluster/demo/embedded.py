@@ -1,4 +1,4 @@
-"""A small bank on one runner and the in-memory storage: ``python -m trio_cluster.demo``.
+"""The bank on one runner and the in-memory storage: the demo without PostgreSQL.
 
 It shows the three things a newcomer asks about first: entities keep
 state, a declared error comes back as itself, and a retried transfer
@@ -10,54 +10,21 @@ from __future__ import annotations
 import statistics
 import time
 
-import msgspec
 import trio
 
-from trio_cluster import Entity, EntityContext, open_runner
+from trio_cluster import open_runner
 
-
-class Deposit(msgspec.Struct, frozen=True):
-    amount: int
-    transfer_id: str
-
-
-class Withdraw(msgspec.Struct, frozen=True):
-    amount: int
-
-
-class Balance(msgspec.Struct, frozen=True):
-    pass
-
-
-class InsufficientFunds(Exception):
-    """Declared: the caller gets it back with its args (needed, available)."""
-
-
-Account = Entity("Account")
-deposit = Account.rpc("deposit", Deposit, int, persisted=True, primary_key=lambda d: d.transfer_id)
-withdraw = Account.rpc("withdraw", Withdraw, int, errors=(InsufficientFunds,))
-balance = Account.rpc("balance", Balance, int)
-
-
-class AccountHandler:
-    def __init__(self, ctx: EntityContext) -> None:
-        self.balance = 0
-
-    @deposit.handler
-    async def deposit(self, d: Deposit) -> int:
-        self.balance += d.amount
-        return self.balance
-
-    @withdraw.handler
-    async def withdraw(self, w: Withdraw) -> int:
-        if w.amount > self.balance:
-            raise InsufficientFunds(w.amount, self.balance)
-        self.balance -= w.amount
-        return self.balance
-
-    @balance.handler
-    async def get_balance(self, _: Balance) -> int:
-        return self.balance
+from .bank import (
+    Account,
+    AccountHandler,
+    Balance,
+    Deposit,
+    InsufficientFunds,
+    Withdraw,
+    balance,
+    deposit,
+    withdraw,
+)
 
 
 async def main(accounts: int = 100, deposits_each: int = 50) -> None:
