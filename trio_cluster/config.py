@@ -12,7 +12,6 @@ range checks run in the section's ``__init__``.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import typing
@@ -25,11 +24,12 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn
 
 from trio_cluster.core.retry import RetryPolicy
+from trio_cluster.core.validation import Validator as _Validator
+from trio_cluster.core.validation import number
 
 __all__ = ["ConfigError", "EntityOptions", "RetryPolicy", "ShardingConfig"]
 
 _T = TypeVar("_T")
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
 class ConfigError(ValueError):
@@ -52,30 +52,6 @@ class ConfigError(ValueError):
 # --- validators --------------------------------------------------------------------
 # Errors read "<field>: <reason>"; _problems() relies on that prefix to report a
 # failure raised by __init__ under the field's full path.
-
-
-def _number(*, minimum: float, integer: bool = False, inclusive: bool = True) -> _Validator:
-    kind = "an integer" if integer else "a finite number"
-    relation = ">=" if inclusive else ">"
-
-    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (integer and not isinstance(value, int))
-        ):
-            raise TypeError(f"{attribute.name}: must be {kind} (got {value!r})")
-        if not integer:
-            try:
-                finite = math.isfinite(value)
-            except OverflowError:  # an int too large for a float
-                finite = False
-            if not finite:
-                raise ValueError(f"{attribute.name}: must be {kind} (got {value!r})")
-        if value < minimum or (value == minimum and not inclusive):
-            raise ValueError(f"{attribute.name}: must be {relation} {minimum:g} (got {value!r})")
-
-    return check
 
 
 def _instance_of(cls: type, description: str) -> _Validator:
@@ -115,11 +91,11 @@ def _check_group_names(_instance: Any, attribute: attrs.Attribute[Any], value: A
 class EntityOptions:
     """Per-entity-type behaviour; ``ShardingConfig.entity_defaults`` is the fallback."""
 
-    mailbox_capacity: int = attrs.field(default=100, validator=_number(minimum=1, integer=True))
+    mailbox_capacity: int = attrs.field(default=100, validator=number(minimum=1, integer=True))
     """Messages queued per entity before senders wait: the backpressure bound."""
-    max_idle_time: float = attrs.field(default=300.0, validator=_number(minimum=0, inclusive=False))
+    max_idle_time: float = attrs.field(default=300.0, validator=number(minimum=0, inclusive=False))
     """Seconds without a message before the entity is passivated to free memory."""
-    concurrency: int = attrs.field(default=1, validator=_number(minimum=1, integer=True))
+    concurrency: int = attrs.field(default=1, validator=number(minimum=1, integer=True))
     """Messages handled at once; 1 gives the actor model's one-at-a-time guarantee."""
     defect_retry: RetryPolicy = attrs.field(
         default=RetryPolicy(
@@ -149,15 +125,15 @@ class ShardingConfig:
     runners must agree on them, and changing them moves entities between shards.
     """
 
-    shards_per_group: int = attrs.field(default=100, validator=_number(minimum=1, integer=True))
+    shards_per_group: int = attrs.field(default=100, validator=number(minimum=1, integer=True))
     shard_groups: tuple[str, ...] = attrs.field(default=("default",), validator=_check_group_names)
     max_resident_entities: int = attrs.field(
-        default=100_000, validator=_number(minimum=1, integer=True)
+        default=100_000, validator=number(minimum=1, integer=True)
     )
     """Per runner; beyond it the least recently used idle entities are passivated."""
-    send_timeout: float = attrs.field(default=10.0, validator=_number(minimum=0, inclusive=False))
+    send_timeout: float = attrs.field(default=10.0, validator=number(minimum=0, inclusive=False))
     """Seconds an ask waits for its reply unless the caller says otherwise."""
-    entity_termination_timeout: float = attrs.field(default=15.0, validator=_number(minimum=0))
+    entity_termination_timeout: float = attrs.field(default=15.0, validator=number(minimum=0))
     """Seconds entities get to finish on shutdown or shard handover before cancellation."""
     send_retry: RetryPolicy = attrs.field(
         default=RetryPolicy(

@@ -73,7 +73,7 @@ from typing import Any
 import attrs
 
 from .hashing import ShardId
-from .retry import _number
+from .validation import number
 
 __all__ = ["RunnerSpec", "assign"]
 
@@ -105,7 +105,7 @@ class RunnerSpec:
     """
 
     address: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
-    weight: float = attrs.field(default=1.0, validator=[_number(minimum=0), attrs.validators.gt(0)])
+    weight: float = attrs.field(default=1.0, validator=number(minimum=0, inclusive=False))
     groups: frozenset[str] = attrs.field(default=frozenset({"default"}), converter=_group_set)
 
 

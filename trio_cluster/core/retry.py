@@ -7,50 +7,18 @@ testable and lets the same policy drive both message sends and entity restarts.
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import attrs
 
-__all__ = ["RetryPolicy"]
+from .validation import number
 
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+__all__ = ["RetryPolicy"]
 
 # One shared generator instead of a fresh Random() per schedule: seeding a new one
 # reads os.urandom, which is needless work on every retried send.
 _DEFAULT_RNG = random.Random()
-
-
-def _number(*, minimum: float, maximum: float = math.inf, integer: bool = False) -> _Validator:
-    """An attrs validator for a finite number in ``[minimum, maximum]``.
-
-    Errors read ``"<field>: <reason>"``: ``trio_cluster.config`` relies on that prefix
-    to report a bad value under its full path (``send_retry.max_attempts: ...``).
-    """
-    kind = "an integer" if integer else "a finite number"
-
-    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (integer and not isinstance(value, int))
-        ):
-            raise TypeError(f"{attribute.name}: must be {kind} (got {value!r})")
-        if not integer:
-            try:
-                finite = math.isfinite(value)
-            except OverflowError:  # an int too large for a float
-                finite = False
-            if not finite:
-                raise ValueError(f"{attribute.name}: must be {kind} (got {value!r})")
-        if value < minimum:
-            raise ValueError(f"{attribute.name}: must be >= {minimum:g} (got {value!r})")
-        if value > maximum:
-            raise ValueError(f"{attribute.name}: must be <= {maximum:g} (got {value!r})")
-
-    return check
 
 
 @attrs.frozen
@@ -63,12 +31,12 @@ class RetryPolicy:
     jitter", ``0`` none).
     """
 
-    base_delay: float = attrs.field(default=0.05, validator=_number(minimum=0))
-    factor: float = attrs.field(default=2.0, validator=_number(minimum=1))
-    max_delay: float = attrs.field(default=5.0, validator=_number(minimum=0))
-    max_attempts: int = attrs.field(default=5, validator=_number(minimum=1, integer=True))
-    max_elapsed: float = attrs.field(default=30.0, validator=_number(minimum=0))
-    jitter: float = attrs.field(default=1.0, validator=_number(minimum=0, maximum=1))
+    base_delay: float = attrs.field(default=0.05, validator=number(minimum=0))
+    factor: float = attrs.field(default=2.0, validator=number(minimum=1))
+    max_delay: float = attrs.field(default=5.0, validator=number(minimum=0))
+    max_attempts: int = attrs.field(default=5, validator=number(minimum=1, integer=True))
+    max_elapsed: float = attrs.field(default=30.0, validator=number(minimum=0))
+    jitter: float = attrs.field(default=1.0, validator=number(minimum=0, maximum=1))
 
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """Yield the sleep before attempt 2, 3, ...; exhaustion means give up.
