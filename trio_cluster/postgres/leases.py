@@ -56,6 +56,12 @@ class LeaseTiming:
     keepalive_count`` seconds (or ``user_timeout_ms``), and only then frees
     the locks. Keep the server's bound the larger, so a partitioned holder
     stops its entities before anyone else can take its shards.
+
+    A frozen process (SIGSTOP, a stalled VM) still answers TCP keepalives
+    from its kernel, so the server also ends a lock session that has not
+    sent its heartbeat for ``idle_session_timeout_ms``; the holder, if it
+    ever runs again, finds its connection closed, and its late replies are
+    refused by the epoch fence.
     """
 
     heartbeat_interval: float = 1.0
@@ -64,6 +70,7 @@ class LeaseTiming:
     keepalive_interval: int = 1
     keepalive_count: int = 3
     user_timeout_ms: int = 5000
+    idle_session_timeout_ms: int = 5000
 
 
 class PgLeaseSession:
@@ -153,6 +160,7 @@ class PgLeaseSession:
                 f"SET tcp_keepalives_interval = {timing.keepalive_interval};"
                 f"SET tcp_keepalives_count = {timing.keepalive_count};"
                 f"SET tcp_user_timeout = {timing.user_timeout_ms};"
+                f"SET idle_session_timeout = {timing.idle_session_timeout_ms};"
             )
             yield conn
 

@@ -53,6 +53,8 @@ MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 5.0
 MEMBERSHIP_INTERVAL = 0.5
 """How often live runners are re-read: the bound on noticing a silent death."""
+LINK_CLOSE_GRACE = 1.0
+"""Bound on sending the last replies and Goodbyes when a runner stops."""
 HANDOFF_RETRY = 0.05
 """How soon to try again for a shard whose previous owner still holds it."""
 NOTICE_BATCH = 500
@@ -373,7 +375,7 @@ class Runner:
             for shard in list(self.shards.values()):
                 nursery.start_soon(shard.stop, timeout)
         if self.network is not None:
-            self.network.close_all("runner shutting down")
+            await self.network.aclose("runner shutting down", grace=LINK_CLOSE_GRACE)
 
     def snapshot(self) -> Snapshot:
         counters = self.metrics

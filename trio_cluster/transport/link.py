@@ -60,6 +60,7 @@ class PeerLink:
         self._ping_interval = ping_interval
         self._ready = trio.Event()
         self._closed = trio.Event()
+        self._finished = trio.Event()
         self._wake_writer = trio.Event()
         self._heard_from_peer = True
         # Requests sent and not yet answered: failed at once if the link drops.
@@ -102,8 +103,13 @@ class PeerLink:
             self._fail_in_flight()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
+            self._finished.set()
         if not started:
             raise RunnerUnavailable(f"handshake failed: {self.close_reason or 'timed out'}")
+
+    async def finished(self) -> None:
+        """Wait until the link is over and its socket closed."""
+        await self._finished.wait()
 
     def send_request(self, envelope: Envelope) -> None:
         self._send(Request(envelope))

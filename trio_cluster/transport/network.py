@@ -61,6 +61,7 @@ class Network:
         self._on_peer_lost = on_peer_lost
         self._links: dict[str, PeerLink] = {}
         self._dialling: dict[str, trio.Event] = {}
+        self._inbound: set[PeerLink] = set()
 
     def _link(self, stream: trio.abc.Stream, role: str) -> PeerLink:
         config = self.config
@@ -131,14 +132,27 @@ class Network:
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
         link = self._link(stream, "server")
+        self._inbound.add(link)
         try:
             await link.run()
         except ClusterError as error:
             log.info("refused a connection: %s", error)
+        finally:
+            self._inbound.discard(link)
 
-    def close_all(self, reason: str) -> None:
-        for link in list(self._links.values()):
+    async def aclose(self, reason: str, grace: float) -> None:
+        """Send what is queued (replies above all), then Goodbye, on every link.
+
+        Replies to requests that ran during the drain would otherwise be
+        cut off with the connection, and their callers told the runner
+        was unavailable although it answered.
+        """
+        links = [*self._links.values(), *self._inbound]
+        for link in links:
             link.close(reason)
+        with trio.move_on_after(grace):
+            for link in links:
+                await link.finished()
 
 
 @asynccontextmanager
