@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from trio_cluster import MemoryStorage, open_runner
+from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.testing import TEST_CONFIG, open_test_cluster
 from trio_cluster.transport.network import TransportConfig
 
@@ -92,3 +93,13 @@ async def test_garbage_on_the_wire_closes_only_that_connection() -> None:
             f"e{n}" for n in range(100) if cluster.owner_of(impl.entity, f"e{n}") is target
         )
         assert await cluster.runners[0].ask(add, remote, Add(1)) == 1
+
+
+async def test_two_runners_claiming_one_address_do_not_stop_the_others() -> None:
+    impl, _ = counter()
+    storage = MemoryStorage()
+    async with open_test_cluster(impl, runners=2, storage=storage) as cluster:
+        # A deployment mistake: a third runner registers an address in use.
+        async with storage.session(RunnerSpec(cluster.runners[0].address), lambda _: None):
+            await cluster.runners[1].refresh_assignment()
+            assert await cluster.runners[1].ask(add, "a", Add(1)) == 1

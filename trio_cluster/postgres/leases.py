@@ -51,7 +51,8 @@ RECONNECT = RetryPolicy(base_delay=0.05, max_delay=1.0, max_attempts=2**62, max_
 class LeaseTiming:
     """How fast a lost lock connection is given up, on our side and the server's.
 
-    The client declares loss after ``liveness_timeout``; the server drops a
+    The client declares loss at most ``heartbeat_interval +
+    liveness_timeout`` after its connection stops answering; the server drops a
     silent client after about ``keepalive_idle + keepalive_interval *
     keepalive_count`` seconds (or ``user_timeout_ms``), and only then frees
     the locks. Keep the server's bound the larger, so a partitioned holder

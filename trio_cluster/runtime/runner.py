@@ -12,7 +12,7 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
+import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -198,7 +198,13 @@ class Runner:
         per_group = self.config.shards_per_group
         groups = sorted({group for spec in runners for group in spec.groups})
         shards = [ShardId(group, index) for group in groups for index in range(per_group)]
-        assignment = assign(shards, runners)
+        try:
+            assignment = assign(shards, runners)
+        except ValueError:
+            # Two runners claiming one address: a deployment mistake to
+            # shout about, not a reason to stop serving what we own.
+            log.exception("cannot compute the assignment")
+            return
         if assignment != self.assignment:
             self.assignment = assignment
             self.note_shards_changed()
@@ -423,7 +429,8 @@ async def open_runner(
         async with contextlib.AsyncExitStack() as stack:
             listeners: list[trio.SocketListener] = []
             if transport is None:
-                address = f"local-{os.getpid()}-{next(_runner_numbers)}"
+                # Unique even across containers where every runner is PID 1.
+                address = f"local-{secrets.token_hex(6)}-{next(_runner_numbers)}"
             else:
                 listeners, address = await stack.enter_async_context(open_listeners(transport))
             spec = RunnerSpec(address, weight, groups)
