@@ -294,7 +294,7 @@ async def storage_round_trip(dsn: str, sizes: Sizes, prefix: str, record: Record
                     primary_key=f"k{i}",
                 )
                 start = clock()
-                saved = await messages.save_request(envelope, session.machine_id)
+                saved = await messages.save_request(envelope, session.machine_id, announce=True)
                 middle = clock()
                 await messages.save_reply(saved.request_id, b"\x91\x01", lease)
                 end = clock()

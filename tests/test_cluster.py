@@ -98,8 +98,10 @@ async def test_garbage_on_the_wire_closes_only_that_connection() -> None:
 async def test_two_runners_claiming_one_address_do_not_stop_the_others() -> None:
     impl, _ = counter()
     storage = MemoryStorage()
-    async with open_test_cluster(impl, runners=2, storage=storage) as cluster:
+    async with (
+        open_test_cluster(impl, runners=2, storage=storage) as cluster,
         # A deployment mistake: a third runner registers an address in use.
-        async with storage.session(RunnerSpec(cluster.runners[0].address), lambda _: None):
-            await cluster.runners[1].refresh_assignment()
-            assert await cluster.runners[1].ask(add, "a", Add(1)) == 1
+        storage.session(RunnerSpec(cluster.runners[0].address), lambda _: None),
+    ):
+        await cluster.runners[1].refresh_assignment()
+        assert await cluster.runners[1].ask(add, "a", Add(1)) == 1

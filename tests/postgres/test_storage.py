@@ -79,7 +79,7 @@ async def terminate(dsn: str, pid: int) -> None:
 
 async def test_migrations_are_idempotent_and_prefixes_isolate_clusters(pg_dsn: str) -> None:
     async with storage_for(pg_dsn, "iso_a_") as first, storage_for(pg_dsn, "iso_a_"):
-        await first.messages.save_request(envelope(1), origin=0)
+        await first.messages.save_request(envelope(1), origin=0, announce=True)
         async with storage_for(pg_dsn, "iso_b_") as other:
             assert await other.messages.unprocessed(shard_of("a")) == []
         assert [e.request_id for e in await first.messages.unprocessed(shard_of("a"))] == [1]
@@ -155,7 +155,7 @@ async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str)
 async def test_a_stale_lease_can_never_complete_a_message(pg_dsn: str) -> None:
     async with storage_for(pg_dsn) as storage:
         messages = storage.messages
-        await messages.save_request(envelope(7), origin=0)
+        await messages.save_request(envelope(7), origin=0, announce=True)
         async with storage.session(RunnerSpec("old"), lambda _: None) as old:
             stale = await old.acquire(shard_of("a"))
             assert stale is not None

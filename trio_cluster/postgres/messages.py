@@ -95,7 +95,7 @@ class PgMessageStorage:
         self._prefix = prefix
         self.channel = f"{prefix}events"
 
-    async def save_request(self, envelope: Envelope, origin: int) -> Saved:
+    async def save_request(self, envelope: Envelope, origin: int, *, announce: bool) -> Saved:
         p = self._prefix
         notice = f"s:{origin}:{envelope.shard_group}:{envelope.shard_index}:{envelope.request_id}"
         dedup_key = envelope.dedup_key
@@ -104,7 +104,7 @@ class PgMessageStorage:
                 f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                 " ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
-                " sent AS (SELECT pg_notify($12, $13) FROM ins)"
+                " sent AS (SELECT pg_notify($12, $13) FROM ins WHERE $14)"
                 " SELECT (SELECT request_id FROM ins) FROM (SELECT count(*) FROM sent) AS s",
                 [
                     envelope.request_id,
@@ -120,6 +120,7 @@ class PgMessageStorage:
                     dedup_key,
                     self.channel,
                     notice,
+                    announce,
                 ],
             )
             if inserted is not None:

@@ -17,7 +17,7 @@ import trio
 
 from ..core import reply as replies
 from ..core.envelope import Envelope, entity_key
-from ..core.hashing import shard_index
+from ..core.hashing import ShardId, shard_index
 from ..entity import Rpc
 from ..errors import (
     AlreadyProcessingMessage,
@@ -98,7 +98,7 @@ class Client:
         envelope = self._envelope(rpc, entity_id, payload, (), deliver_at)
         if envelope.persisted:
             saved = await self._runner.storage.messages.save_request(
-                envelope, self._runner.session.machine_id
+                envelope, self._runner.session.machine_id, announce=not self._owned_here(envelope)
             )
             if not saved.duplicate:
                 self._notify(envelope)
@@ -148,7 +148,9 @@ class Client:
         # request and announce its reply before the save returns here.
         slot = runner.replies.expect(envelope.request_id)
         try:
-            saved = await messages.save_request(envelope, runner.session.machine_id)
+            saved = await messages.save_request(
+                envelope, runner.session.machine_id, announce=not self._owned_here(envelope)
+            )
             if not saved.duplicate:
                 self._notify(envelope)
                 return await wait(slot)
@@ -173,6 +175,10 @@ class Client:
             return await wait(slot)
         finally:
             runner.replies.forget(envelope.request_id, slot)
+
+    def _owned_here(self, envelope: Envelope) -> bool:
+        """Whether this runner serves the request's shard, so no notice need announce it."""
+        return ShardId(envelope.shard_group, envelope.shard_index) in self._runner.shards
 
     def _notify(self, envelope: Envelope) -> None:
         """Offer a stored request to an owner here now; otherwise the storage notice will."""

@@ -131,12 +131,14 @@ class RunnerStorage(Protocol):
 
 
 class MessageStorage(Protocol):
-    async def save_request(self, envelope: Envelope, origin: int) -> Saved:
+    async def save_request(self, envelope: Envelope, origin: int, *, announce: bool) -> Saved:
         """Store a persisted request before anything delivers it, and notify its owner.
 
         A request whose dedup key is already stored is not stored again.
         ``origin`` is the storing runner's machine id, so that runner can
-        ignore its own notice (it has offered the request directly).
+        ignore its own notice. Without ``announce`` no notice is sent: the
+        storing runner owns the shard and offers the request itself (should
+        the shard move meanwhile, its next owner's redelivery scan finds it).
         """
         ...
 

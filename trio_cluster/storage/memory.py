@@ -142,7 +142,7 @@ class MemoryStorage:
 
     # -- messages ------------------------------------------------------------
 
-    async def save_request(self, envelope: Envelope, origin: int) -> Saved:
+    async def save_request(self, envelope: Envelope, origin: int, *, announce: bool) -> Saved:
         await self._enter()
         key = envelope.dedup_key
         if key is not None:
@@ -153,7 +153,8 @@ class MemoryStorage:
         self._requests[envelope.request_id] = _Stored(envelope)
         shard = ShardId(envelope.shard_group, envelope.shard_index)
         self._pending.setdefault(shard, {})[envelope.request_id] = None
-        self._announce(Stored(shard, envelope.request_id, origin))
+        if announce:
+            self._announce(Stored(shard, envelope.request_id, origin))
         return Saved(envelope.request_id)
 
     @asynccontextmanager
