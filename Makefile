@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m trio_cluster.demo.embedded
+	$(BIN)/python -m trio_cluster.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -287,7 +287,7 @@ class Window:
 @dataclass
 class Traffic:
     window: Window = field(default_factory=Window)
-    requests: int = 0
+    turns: int = 0
     deposits_acknowledged: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     stop: trio.Event = field(default_factory=trio.Event)
@@ -317,7 +317,7 @@ class Traffic:
             self.errors[type(error).__name__] += 1
             self.window.errors += 1
         finally:
-            self.requests += 1
+            self.turns += 1
 
 
 def quantiles(samples: list[float]) -> str:
@@ -345,13 +345,6 @@ class Demo:
         self.dsn = dsn
         self.args = args
         self.nodes: list[Node] = []
-        self.started = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def name_of(self, address: str) -> str:
-        return next((n.name for n in self.nodes if n.address == address), address)
 
     def shard_map(self, client: Runner) -> str:
         counts = Counter(client.assignment.values())
@@ -519,7 +512,7 @@ class Demo:
     async def summary(self, traffic: Traffic) -> None:
         errors = ", ".join(f"{count} {name}" for name, count in traffic.errors.items())
         say(
-            f"\n{traffic.requests:,} customer turns; deposits acknowledged: "
+            f"\n{traffic.turns:,} customer turns; deposits acknowledged: "
             f"{traffic.deposits_acknowledged:,}; errors: {errors or 'none'}"
         )
         async with open_connection(self.dsn) as conn:
@@ -529,9 +522,14 @@ class Demo:
             )
         assert row is not None
         stored, processed = int(row[0]), int(row[1])
+        unanswered = stored - traffic.deposits_acknowledged
         say(
-            f"deposits stored in PostgreSQL: {stored:,}, processed: {processed:,} "
-            f"(stored but not acknowledged: requests still in hand when traffic stopped)"
+            f"deposits stored in PostgreSQL: {stored:,}, processed: {processed:,}"
+            + (
+                f" ({unanswered:,} stored, not acknowledged: in hand when traffic stopped)"
+                if unanswered > 0
+                else ""
+            )
         )
         if traffic.errors["RunnerUnavailable"]:
             say(

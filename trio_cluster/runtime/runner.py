@@ -56,6 +56,8 @@ MEMBERSHIP_INTERVAL = 0.5
 LINK_CLOSE_GRACE = 1.0
 """Bound on sending the last replies and Goodbyes when a runner stops."""
 HANDOFF_RETRY = 0.05
+PEER_LOST_WATCH = 0.5
+"""After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
 """How soon to try again for a shard whose previous owner still holds it."""
 NOTICE_BATCH = 500
 """Most notices turned into one storage read."""
@@ -101,6 +103,7 @@ class Runner:
         self._wake = trio.Event()
         self.assignment: dict[ShardId, str] = {}
         self.network: Network | None = None
+        self._watch_closely_until = 0.0
         self._shards_changed = trio.Event()
 
     # -- routing --------------------------------------------------------------
@@ -140,8 +143,14 @@ class Runner:
             link.send_reply(request_id, replies.cluster_error(error))
 
     def on_peer_lost(self, peer: str) -> None:
-        """A link dropped: the peer may be dead, so look at the membership now."""
+        """A link dropped: the peer may be dead, so look at the membership now.
+
+        The database may not have ended the dead runner's lock session yet,
+        so keep looking closely for a moment instead of waiting a full
+        membership interval.
+        """
         if peer in self.assignment.values():
+            self._watch_closely_until = trio.current_time() + PEER_LOST_WATCH
             self._wake.set()
 
     async def store_reply(self, envelope: Envelope, reply: bytes, lease: Lease) -> bool:
@@ -251,7 +260,8 @@ class Runner:
                     self.note_shards_changed()
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
-                with trio.move_on_after(HANDOFF_RETRY if waiting else MEMBERSHIP_INTERVAL):
+                closely = waiting or trio.current_time() < self._watch_closely_until
+                with trio.move_on_after(HANDOFF_RETRY if closely else MEMBERSHIP_INTERVAL):
                     await self._wake.wait()
 
     async def sweep_idle(self) -> None:

@@ -61,6 +61,7 @@ class PeerLink:
         self._ready = trio.Event()
         self._closed = trio.Event()
         self._finished = trio.Event()
+        self._sending = trio.Lock()
         self._wake_writer = trio.Event()
         self._heard_from_peer = True
         # Requests sent and not yet answered: failed at once if the link drops.
@@ -70,7 +71,9 @@ class PeerLink:
 
     @property
     def open(self) -> bool:
-        return self._conn.state is State.OPEN
+        # A reset connection closes the link before the state machine
+        # hears of it: nothing may be queued on it from then on.
+        return self._conn.state is State.OPEN and not self._closed.is_set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Handshake, then carry messages until either side closes.
@@ -168,9 +171,12 @@ class PeerLink:
             await self._flush()
 
     async def _flush(self) -> None:
-        data = self._conn.data_to_send()
-        if data:
-            await self._stream.send_all(data)
+        # The writer and the final flush may both want the socket; Trio
+        # allows one sender at a time.
+        async with self._sending:
+            data = self._conn.data_to_send()
+            if data:
+                await self._stream.send_all(data)
 
     async def _ping(self) -> None:
         """Close a link whose peer has been silent for two intervals despite a Ping."""

@@ -1,0 +1,198 @@
+"""A runner process for the cross-runner benchmark (``benchmarks.cluster``).
+
+Two modes, both started by the benchmark from the repository root:
+
+``python -m benchmarks.bench_node DSN --prefix P [--shards N]``
+    hosts the benchmark entity on PostgreSQL, listens for peers on
+    127.0.0.1, prints ``ready <address> <machine id>`` once it serves, and
+    hands its shards off on SIGTERM (or when its stdin closes: the benchmark
+    has gone).
+
+``python -m benchmarks.bench_node --echo``
+    the raw baseline: a bare Trio TCP server answering each ``Request``
+    frame of the cluster's wire format with a ``Reply`` frame, decoding
+    and encoding with msgspec as a runner does, and nothing else. Prints
+    ``ready <host:port>``.
+
+Both answer ``status`` on stdin with one line,
+``status <process CPU seconds> <messages processed> <shards owned>``,
+which is how the benchmark weighs the CPU each message costs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import msgspec
+import trio
+
+from trio_cluster import (
+    Entity,
+    EntityContext,
+    Runner,
+    ShardingConfig,
+    TransportConfig,
+    open_runner,
+    wait_for_termination,
+)
+from trio_cluster.core.frames import FrameDecoder, Reply, Request, encode_into
+from trio_cluster.postgres.storage import open_postgres_storage
+
+# -- the protocol under test --------------------------------------------------------
+
+
+class Payload(msgspec.Struct, frozen=True):
+    n: int
+    key: str
+
+
+Bench = Entity("ClusterBench")
+echo = Bench.rpc("echo", Payload, int)
+persist = Bench.rpc("persist", Payload, int, persisted=True, primary_key=lambda p: p.key)
+
+
+class BenchHandler:
+    def __init__(self, ctx: EntityContext) -> None:
+        self.count = 0
+
+    @echo.handler
+    async def on_echo(self, payload: Payload) -> int:
+        self.count += payload.n
+        return self.count
+
+    @persist.handler
+    async def on_persist(self, payload: Payload) -> int:
+        self.count += payload.n
+        return self.count
+
+
+# -- the stdin commands -------------------------------------------------------------
+
+
+class Counts:
+    """What ``status`` reports besides the CPU time."""
+
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner
+        self.frames = 0
+
+    def line(self) -> str:
+        runner = self.runner
+        processed = self.frames if runner is None else runner.snapshot().processed
+        shards = 0 if runner is None else sum(1 for s in runner.shards.values() if s.accepting)
+        return f"status {time.process_time():.6f} {processed} {shards}"
+
+
+async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:
+    """Answer ``status`` lines on stdin; stdin closing means the benchmark is gone."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = bytearray()
+    async with stdin:
+        while True:
+            data = await stdin.receive_some(4096)
+            if not data:
+                done.cancel()
+                return
+            buffer += data
+            while (end := buffer.find(b"\n")) >= 0:
+                command = bytes(buffer[:end]).decode().strip()
+                del buffer[: end + 1]
+                if command == "status":
+                    print(counts.line(), flush=True)
+                elif command:
+                    print(f"error unknown command {command!r}", flush=True)
+
+
+async def until_stopped(counts: Counts) -> None:
+    """Serve until SIGTERM/SIGINT or the end of stdin."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow_commands, counts, nursery.cancel_scope)
+        await wait_for_termination()
+        nursery.cancel_scope.cancel()
+
+
+# -- the runner ---------------------------------------------------------------------
+
+
+async def run_node(dsn: str, *, prefix: str, shards: int) -> None:
+    config = ShardingConfig(shards_per_group=shards)
+    async with (
+        open_postgres_storage(dsn, prefix=prefix) as storage,
+        open_runner(
+            Bench.implement(BenchHandler),
+            storage=storage,
+            config=config,
+            transport=TransportConfig(cluster=prefix),
+        ) as runner,
+    ):
+        print(f"ready {runner.address} {runner.session.machine_id}", flush=True)
+        await until_stopped(Counts(runner))
+
+
+# -- the raw baseline ---------------------------------------------------------------
+
+_encode_reply = msgspec.msgpack.Encoder().encode
+_decode_payload = msgspec.msgpack.Decoder(Payload).decode
+
+
+async def serve_frames(stream: trio.SocketStream, counts: Counts) -> None:
+    """Answer every Request frame with a Reply: one decode and one encode each way."""
+    decoder = FrameDecoder()
+    total = 0
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(256 * 1024)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            out = bytearray()
+            for message in decoder.feed(data):
+                if isinstance(message, Request):
+                    total += _decode_payload(message.envelope.payload).n
+                    encode_into(Reply(message.envelope.request_id, _encode_reply(total)), out)
+                    counts.frames += 1
+            if out:
+                try:
+                    await stream.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+
+async def run_echo() -> None:
+    counts = Counts()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    host, port = listeners[0].socket.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await serve_frames(stream, counts)
+
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        print(f"ready {host}:{port}", flush=True)
+        await until_stopped(counts)
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dsn", nargs="?")
+    parser.add_argument("--prefix", default="cbench_")
+    parser.add_argument("--shards", type=int, default=100)
+    parser.add_argument("--echo", action="store_true", help="run the raw frame baseline")
+    args = parser.parse_args()
+    if args.echo:
+        trio.run(run_echo)
+        return
+    if args.dsn is None:
+        parser.error("a DSN is required unless --echo")
+    trio.run(lambda: run_node(args.dsn, prefix=args.prefix, shards=args.shards))
+    print(f"exit {time.process_time():.6f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The cross-runner benchmark's quick mode runs to completion: how CI exercises it.
+
+Only that it completes and prints its tables and the SLA line is checked;
+the figures themselves depend on the machine, so nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240
+"""Seconds before the run is declared hung (it takes about 15 s on two CPUs)."""
+
+
+def _have(binary: str) -> bool:
+    return bool(shutil.which(binary) or glob.glob(f"/usr/lib/postgresql/*/bin/{binary}"))
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
+)
+def test_quick_cluster_benchmark_completes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cluster", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "| Measurement | Median | Min | Max | Unit | x baseline |" in out
+    assert "| Target | Measured (median) | Result |" in out
+    for label in ("Cross-runner ask p99, volatile", "Throughput, persisted ask", "Failover"):
+        assert label in out
+    assert "Seed SLA, p99 cross-runner delivery < 100 ms: " in out
