@@ -95,6 +95,7 @@ async def open_test_cluster(
     runners: int = 3,
     config: ShardingConfig = TEST_CONFIG,
     storage: MemoryStorage | None = None,
+    transport: TransportConfig = TransportConfig(),
 ) -> AsyncIterator[TestCluster]:
     """Several runners in this process, over the real routing and socket transport.
 
@@ -106,7 +107,7 @@ async def open_test_cluster(
         started = [
             await stack.enter_async_context(
                 open_runner(
-                    *implementations, storage=storage, config=config, transport=TransportConfig()
+                    *implementations, storage=storage, config=config, transport=transport
                 )
             )
             for _ in range(runners)

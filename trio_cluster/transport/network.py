@@ -9,6 +9,7 @@ connection per direction, and no race over who dials whom.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,10 @@ class TransportConfig:
 
     ``host`` and ``port`` are where this runner listens (port 0: any free
     one); ``advertise`` is the host peers should dial, when it differs.
-    ``secret`` authenticates peers as members of ``cluster``.
+    ``secret`` authenticates peers as members of ``cluster``. With
+    ``tls_server`` (for accepted connections) and ``tls_client`` (for
+    dialled ones, checked against the dialled host) links run over TLS,
+    which also encrypts and protects what follows the handshake.
     """
 
     host: str = "127.0.0.1"
@@ -38,6 +42,12 @@ class TransportConfig:
     secret: bytes | None = None
     connect_timeout: float = 2.0
     ping_interval: float = 1.0
+    tls_server: ssl.SSLContext | None = None
+    tls_client: ssl.SSLContext | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_server is None) != (self.tls_client is None):
+            raise ValueError("TLS needs both tls_server and tls_client: a runner accepts and dials")
 
 
 class Network:
@@ -96,7 +106,9 @@ class Network:
         try:
             host, _, port = peer.rpartition(":")
             with trio.fail_after(self.config.connect_timeout):
-                stream = await trio.open_tcp_stream(host, int(port))
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, int(port))
+                if self.config.tls_client is not None:
+                    stream = trio.SSLStream(stream, self.config.tls_client, server_hostname=host)
                 link = self._link(stream, "client")
                 await self._nursery.start(self._keep, peer, link)
         except (OSError, ValueError, trio.TooSlowError) as error:
@@ -130,7 +142,10 @@ class Network:
             self._accepted, listeners, handler_nursery=self._nursery, task_status=task_status
         )
 
-    async def _accepted(self, stream: trio.SocketStream) -> None:
+    async def _accepted(self, socket_stream: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = socket_stream
+        if self.config.tls_server is not None:
+            stream = trio.SSLStream(stream, self.config.tls_server, server_side=True)
         link = self._link(stream, "server")
         self._inbound.add(link)
         try:
