@@ -622,3 +622,15 @@ async def test_requests_stored_during_redelivery_do_not_overtake_older_ones(
             await client.tell(add_persisted, "a", Add(99))
             await probe.wait_until(lambda: len(probe.order) == 4)
     assert [amount for _, amount in probe.order] == [0, 1, 2, 99]
+
+
+async def test_the_last_runner_shuts_down_without_deadlock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Entities still calling each other while every shard drains: the calls
+    # fail within their bounds and the runner is gone within its grace.
+    async with open_test_runner(Caller.implement(CallerHandler)) as (runner, _):
+        for n in range(20):
+            await runner.tell(call, f"a{n}", Call(f"b{n}", depth=3))
+        start = trio.current_time()
+    assert trio.current_time() - start <= TEST_CONFIG.entity_termination_timeout + 0.5
