@@ -24,3 +24,5 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.local
+	$(BIN)/python -m benchmarks.storage
+	$(BIN)/python -m benchmarks.cluster --plot benchmarks/latency.png

@@ -92,6 +92,7 @@ from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .bench_node import Bench, Payload, echo, persist
+from .plot import write_latency_plot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SHARDS: Final = 100
@@ -272,7 +273,11 @@ class RawLink:
                 await self._stream.send_all(data)
 
 
-async def raw_baseline(echo_node: Node, sizes: Sizes, record: Record) -> None:
+Keep = Callable[[str, list[int]], None]
+"""Hands the sorted nanosecond samples of one latency run to the plot."""
+
+
+async def raw_baseline(echo_node: Node, sizes: Sizes, record: Record, keep: Keep) -> None:
     host, _, port = echo_node.address.rpartition(":")
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream, trio.open_nursery() as nursery:
@@ -284,6 +289,7 @@ async def raw_baseline(echo_node: Node, sizes: Sizes, record: Record) -> None:
             return True
 
         samples = await sequential(send, sizes.warmup, sizes.volatile_samples)
+        keep("raw Trio loopback round trip (baseline)", samples)
         record("raw.p50", percentile(samples, 0.50) / 1e3)
         record("raw.p99", percentile(samples, 0.99) / 1e3)
         per_sender = sizes.volatile_messages // SENDERS
@@ -430,7 +436,9 @@ async def open_cluster(
 # -- cross-runner measurements -------------------------------------------------------
 
 
-async def ask_latency(cluster: Cluster, sizes: Sizes, record: Record, *, persisted: bool) -> None:
+async def ask_latency(
+    cluster: Cluster, sizes: Sizes, record: Record, keep: Keep, *, persisted: bool
+) -> None:
     name = "persisted" if persisted else "volatile"
     rpc = persist if persisted else echo
     entities = [f"lat-{i}" for i in range(LATENCY_ENTITIES)]
@@ -441,6 +449,7 @@ async def ask_latency(cluster: Cluster, sizes: Sizes, record: Record, *, persist
 
     n = sizes.persisted_samples if persisted else sizes.volatile_samples
     samples = await sequential(send, sizes.warmup if not persisted else sizes.warmup // 2, n)
+    keep(f"{name} ask, cross-runner", samples)
     for q, label in ((0.50, "p50"), (0.95, "p95"), (0.99, "p99"), (1.0, "max")):
         record(f"{name}.{label}", percentile(samples, q) / 1e3)
 
@@ -556,17 +565,17 @@ async def failover(
 
 async def run_repeat(
     children: Children, server: ThrowawayPostgres, echo_node: Node, *, repeat: int,
-    sizes: Sizes, record: Record,
+    sizes: Sizes, record: Record, keep: Keep,
 ) -> int:  # fmt: skip
     """One repeat on fresh tables; the number of failed asks."""
     log(f"repeat {repeat}: raw baseline")
-    await raw_baseline(echo_node, sizes, record)
+    await raw_baseline(echo_node, sizes, record, keep)
     prefix = f"cbench{os.getpid() % 100000}_{repeat}_"
     log(f"repeat {repeat}: starting two runners ({prefix})")
     async with open_cluster(children, server, prefix) as cluster:
         log(f"repeat {repeat}: latency")
-        await ask_latency(cluster, sizes, record, persisted=False)
-        await ask_latency(cluster, sizes, record, persisted=True)
+        await ask_latency(cluster, sizes, record, keep, persisted=False)
+        await ask_latency(cluster, sizes, record, keep, persisted=True)
         log(f"repeat {repeat}: throughput")
         await throughput(cluster, sizes, record, persisted=False)
         await throughput(cluster, sizes, record, persisted=True)
@@ -838,12 +847,19 @@ async def server_version(dsn: str) -> str:
 
 
 async def measure_all(
-    children: Children, server: ThrowawayPostgres, sizes: Sizes, repeats: int
+    children: Children,
+    server: ThrowawayPostgres,
+    sizes: Sizes,
+    repeats: int,
+    distributions: dict[str, list[int]],
 ) -> tuple[dict[str, list[float]], int]:
     values: dict[str, list[float]] = {}
 
     def record(key: str, value: float) -> None:
         values.setdefault(key, []).append(value)
+
+    def keep(label: str, samples: list[int]) -> None:
+        distributions[label] = samples  # the last repeat's
 
     echo_node = Node(
         children.start("echo", python_module("benchmarks.bench_node", "--echo"), cwd=ROOT,
@@ -853,7 +869,7 @@ async def measure_all(
     failed = 0
     for repeat in range(1, repeats + 1):
         failed += await run_repeat(
-            children, server, echo_node, repeat=repeat, sizes=sizes, record=record
+            children, server, echo_node, repeat=repeat, sizes=sizes, record=record, keep=keep
         )
     await echo_node.child.stop(5.0)
     return values, failed
@@ -868,6 +884,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="repeats (default 5, or 3 with --quick)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables")
+    parser.add_argument(
+        "--plot", type=Path, metavar="PATH", help="also draw the latency distributions (PNG)"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     repeats: int = (3 if args.quick else 5) if args.repeats is None else args.repeats
@@ -878,7 +897,8 @@ def main(argv: list[str] | None = None) -> None:
     # Children exit first: every runner is gone before the server stops.
     with ThrowawayPostgres() as server, Children() as children:
         version = trio.run(server_version, server.dsn)
-        values, failed = trio.run(measure_all, children, server, sizes, repeats)
+        distributions: dict[str, list[int]] = {}
+        values, failed = trio.run(measure_all, children, server, sizes, repeats, distributions)
     elapsed_s = (clock() - started) / 1e9
     env = environment(version)
     header = (
@@ -893,6 +913,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text + "\n")
+    if args.plot is not None:
+        if write_latency_plot(distributions, args.plot):
+            print(f"latency plot: {args.plot}")
+        else:
+            print("latency plot skipped: matplotlib is not installed (pip install '.[bench]')")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = report_json(

@@ -7,6 +7,7 @@ the figures themselves depend on the machine, so nothing here is timed.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,10 @@ def _have(binary: str) -> bool:
 @pytest.mark.skipif(
     not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
 )
-def test_quick_cluster_benchmark_completes() -> None:
+def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
+    plot = tmp_path / "latency.png"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cluster", "--quick"],
+        [sys.executable, "-m", "benchmarks.cluster", "--quick", "--plot", str(plot)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,3 +45,5 @@ def test_quick_cluster_benchmark_completes() -> None:
     for label in ("Cross-runner ask p99, volatile", "Throughput, persisted ask", "Failover"):
         assert label in out
     assert "Seed SLA, p99 cross-runner delivery < 100 ms: " in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes().startswith(b"\x89PNG")
