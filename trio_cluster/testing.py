@@ -42,6 +42,9 @@ TEST_CONFIG = ShardingConfig(
 )
 """The defaults of :func:`open_test_runner`; derive variants with ``attrs.evolve``."""
 
+LOOPBACK = TransportConfig()
+"""Runners of a test cluster listen on 127.0.0.1, on ports the system picks."""
+
 
 @asynccontextmanager
 async def open_test_runner(
@@ -95,7 +98,7 @@ async def open_test_cluster(
     runners: int = 3,
     config: ShardingConfig = TEST_CONFIG,
     storage: MemoryStorage | None = None,
-    transport: TransportConfig = TransportConfig(),
+    transport: TransportConfig = LOOPBACK,
 ) -> AsyncIterator[TestCluster]:
     """Several runners in this process, over the real routing and socket transport.
 
@@ -106,9 +109,7 @@ async def open_test_cluster(
     async with contextlib.AsyncExitStack() as stack:
         started = [
             await stack.enter_async_context(
-                open_runner(
-                    *implementations, storage=storage, config=config, transport=transport
-                )
+                open_runner(*implementations, storage=storage, config=config, transport=transport)
             )
             for _ in range(runners)
         ]
