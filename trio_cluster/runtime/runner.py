@@ -56,12 +56,11 @@ MEMBERSHIP_INTERVAL = 0.5
 LINK_CLOSE_GRACE = 1.0
 """Bound on sending the last replies and Goodbyes when a runner stops."""
 HANDOFF_RETRY = 0.05
+"""How soon to try again for a shard whose previous owner still holds it."""
 PEER_LOST_WATCH = 0.5
 """After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
-"""How soon to try again for a shard whose previous owner still holds it."""
 NOTICE_BATCH = 500
 """Most notices turned into one storage read."""
-"""How often a runner retries taking the shards it should own but does not."""
 
 _runner_numbers = count(1)
 

@@ -1,7 +1,8 @@
 """Storage interfaces the runtime depends on, and the in-memory implementation.
 
-The runtime never imports an adapter: it takes any object with these
-methods. The PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
+The runtime depends on these protocols alone (it imports the in-memory
+storage only as its default): any object with these methods will do. The
+PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
 """
 
 from .base import (
