@@ -123,19 +123,20 @@ async def log_rows(conn: Connection, prefix: str) -> list[tuple[str, int, str, i
 async def wait_until_backend_gone(conn: Connection, prefix: str, machine_id: int) -> None:
     """Until the killed runner's lock connection has left the server, freeing its leases.
 
-    The server notices the dead client's closed socket within milliseconds,
-    but nothing announces it, so this polls.
+    ``pg_terminate_backend(pid, timeout)`` waits, server-side, until that
+    backend has exited (it is already ending, its client dead, so the
+    signal changes nothing): an event to wait on, where a query of
+    ``pg_stat_activity`` would have to poll.
     """
     lock_pid = await conn.fetchval(
         f"SELECT lock_pid FROM {prefix}runners WHERE machine_id = $1", [machine_id]
     )
     assert lock_pid is not None
     with trio.fail_after(WAIT_S):
-        # No event exists for another session's end, so this polls (ASYNC110).
-        while await conn.fetchval(  # noqa: ASYNC110
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", [lock_pid]
-        ):
-            await trio.sleep(0.01)
+        await conn.execute("SELECT pg_terminate_backend($1, $2)", [lock_pid, int(WAIT_S * 1000)])
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", [lock_pid]
+    )
 
 
 async def test_acknowledged_request_survives_sigkill_and_runs_once(pg_dsn: str) -> None:
