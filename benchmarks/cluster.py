@@ -52,22 +52,17 @@ a time; the targets are reported PASS or MISS.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
-import json
-import math
 import operator
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any, Final
@@ -92,6 +87,25 @@ from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .bench_node import Bench, Payload, echo, persist
+from .common import (
+    MEASUREMENT_ALIGNMENT,
+    MEASUREMENT_COLUMNS,
+    Metric,
+    Values,
+    bench_parser,
+    clock,
+    cost_multiples,
+    cost_summary,
+    log,
+    markdown_table,
+    measurement_cells,
+    package_versions,
+    percentile,
+    repeats_of,
+    utc_now,
+    write_json,
+)
+from .common import concurrently as _concurrently_among
 from .plot import write_latency_plot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -106,8 +120,6 @@ PROBE_TIMEOUT: Final = 0.1
 """A failover probe gives up and asks again after this: the measuring granularity."""
 OUTAGE_TIMEOUT: Final = 60.0
 STARTUP_TIMEOUT: Final = 60.0
-
-clock = time.perf_counter_ns
 
 
 @dataclass(frozen=True)
@@ -125,16 +137,6 @@ QUICK: Final = Sizes(warmup=100, volatile_samples=1_000, persisted_samples=300,
                      volatile_messages=5_000, persisted_messages=1_000)  # fmt: skip
 
 Record = Callable[[str, float], None]
-
-
-def percentile(sorted_samples: list[int], q: float) -> int:
-    """Nearest-rank percentile of already sorted samples."""
-    rank = max(1, math.ceil(q * len(sorted_samples)))
-    return sorted_samples[rank - 1]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- processes ----------------------------------------------------------------------
@@ -336,12 +338,7 @@ async def sequential(send: Callable[[int], Awaitable[bool]], warmup: int, n: int
 
 async def concurrently(per_sender: Callable[[int], Awaitable[None]]) -> int:
     """Run ``per_sender(i)`` for each of the SENDERS senders; the elapsed nanoseconds."""
-    gc.collect()
-    start = clock()
-    async with trio.open_nursery() as nursery:
-        for i in range(SENDERS):
-            nursery.start_soon(per_sender, i)
-    return clock() - start
+    return await _concurrently_among(per_sender, SENDERS)
 
 
 def ids_for_shards(prefix: str, shards: set[ShardId]) -> dict[ShardId, str]:
@@ -605,16 +602,6 @@ async def run_repeat(
 # -- the report ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    unit: str
-    rate: bool = False
-    """True when higher is better (a rate); its cost multiple is then baseline / value."""
-    baseline: str | None = None
-
-
 METRICS: Final = (
     Metric("raw.p50", "Raw TCP round trip p50 (baseline)", "µs"),
     Metric("raw.p99", "Raw TCP round trip p99 (baseline)", "µs"),
@@ -694,16 +681,6 @@ LOADED_KEYS: Final = ("load.volatile.p99", "load.persisted.p99")
 SLA_LIMIT_US: Final = 100_000
 
 
-def cost_multiples(metric: Metric, values: dict[str, list[float]]) -> list[float]:
-    """Per-repeat cost multiples against the same repeat's baseline."""
-    if metric.baseline is None:
-        return []
-    pairs = zip(values[metric.key], values[metric.baseline], strict=False)
-    if metric.rate:
-        return [base / value for value, base in pairs if value > 0]
-    return [value / base for value, base in pairs if base > 0]
-
-
 def _format(value: float, unit: str) -> str:
     if unit == "s":
         return f"{value:,.2f}"
@@ -712,26 +689,23 @@ def _format(value: float, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def markdown_table(values: dict[str, list[float]]) -> str:
-    lines = [
-        "| Measurement | Median | Min | Max | Unit | x baseline |",
-        "|---|---:|---:|---:|---|---:|",
-    ]
-    for metric in METRICS:
-        series = values.get(metric.key, [])
-        if not series:
-            continue
-        multiples = cost_multiples(metric, values)
-        if metric.key.startswith("raw."):
-            ratio = "(baseline)"
-        else:
-            ratio = f"{statistics.median(multiples):.1f}" if multiples else ""
-        lines.append(
-            f"| {metric.label} | {_format(statistics.median(series), metric.unit)} "
-            f"| {_format(min(series), metric.unit)} | {_format(max(series), metric.unit)} "
-            f"| {metric.unit} | {ratio} |"
-        )
-    return "\n".join(lines)
+def results_table(values: Values) -> str:
+    def rows() -> Iterator[list[str]]:
+        for metric in METRICS:
+            series = values.get(metric.key, [])
+            if not series:
+                continue
+            multiples = cost_multiples(metric, values)
+            if metric.key.startswith("raw."):
+                ratio = "(baseline)"
+            else:
+                ratio = f"{statistics.median(multiples):.1f}" if multiples else ""
+            fmt = partial(_format, unit=metric.unit)
+            yield [*measurement_cells(metric.label, metric.unit, series, fmt), ratio]
+
+    return markdown_table(
+        [*MEASUREMENT_COLUMNS, "x baseline"], [*MEASUREMENT_ALIGNMENT, True], rows()
+    )
 
 
 def evaluate(target: Target, values: dict[str, list[float]]) -> tuple[float | None, bool | None]:
@@ -748,16 +722,18 @@ def evaluate(target: Target, values: dict[str, list[float]]) -> tuple[float | No
     return measured, compare(measured, target.threshold)
 
 
-def targets_table(values: dict[str, list[float]]) -> str:
-    lines = ["| Target | Measured (median) | Result |", "|---|---:|---|"]
-    for target in TARGETS:
-        measured, met = evaluate(target, values)
-        shown = "-" if measured is None else f"{_format(measured, target.unit)} {target.unit}"
-        if target.multiple and measured is not None:
-            shown = f"{measured:.1f}x"
-        result = "n/a" if met is None else ("PASS" if met else "MISS")
-        lines.append(f"| {target.label} | {shown} | {result} |")
-    return "\n".join(lines)
+def targets_table(values: Values) -> str:
+    def rows() -> Iterator[list[str]]:
+        for target in TARGETS:
+            measured, met = evaluate(target, values)
+            shown = "-" if measured is None else f"{_format(measured, target.unit)} {target.unit}"
+            if target.multiple and measured is not None:
+                shown = f"{measured:.1f}x"
+            result = "n/a" if met is None else ("PASS" if met else "MISS")
+            yield [target.label, shown, result]
+
+    columns = ("Target", "Measured (median)", "Result")
+    return markdown_table(columns, (False, True, False), rows())
 
 
 def sla(values: dict[str, list[float]]) -> tuple[bool, str]:
@@ -783,20 +759,14 @@ def sla(values: dict[str, list[float]]) -> tuple[bool, str]:
 
 
 def environment(server_version: str) -> dict[str, Any]:
-    versions = {}
-    for package in ("trio", "msgspec", "psycopg", "trio-cluster"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "?"
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "postgresql": server_version,
-        "versions": versions,
+        "versions": package_versions(("trio", "msgspec", "psycopg", "trio-cluster")),
     }
 
 
@@ -806,21 +776,8 @@ def report_json(
 ) -> dict[str, Any]:  # fmt: skip
     metrics: dict[str, Any] = {}
     for metric in METRICS:
-        series = values.get(metric.key, [])
-        if not series:
-            continue
-        multiples = cost_multiples(metric, values)
-        metrics[metric.key] = {
-            "label": metric.label,
-            "unit": metric.unit,
-            "median": statistics.median(series),
-            "min": min(series),
-            "max": max(series),
-            "values": series,
-            "baseline": metric.baseline,
-            "cost_multiple_median": statistics.median(multiples) if multiples else None,
-            "cost_multiples": multiples,
-        }
+        if values.get(metric.key):
+            metrics[metric.key] = cost_summary(metric, values)
     targets = []
     for target in TARGETS:
         measured, met = evaluate(target, values)
@@ -876,22 +833,18 @@ async def measure_all(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.cluster",
-        description="Benchmark trio_cluster runner processes on PostgreSQL over sockets.",
+    parser = bench_parser(
+        "python -m benchmarks.cluster",
+        "Benchmark trio_cluster runner processes on PostgreSQL over sockets.",
+        repeats_help="repeats (default 5, or 3 with --quick)",
     )
-    parser.add_argument("--quick", action="store_true", help="smaller runs, 3 repeats")
-    parser.add_argument("--repeats", type=int, help="repeats (default 5, or 3 with --quick)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables")
     parser.add_argument(
         "--plot", type=Path, metavar="PATH", help="also draw the latency distributions (PNG)"
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    repeats: int = (3 if args.quick else 5) if args.repeats is None else args.repeats
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
+    repeats = repeats_of(parser, args)
 
     started = clock()
     # Children exit first: every runner is gone before the server stops.
@@ -908,7 +861,7 @@ def main(argv: list[str] | None = None) -> None:
         f"failed asks: {failed}"
     )
     _, sla_line = sla(values)
-    text = "\n\n".join([header, markdown_table(values), targets_table(values), sla_line])
+    text = "\n\n".join([header, results_table(values), targets_table(values), sla_line])
     print(text)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -919,11 +872,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print("latency plot skipped: matplotlib is not installed (pip install '.[bench]')")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         report = report_json(
             values, sizes, repeats=repeats, elapsed_s=elapsed_s, failed_asks=failed, env=env
         )
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -38,22 +38,17 @@ Timing uses ``time.perf_counter_ns``; nothing here asserts on a time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,13 +65,31 @@ from trio_cluster import (
     open_runner,
 )
 
+from .common import (
+    MEASUREMENT_ALIGNMENT,
+    MEASUREMENT_COLUMNS,
+    Metric,
+    Values,
+    bench_parser,
+    clock,
+    cost_multiples,
+    cost_summary,
+    log,
+    measurement_cells,
+    package_versions,
+    percentile,
+    repeats_of,
+    utc_now,
+    write_json,
+)
+from .common import concurrently as _concurrently_among
+from .common import markdown_table as _markdown_table
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 SENDERS: Final = 100
 """Concurrent sender tasks, and entities, in the throughput and activation runs."""
 MAILBOX: Final = EntityOptions().mailbox_capacity
 """The baseline's channel capacity: the same bound as an entity's mailbox."""
-
-clock = time.perf_counter_ns
 
 
 # -- the protocol under test ------------------------------------------------------
@@ -173,12 +186,6 @@ QUICK: Final = Sizes(warmup=500, latency_samples=4_000, throughput_messages=10_0
                      activations=20_000)  # fmt: skip
 
 
-def percentile(sorted_samples: list[int], q: float) -> int:
-    """Nearest-rank percentile of already sorted samples."""
-    rank = max(1, math.ceil(q * len(sorted_samples)))
-    return sorted_samples[rank - 1]
-
-
 def rss_bytes() -> int | None:
     """Current resident set size, where /proc says (Linux); None elsewhere."""
     try:
@@ -207,12 +214,7 @@ async def _latency(send: Send, sizes: Sizes, prefix: str) -> tuple[float, float]
 
 async def _concurrently(per_sender: Callable[[int], Awaitable[None]]) -> int:
     """Run ``per_sender(i)`` for each of the SENDERS senders; the elapsed nanoseconds."""
-    gc.collect()  # no garbage pending at the start; the collector stays on
-    start = clock()
-    async with trio.open_nursery() as nursery:
-        for i in range(SENDERS):
-            nursery.start_soon(per_sender, i)
-    return clock() - start
+    return await _concurrently_among(per_sender, SENDERS)
 
 
 def _bench_runner(options: EntityOptions | None = None) -> AbstractAsyncContextManager[Runner]:
@@ -418,16 +420,6 @@ def probe(spec: str, count: int) -> ProbeResult:
 # -- the report ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    unit: str
-    rate: bool
-    """True when higher is better (a rate); its cost multiple is then baseline / value."""
-    baseline: str | None = None
-
-
 METRICS: Final = (
     Metric("baseline.rtt_p50", "Baseline round trip p50", "µs", rate=False),
     Metric("baseline.rtt_p99", "Baseline round trip p99", "µs", rate=False),
@@ -508,78 +500,44 @@ def measure(
     return values
 
 
-def cost_multiples(metric: Metric, values: dict[str, list[float]]) -> list[float]:
-    """Per-repeat cost multiples against the same repeat's baseline."""
-    if metric.baseline is None:
-        return []
-    pairs = zip(values[metric.key], values[metric.baseline], strict=False)
-    if metric.rate:
-        return [base / value for value, base in pairs if value > 0]
-    return [value / base for value, base in pairs if base > 0]
-
-
 def _format(value: float, unit: str) -> str:
     if unit == "µs":
         return f"{value:,.1f}"
     return f"{value:,.0f}"
 
 
-def markdown_table(values: dict[str, list[float]]) -> str:
-    lines = [
-        "| Measurement | Median | Min | Max | Unit | x baseline |",
-        "|---|---:|---:|---:|---|---:|",
-    ]
-    for metric in METRICS:
-        series = values[metric.key]
-        if not series:
-            continue
-        multiples = cost_multiples(metric, values)
-        ratio = f"{statistics.median(multiples):.1f}" if multiples else "(baseline)"
-        lines.append(
-            f"| {metric.label} | {_format(statistics.median(series), metric.unit)} "
-            f"| {_format(min(series), metric.unit)} | {_format(max(series), metric.unit)} "
-            f"| {metric.unit} | {ratio} |"
-        )
-    return "\n".join(lines)
+def markdown_table(values: Values) -> str:
+    def rows() -> Iterator[list[str]]:
+        for metric in METRICS:
+            series = values[metric.key]
+            if not series:
+                continue
+            multiples = cost_multiples(metric, values)
+            ratio = f"{statistics.median(multiples):.1f}" if multiples else "(baseline)"
+            fmt = partial(_format, unit=metric.unit)
+            yield [*measurement_cells(metric.label, metric.unit, series, fmt), ratio]
+
+    return _markdown_table(
+        [*MEASUREMENT_COLUMNS, "x baseline"], [*MEASUREMENT_ALIGNMENT, True], rows()
+    )
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
-    for package in ("trio", "msgspec", "trio-cluster"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "?"
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "versions": versions,
+        "versions": package_versions(("trio", "msgspec", "trio-cluster")),
     }
 
 
-def report_json(
-    values: dict[str, list[float]], sizes: Sizes, repeats: int, elapsed_s: float
-) -> dict[str, Any]:
+def report_json(values: Values, sizes: Sizes, repeats: int, elapsed_s: float) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for metric in METRICS:
-        series = values[metric.key]
-        if not series:
-            continue
-        multiples = cost_multiples(metric, values)
-        metrics[metric.key] = {
-            "label": metric.label,
-            "unit": metric.unit,
-            "median": statistics.median(series),
-            "min": min(series),
-            "max": max(series),
-            "values": series,
-            "baseline": metric.baseline,
-            "cost_multiple_median": statistics.median(multiples) if multiples else None,
-            "cost_multiples": multiples,
-        }
+        if values[metric.key]:
+            metrics[metric.key] = cost_summary(metric, values)
     return {
         "environment": environment(),
         "sizes": vars(sizes) | {"senders": SENDERS, "repeats": repeats},
@@ -589,13 +547,10 @@ def report_json(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.local",
-        description="Benchmark one trio_cluster runner with the in-memory storage.",
+    parser = bench_parser(
+        "python -m benchmarks.local",
+        "Benchmark one trio_cluster runner with the in-memory storage.",
     )
-    parser.add_argument("--quick", action="store_true", help="smaller runs, 3 repeats")
-    parser.add_argument("--repeats", type=int, help="repeats per measurement (default 5, 3)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -604,13 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     sizes = QUICK if args.quick else FULL
-    repeats: int = (3 if args.quick else 5) if args.repeats is None else args.repeats
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
+    repeats = repeats_of(parser, args)
     started = clock()
     values = measure(sizes, repeats, traced_memory=not args.quick, log=log)
     elapsed_s = (clock() - started) / 1e9
@@ -621,8 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(markdown_table(values))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report_json(values, sizes, repeats, elapsed_s), indent=2))
+        write_json(args.json, report_json(values, sizes, repeats, elapsed_s))
 
 
 if __name__ == "__main__":

@@ -40,22 +40,14 @@ the per-repeat ratios. Nothing here asserts on a time.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
 import os
 import platform
 import statistics
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
 from itertools import count
-from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -77,14 +69,30 @@ from trio_cluster.postgres import Connection, open_connection, open_pool
 from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 
+from .common import (
+    MEASUREMENT_ALIGNMENT,
+    MEASUREMENT_COLUMNS,
+    Values,
+    bench_parser,
+    clock,
+    log,
+    markdown_table,
+    measurement_cells,
+    multiples_against,
+    package_versions,
+    percentile,
+    repeats_of,
+    series_summary,
+    utc_now,
+    write_json,
+)
+
 SENDERS: Final = 100
 """Concurrent sender tasks, and entities, in the throughput runs."""
 POOL_SIZE: Final = 10
 """The storage's default pool size, used for the driver baseline as well."""
 CONFIG: Final = ShardingConfig()
 """The defaults: 100 shards per group."""
-
-clock = time.perf_counter_ns
 
 
 # -- the protocol under test ------------------------------------------------------
@@ -128,12 +136,6 @@ _prefixes = count()
 def fresh_prefix(repeat: int, name: str) -> str:
     """A table prefix of its own for each measurement, so tables start empty."""
     return f"bench{repeat}_{next(_prefixes)}_{name}_"
-
-
-def percentile(sorted_samples: list[int], q: float) -> int:
-    """Nearest-rank percentile of already sorted samples."""
-    rank = max(1, math.ceil(q * len(sorted_samples)))
-    return sorted_samples[rank - 1]
 
 
 Op = Callable[[int], Awaitable[object]]
@@ -480,14 +482,11 @@ def baselines(metric: Metric) -> tuple[str | None, str | None]:
     return f"driver.select1.{percentile_name}", f"driver.insert.{percentile_name}"
 
 
-def multiples(metric: Metric, base: str | None, values: dict[str, list[float]]) -> list[float]:
+def multiples(metric: Metric, base: str | None, values: Values) -> list[float]:
     """Per-repeat cost multiples against the same repeat's baseline."""
     if base is None or base == metric.key:
         return []
-    pairs = zip(values[metric.key], values[base], strict=False)
-    if metric.rate:
-        return [b / v for v, b in pairs if v > 0]
-    return [v / b for v, b in pairs if b > 0]
+    return multiples_against(values, metric.key, base, rate=metric.rate)
 
 
 def _cell(metric: Metric, base: str | None, values: dict[str, list[float]]) -> str:
@@ -497,22 +496,28 @@ def _cell(metric: Metric, base: str | None, values: dict[str, list[float]]) -> s
     return f"{statistics.median(series):.1f}" if series else ""
 
 
-def markdown_table(values: dict[str, list[float]]) -> str:
-    lines = [
-        "| Measurement | Median | Min | Max | Unit | x SELECT 1 | x INSERT |",
-        "|---|---:|---:|---:|---|---:|---:|",
-    ]
-    for metric in METRICS:
-        series = values[metric.key]
-        if not series:
-            continue
-        select, insert = baselines(metric)
-        lines.append(
-            f"| {metric.label} | {statistics.median(series):,.0f} | {min(series):,.0f}"
-            f" | {max(series):,.0f} | {metric.unit} | {_cell(metric, select, values)}"
-            f" | {_cell(metric, insert, values)} |"
-        )
-    return "\n".join(lines)
+def _format(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def results_table(values: Values) -> str:
+    def rows() -> Iterator[list[str]]:
+        for metric in METRICS:
+            series = values[metric.key]
+            if not series:
+                continue
+            select, insert = baselines(metric)
+            yield [
+                *measurement_cells(metric.label, metric.unit, series, _format),
+                _cell(metric, select, values),
+                _cell(metric, insert, values),
+            ]
+
+    return markdown_table(
+        [*MEASUREMENT_COLUMNS, "x SELECT 1", "x INSERT"],
+        [*MEASUREMENT_ALIGNMENT, True, True],
+        rows(),
+    )
 
 
 def measure(
@@ -547,19 +552,13 @@ async def server_facts(dsn: str) -> dict[str, str]:
 
 
 def environment(server: dict[str, str]) -> dict[str, Any]:
-    versions = {}
-    for package in ("trio", "msgspec", "psycopg", "trio-cluster"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "?"
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
-        "versions": versions,
+        "versions": package_versions(("trio", "msgspec", "psycopg", "trio-cluster")),
         "postgres": server,
     }
 
@@ -577,13 +576,7 @@ def report_json(
         if not series:
             continue
         select, insert = baselines(metric)
-        metrics[metric.key] = {
-            "label": metric.label,
-            "unit": metric.unit,
-            "median": statistics.median(series),
-            "min": min(series),
-            "max": max(series),
-            "values": series,
+        metrics[metric.key] = series_summary(metric.label, metric.unit, series) | {
             "x_select1": multiples(metric, select, values),
             "x_insert": multiples(metric, insert, values),
         }
@@ -596,25 +589,15 @@ def report_json(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.storage",
-        description="Benchmark the PostgreSQL storage of trio_cluster.",
+    parser = bench_parser(
+        "python -m benchmarks.storage", "Benchmark the PostgreSQL storage of trio_cluster."
     )
-    parser.add_argument("--quick", action="store_true", help="smaller runs, 3 repeats")
-    parser.add_argument("--repeats", type=int, help="repeats per measurement (default 5, 3)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument(
         "--durable", action="store_true", help="fsync and synchronous_commit on (default off)"
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    repeats: int = (3 if args.quick else 5) if args.repeats is None else args.repeats
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
+    repeats = repeats_of(parser, args)
     load_before = os.getloadavg()[0]
     with ThrowawayPostgres(durable=args.durable) as server:
         facts = trio.run(server_facts, server.dsn)
@@ -628,11 +611,9 @@ def main(argv: list[str] | None = None) -> None:
         f" {env['cpus']} CPUs, {repeats} repeats, median (min, max); {elapsed_s:.0f} s;"
         f" load average {load_before:.2f} before, {env['load_average_1m']:.2f} after\n"
     )
-    print(markdown_table(values))
+    print(results_table(values))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = report_json(values, sizes, repeats, elapsed_s, facts)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report_json(values, sizes, repeats, elapsed_s, facts))
 
 
 if __name__ == "__main__":
