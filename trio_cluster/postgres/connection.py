@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, Unpack
 
 import psycopg
 import trio
@@ -68,33 +68,17 @@ class ConnectOptions(TypedDict, total=False):
 
 
 @asynccontextmanager
-async def open_connection(
-    dsn: str,
-    *,
-    keepalives_idle_s: int = 5,
-    keepalives_interval_s: int = 1,
-    keepalives_count: int = 3,
-    tcp_user_timeout_ms: int | None = 5000,
-    application_name: str = "trio_cluster",
-    cleanup_timeout_s: float = 2.0,
-) -> AsyncIterator[Connection]:
+async def open_connection(dsn: str, **options: Unpack[ConnectOptions]) -> AsyncIterator[Connection]:
     """Connect to *dsn*; the connection is closed when the block exits.
 
-    The keepalive and TCP user timeout defaults make a silently dead peer (network
-    partition, crashed host) surface as `ConnectionLost` within seconds instead of
-    minutes. *cleanup_timeout_s* bounds the shielded work done after an interrupted
-    statement (cancel request, drain, rollback); past it the connection is given up.
-    Connecting itself has no timeout: bound it with a cancel scope.
+    The keepalive and TCP user timeout defaults (see `_connect`) make a silently
+    dead peer (network partition, crashed host) surface as `ConnectionLost` within
+    seconds instead of minutes. *cleanup_timeout_s* bounds the shielded work done
+    after an interrupted statement (cancel request, drain, rollback); past it the
+    connection is given up. Connecting itself has no timeout: bound it with a
+    cancel scope.
     """
-    conn = await _connect(
-        dsn,
-        keepalives_idle_s=keepalives_idle_s,
-        keepalives_interval_s=keepalives_interval_s,
-        keepalives_count=keepalives_count,
-        tcp_user_timeout_ms=tcp_user_timeout_ms,
-        application_name=application_name,
-        cleanup_timeout_s=cleanup_timeout_s,
-    )
+    conn = await _connect(dsn, **options)
     try:
         yield conn
     finally:
