@@ -82,7 +82,7 @@ class Counts:
     def line(self) -> str:
         runner = self.runner
         processed = self.frames if runner is None else runner.snapshot().processed
-        shards = 0 if runner is None else sum(1 for s in runner.shards.values() if s.accepting)
+        shards = 0 if runner is None else len(runner.shards)
         return f"status {time.process_time():.6f} {processed} {shards}"
 
 
@@ -128,7 +128,7 @@ async def run_node(dsn: str, *, prefix: str, shards: int) -> None:
             transport=TransportConfig(cluster=prefix),
         ) as runner,
     ):
-        print(f"ready {runner.address} {runner.session.machine_id}", flush=True)
+        print(f"ready {runner.address} {runner.machine_id}", flush=True)
         await until_stopped(Counts(runner))
 
 

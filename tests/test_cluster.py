@@ -103,5 +103,5 @@ async def test_two_runners_claiming_one_address_do_not_stop_the_others() -> None
         # A deployment mistake: a third runner registers an address in use.
         storage.session(RunnerSpec(cluster.runners[0].address), lambda _: None),
     ):
-        await cluster.runners[1].refresh_assignment()
+        await cluster.runners[1]._keeper._refresh_assignment()
         assert await cluster.runners[1].ask(add, "a", Add(1)) == 1

@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_cluster import TransportConfig
 from trio_cluster.config import ConfigError, EntityOptions, ShardingConfig
 from trio_cluster.core.retry import RetryPolicy
+from trio_cluster.postgres.leases import LeaseTiming
 
 # --- strategies ----------------------------------------------------------------------
 
@@ -367,3 +369,46 @@ def test_config_error_pickles() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert copy.fields == error.fields
     assert str(copy) == "a.b: must be >= 1 (got 0); c: unknown field"
+
+
+# --- transport and lease timing ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"secret": b""}, ValueError, "secret: must be non-empty"),
+        ({"secret": "text"}, TypeError, "secret: must be bytes, not str"),
+        ({"ping_interval": 0}, ValueError, "ping_interval: must be > 0"),
+        ({"ping_interval": -1.0}, ValueError, "ping_interval"),
+        ({"connect_timeout": 0}, ValueError, "connect_timeout: must be > 0"),
+        ({"handshake_timeout": 0}, ValueError, "handshake_timeout: must be > 0"),
+        ({"port": 70000}, ValueError, "port: must be <= 65535"),
+        ({"port": "80"}, TypeError, "port: must be an integer"),
+        ({"cluster": ""}, ValueError, "cluster: must not be empty"),
+        ({"cluster": "x" * 300}, ValueError, "cluster: must be at most 255"),
+        ({"max_frame_size": 100}, ValueError, "max_frame_size: must be >= 4096"),
+        ({"max_unsent": 1000}, ValueError, "max_unsent: must be at least max_frame_size"),
+        ({"max_handshakes": 0}, ValueError, "max_handshakes: must be >= 1"),
+        ({"tls_server": object()}, TypeError, "tls_server: must be an ssl.SSLContext"),
+    ],
+)
+def test_transport_config_is_validated_when_built(
+    changes: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        TransportConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"heartbeat_interval": 0}, "heartbeat_interval: must be > 0"),
+        ({"liveness_timeout": -1}, "liveness_timeout"),
+        ({"keepalive_count": 0}, "keepalive_count: must be >= 1"),
+        ({"idle_session_timeout_ms": 500}, "idle_session_timeout_ms: must exceed"),
+    ],
+)
+def test_lease_timing_is_validated_when_built(changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LeaseTiming(**changes)

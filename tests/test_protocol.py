@@ -24,6 +24,7 @@ from trio_cluster.core.frames import (
 )
 from trio_cluster.core.hashing import ShardId
 from trio_cluster.core.protocol import (
+    PRE_AUTH_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     ApplicationMessage,
     Closed,
@@ -68,12 +69,12 @@ def exchange(a: PeerConnection, b: PeerConnection) -> tuple[list[Event], list[Ev
 
 
 def connect(a: PeerConnection, b: PeerConnection) -> tuple[list[Event], list[Event]]:
-    """Both Hellos cross on the wire, as they do when both sides send at once."""
+    """The client's Hello goes out; then both answer whatever they receive."""
     hello_a, hello_b = a.initiate(), b.initiate()
+    assert hello_b == b""  # the server waits for the client's Hello
     events_b = b.receive_data(hello_a)
-    events_a = a.receive_data(hello_b)
     more_a, more_b = exchange(a, b)
-    return events_a + more_a, events_b + more_b
+    return more_a, events_b + more_b
 
 
 def open_pair(secret: bytes | None = None) -> tuple[PeerConnection, PeerConnection]:
@@ -92,23 +93,37 @@ def test_handshake(secret: bytes | None) -> None:
     assert (a.peer_runner, b.peer_runner) == ("runner-b", "runner-a")
 
 
-def test_handshake_does_not_depend_on_who_reads_first() -> None:
+def test_the_server_says_nothing_until_a_valid_hello() -> None:
     a, b = client(b"k"), server(b"k")
-    hello_a, hello_b = a.initiate(), b.initiate()
-    # The server reads the client's Hello and answers before the client reads anything.
-    assert b.receive_data(hello_a) == []
-    assert a.receive_data(hello_b + b.data_to_send()) == [Handshaken("runner-b")]
-    assert b.receive_data(a.data_to_send()) == [Handshaken("runner-a")]
+    hello_a = a.initiate()
+    assert b.initiate() == b""
+    # Half a Hello, then the rest: nothing from the server until it is whole.
+    assert b.receive_data(hello_a[:10]) == []
+    assert b.data_to_send() == b""
+    assert b.receive_data(hello_a[10:]) == []
+    hello_b, welcome_b = FrameDecoder().feed(b.data_to_send())
+    assert isinstance(hello_b, Hello)
+    assert hello_b.runner == "runner-b"
+    assert isinstance(welcome_b, Welcome)
+
+
+def test_a_server_names_no_cluster_to_a_stranger() -> None:
+    b = server(cluster="secret-cluster-name")
+    b.initiate()
+    b.receive_data(encode(Hello(PROTOCOL_VERSION, "guess", "scanner", CLIENT_NONCE)))
+    assert b"secret-cluster-name" not in b.data_to_send()
 
 
 def test_the_secret_never_crosses_the_wire() -> None:
     secret = b"s3cr3t-s3cr3t"
     a, b = client(secret), server(secret)
-    hello_a, hello_b = a.initiate(), b.initiate()
+    hello_a = a.initiate()
+    b.initiate()
     b.receive_data(hello_a)
-    a.receive_data(hello_b)
-    welcome_a, welcome_b = a.data_to_send(), b.data_to_send()
-    assert secret not in hello_a + hello_b + welcome_a + welcome_b
+    from_b = b.data_to_send()
+    a.receive_data(from_b)
+    welcome_a = a.data_to_send()
+    assert secret not in hello_a + from_b + welcome_a
     (welcome,) = FrameDecoder().feed(welcome_a)
     assert isinstance(welcome, Welcome)
     assert len(welcome.proof) == 32  # HMAC-SHA256
@@ -144,15 +159,15 @@ def test_a_proof_reflected_back_is_refused() -> None:
     # hands each its own challenge: the server's proof is no client's proof.
     secret = b"k"
     target = server(secret)
-    target_hello = target.initiate()
+    target.initiate()
     decoy = server(secret)  # same runner, a second connection
     decoy.initiate()
     attacker_hello = Hello(PROTOCOL_VERSION, "prod", "mallory", SERVER_NONCE)
     target.receive_data(encode(attacker_hello))
-    (challenge,) = FrameDecoder().feed(target_hello)
+    challenge, _ = FrameDecoder().feed(target.data_to_send())
     assert isinstance(challenge, Hello)
     decoy.receive_data(encode(Hello(PROTOCOL_VERSION, "prod", "mallory", challenge.nonce)))
-    (reflected,) = FrameDecoder().feed(decoy.data_to_send())
+    _, reflected = FrameDecoder().feed(decoy.data_to_send())
     assert isinstance(reflected, Welcome)
     (closed,) = target.receive_data(encode(reflected))
     assert isinstance(closed, Closed)
@@ -162,8 +177,9 @@ def test_a_proof_reflected_back_is_refused() -> None:
 def test_other_cluster_is_refused() -> None:
     a, b = client(cluster="prod"), server(cluster="staging")
     events_a, events_b = connect(a, b)
-    assert events_a == [Closed("cluster mismatch: we are in 'prod', peer is in 'staging'", False)]
-    assert events_b == [Closed("cluster mismatch: we are in 'staging', peer is in 'prod'", False)]
+    # The server refuses the client's Hello without naming its own cluster.
+    assert events_b == [Closed("cluster mismatch: peer is in 'prod'", False)]
+    assert events_a == [Closed("peer rejected us: \"cluster mismatch: peer is in 'prod'\"", True)]
 
 
 def test_other_protocol_version_is_refused_with_a_reject() -> None:
@@ -271,6 +287,59 @@ def test_a_message_too_large_for_the_peer_fails_alone() -> None:
         a.send(Reply(1, b"x" * 1000))
     a.send(Reply(2, b"fits"))
     assert exchange(a, b) == ([], [ReplyReceived(2, b"fits")])
+
+
+# -- bounds ---------------------------------------------------------------------------
+
+
+def test_before_the_handshake_only_small_frames_are_accepted() -> None:
+    b = server()
+    b.initiate()
+    header = (PRE_AUTH_MAX_FRAME_SIZE + 1).to_bytes(4, "big")
+    # Refused on the announced length alone: the body is never waited for.
+    (closed,) = b.receive_data(header)
+    assert isinstance(closed, Closed)
+    assert "exceeds the 4096-byte limit" in closed.reason
+
+
+def test_after_the_handshake_the_configured_frame_size_applies() -> None:
+    a, b = open_pair()
+    big = Reply(1, b"x" * (PRE_AUTH_MAX_FRAME_SIZE * 4))
+    a.send(big)
+    assert exchange(a, b) == ([], [ReplyReceived(1, big.reply)])
+
+
+def test_a_peer_that_does_not_read_closes_its_own_connection() -> None:
+    a = PeerConnection("runner-a", "prod", None, "client", CLIENT_NONCE, max_unsent=10_000)
+    b = PeerConnection("runner-b", "prod", None, "server", SERVER_NONCE, max_unsent=10_000)
+    connect(a, b)
+    assert a.send(Reply(1, b"x" * 5000))
+    assert not a.send(Reply(2, b"x" * 5000))
+    assert a.state is State.CLOSED
+    assert a.close_reason is not None and "not reading" in a.close_reason
+    assert a.data_to_send() == b""  # the queue is dropped, not sent
+
+
+def test_pongs_count_against_the_unsent_bound() -> None:
+    b = PeerConnection("runner-b", "prod", None, "server", SERVER_NONCE, max_unsent=1000)
+    a = client()
+    connect(a, b)
+    pings = encode_many([Ping(n) for n in range(1000)])
+    events = b.receive_data(pings)
+    assert isinstance(events[-1], Closed)
+    assert "not reading" in events[-1].reason
+    assert b.state is State.CLOSED
+    assert b.data_to_send() == b""
+
+
+def test_only_whole_frames_count_as_hearing_from_the_peer() -> None:
+    _, b = open_pair()
+    before = b.frames_received
+    ping = encode(Ping(1))
+    b.receive_data(ping[:-1])
+    assert b.frames_received == before
+    b.receive_data(ping[-1:])
+    assert b.frames_received == before + 1
 
 
 # -- closing ------------------------------------------------------------------------

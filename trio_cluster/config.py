@@ -145,6 +145,17 @@ class ShardingConfig:
     entity_defaults: EntityOptions = attrs.field(
         default=EntityOptions(), validator=_instance_of(EntityOptions, "an EntityOptions")
     )
+    max_scheduled_per_shard: int = attrs.field(
+        default=1000, validator=number(minimum=1, integer=True)
+    )
+    """Requests held in memory per shard until their ``deliver_at``. A volatile one past
+    it is refused with MailboxFull; a persisted one stays in storage, read back when due."""
+    max_message_size: int = attrs.field(
+        default=8 * 1024 * 1024, validator=number(minimum=1024, integer=True)
+    )
+    """Bytes of an encoded payload or reply; beyond it SerializationError. Keep it under
+    ``TransportConfig.max_frame_size``, so that whatever one runner accepts, every other
+    can carry."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:

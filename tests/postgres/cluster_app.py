@@ -162,7 +162,7 @@ async def serve(dsn: str, prefix: str) -> None:
                 transport=transport(prefix),
             ) as runner:
                 await runner.settled()
-                print(f"ready {runner.address} {runner.session.machine_id}", flush=True)
+                print(f"ready {runner.address} {runner.machine_id}", flush=True)
                 await terminated.wait()
             # Leaving the block above handed every shard off.
         nursery.cancel_scope.cancel()

@@ -130,7 +130,7 @@ async def serve(dsn: str, prefix: str, mode: str) -> None:
             ) as runner:
                 # Ready means serving exactly the shards assigned to this runner.
                 await runner.settled()
-                print(f"ready {runner.session.machine_id}", flush=True)
+                print(f"ready {runner.machine_id}", flush=True)
                 async for _ in signals:
                     break
 

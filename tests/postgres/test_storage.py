@@ -23,6 +23,7 @@ from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
 from trio_cluster.postgres import open_connection
+from trio_cluster.postgres.leases import LeaseTiming
 from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
@@ -72,6 +73,17 @@ async def terminate(dsn: str, pid: int) -> None:
     """End a backend and wait until it is gone (and its locks with it)."""
     async with open_connection(dsn) as conn:
         assert await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", [pid])
+
+
+async def lock_backend(dsn: str, address: str) -> int:
+    """The server process of a runner's lock connection, found as an operator would."""
+    async with open_connection(dsn) as conn:
+        pid = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            [f"trio_cluster lock {address}"[:63]],
+        )
+    assert pid is not None
+    return int(pid)
 
 
 # -- schema -----------------------------------------------------------------------
@@ -214,7 +226,7 @@ async def test_losing_the_lock_connection_stops_the_runners_entities(pg_dsn: str
         async with trio.open_nursery() as nursery:
             nursery.start_soon(blocked)
             await probe.started.wait()
-            pid = runner.session.backend_pid  # type: ignore[attr-defined]
+            pid = await lock_backend(pg_dsn, runner.address)
             with trio.fail_after(2):
                 await terminate(pg_dsn, pid)
         assert len(outcome) == 1
@@ -222,6 +234,43 @@ async def test_losing_the_lock_connection_stops_the_runners_entities(pg_dsn: str
         # It reconnects, takes its shards back and serves again.
         with trio.fail_after(10):
             assert await runner.ask(add_persisted, "a", Add(3)) == 3
+
+
+async def test_the_lock_connection_ending_mid_heartbeat_loses_leases_not_the_runner(
+    pg_dsn: str,
+) -> None:
+    """PostgreSQL ends the lock connection while a heartbeat waits on it: the runner lives.
+
+    The heartbeat is held in flight by a table lock, so the termination lands
+    on it for certain; before the fix the lost connection escaped the lease
+    session as an ExceptionGroup and ended the runner.
+    """
+    impl, _ = counter()
+    prefix = f"t{next(_prefixes)}_"
+    timing = LeaseTiming(heartbeat_interval=0.1, liveness_timeout=30.0)
+    async with (
+        open_postgres_storage(pg_dsn, prefix=prefix, timing=timing) as storage,
+        open_runner(impl, storage=storage, config=CONFIG) as runner,
+        open_connection(pg_dsn) as blocker,
+        open_connection(pg_dsn) as observer,
+    ):
+        assert await runner.ask(add_persisted, "a", Add(1)) == 1
+        pid = await lock_backend(pg_dsn, runner.address)
+        async with blocker.transaction():
+            await blocker.execute(f"LOCK TABLE {prefix}runners IN ACCESS EXCLUSIVE MODE")
+            with trio.fail_after(10):
+                # No notice says a statement started waiting on a lock: the server
+                # waits for it, in one statement.
+                await observer.execute_script(
+                    "DO $$ BEGIN WHILE NOT EXISTS (SELECT 1 FROM pg_stat_activity"
+                    f" WHERE pid = {int(pid)} AND wait_event_type = 'Lock') LOOP"
+                    " PERFORM pg_stat_clear_snapshot(); PERFORM pg_sleep(0.005);"
+                    " END LOOP; END $$"
+                )
+            await terminate(pg_dsn, pid)
+        with trio.fail_after(15):
+            assert await runner.ask(add_persisted, "a", Add(2)) == 2
+        assert await lock_backend(pg_dsn, runner.address) != pid
 
 
 async def test_requests_stored_while_no_runner_runs_are_delivered_on_start(pg_dsn: str) -> None:
@@ -335,7 +384,7 @@ async def test_restarting_postgres_mid_traffic_loses_no_acknowledged_message(
                 lambda: all(probe.runs[f"e{int(k[1:]) % 5}/add_once/{k}"] for k in acknowledged)
             )
         # The outage really cost the leases: they were taken back under new epochs.
-        assert all(shard.lease.epoch > 1 for shard in runner.shards.values())
+        assert all(lease.epoch > 1 for lease in runner.shards.values())
         async with open_connection(dsn) as conn:
             unreplied = await conn.fetchval(
                 f"SELECT count(*) FROM {storage._prefix}messages WHERE NOT processed"

@@ -7,11 +7,23 @@ conversion, and a redelivered message is byte-for-byte what the caller sent.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import msgspec
 
+from .hashing import shard_index
+
 MAX_DEDUP_KEY_LENGTH = 255
 """Longer keys are stored as their SHA-256, so any index can hold them."""
+MAX_ENTITY_ID_BYTES = 1024
+"""UTF-8 bytes; PostgreSQL indexes entity ids, and a btree entry must fit a third of a page."""
+MAX_PRIMARY_KEY_BYTES = 4096
+"""UTF-8 bytes of a primary key (the dedup key hashes long ones; the key itself is kept)."""
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 8192
+"""UTF-8 bytes of all header names and values of one request together."""
+MAX_CALL_CHAIN = 64
+"""Entities waiting up one call chain; a longer chain is a runaway recursion."""
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -62,3 +74,68 @@ def dedup_key(entity_type: str, entity_id: str, rpc: str, primary_key: str) -> s
     if len(key) > MAX_DEDUP_KEY_LENGTH:
         return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
     return key
+
+
+def text_problem(what: str, text: object, max_bytes: int) -> str | None:
+    """Why ``text`` cannot name anything in storage or on the wire, or None when it can.
+
+    PostgreSQL text refuses NUL, UTF-8 refuses lone surrogates, and an index
+    refuses an entry that is too long: each would otherwise surface late, as
+    a storage or encoding error, or as a retryable error that never succeeds.
+    """
+    if not isinstance(text, str):
+        return f"{what} must be a str (got {type(text).__name__})"
+    if "\x00" in text:
+        return f"{what} contains a NUL character"
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{what} is not valid Unicode (a lone surrogate)"
+    if size > max_bytes:
+        return f"{what} is {size} UTF-8 bytes, over the limit of {max_bytes}"
+    return None
+
+
+def headers_problem(headers: Mapping[str, str]) -> str | None:
+    """Why a request's headers are refused (too many, too large, not text), or None."""
+    if len(headers) > MAX_HEADERS:
+        return f"{len(headers)} headers, over the limit of {MAX_HEADERS}"
+    total = 0
+    for name, value in headers.items():
+        for part, text in (("header name", name), (f"header {name!r}", value)):
+            problem = text_problem(part, text, MAX_HEADER_BYTES)
+            if problem is not None:
+                return problem
+            total += len(text.encode("utf-8"))
+    if total > MAX_HEADER_BYTES:
+        return f"headers are {total} UTF-8 bytes, over the limit of {MAX_HEADER_BYTES}"
+    return None
+
+
+def envelope_problem(envelope: Envelope, shards_per_group: int) -> str | None:
+    """Why a request that came from outside this process is refused, or None.
+
+    Whatever a peer sends is checked here before it reaches a shard: an
+    envelope addressed to the wrong shard would activate a second copy of
+    its entity, and an oversized one would be stored or echoed back.
+    """
+    problem = (
+        text_problem("entity id", envelope.entity_id, MAX_ENTITY_ID_BYTES)
+        or headers_problem(envelope.headers)
+        or (
+            None
+            if envelope.primary_key is None
+            else text_problem("primary key", envelope.primary_key, MAX_PRIMARY_KEY_BYTES)
+        )
+    )
+    if problem is not None:
+        return problem
+    if len(envelope.call_chain) > MAX_CALL_CHAIN:
+        return f"call chain of {len(envelope.call_chain)}, over the limit of {MAX_CALL_CHAIN}"
+    expected = shard_index(envelope.entity_id, shards_per_group)
+    if envelope.shard_index != expected:
+        return (
+            f"entity {envelope.entity_id!r} belongs to shard {expected} of {shards_per_group}, "
+            f"not {envelope.shard_index}: do all runners use the same shards_per_group?"
+        )
+    return None

@@ -236,12 +236,22 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        if not 1 <= max_frame_size <= _MAX_LENGTH:
-            raise ValueError(f"max_frame_size must be in 1..{_MAX_LENGTH} (got {max_frame_size})")
-        self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._start = 0
         self._error: str | None = None
+        self.max_frame_size = max_frame_size
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest body accepted; may change between feeds (a connection raises it
+        once the peer has authenticated). Bytes already buffered are judged anew."""
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, limit: int) -> None:
+        if not 1 <= limit <= _MAX_LENGTH:
+            raise ValueError(f"max_frame_size must be in 1..{_MAX_LENGTH} (got {limit})")
+        self._max_frame_size = limit
 
     @property
     def pending(self) -> int:
@@ -259,7 +269,7 @@ class FrameDecoder:
         buffer += data
         position = self._start
         end = len(buffer)
-        max_size = self.max_frame_size
+        max_size = self._max_frame_size
         decode = _decoder.decode
         messages: list[Message] = []
         # One view for the whole batch: a memoryview costs as much as decoding a

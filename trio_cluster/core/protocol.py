@@ -6,8 +6,12 @@ returns, and writes whatever :meth:`~PeerConnection.data_to_send` hands back.
 Every rule of the protocol therefore lives here, where it can be tested byte for
 byte and for every way the network might split the stream.
 
-The handshake is symmetric: both sides send :class:`~.frames.Hello` at once, and
-answer the peer's Hello with a :class:`~.frames.Welcome` whose proof is
+The dialling side (the client) speaks first: it sends its :class:`~.frames.Hello`
+at once. The accepting side (the server) says nothing until it has received a
+Hello of the right protocol version and cluster, so a scanner learns nothing
+of the runner, not even its name, by connecting. Each side answers the peer's
+Hello with a :class:`~.frames.Welcome` (the server sends its own Hello just
+before), whose proof is
 
     HMAC-SHA256(secret, [label, version, cluster, prover's role,
                          client runner, client nonce, server runner, server nonce])
@@ -25,6 +29,14 @@ sides disagree about the cluster's configuration.
 States go AWAITING_HELLO -> AWAITING_WELCOME -> OPEN -> CLOSED and never back.
 Once CLOSED the connection accepts nothing and returns no events; the only bytes
 left to send are the Reject or Goodbye that closed it.
+
+Two bounds protect the runner from its peer. Until the handshake is done, a
+frame may announce at most :data:`PRE_AUTH_MAX_FRAME_SIZE` bytes (a Hello is
+well under 1 KiB), so an unauthenticated connection can never make the runner
+buffer more than that; afterwards the configured frame size applies. And the
+bytes queued for the peer, Pongs and Welcomes included, are bounded by
+``max_unsent``: a peer that does not read closes its own connection, with
+nothing more queued (see :meth:`PeerConnection.send`).
 """
 
 from __future__ import annotations
@@ -57,7 +69,9 @@ from .frames import (
 from .hashing import ShardId
 
 __all__ = [
+    "DEFAULT_MAX_UNSENT",
     "MIN_NONCE_SIZE",
+    "PRE_AUTH_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "ApplicationMessage",
     "Closed",
@@ -80,6 +94,12 @@ PROTOCOL_VERSION: Final = 1
 
 MIN_NONCE_SIZE: Final = 16
 """128 random bits: a nonce that repeats would let an old Welcome be replayed."""
+
+PRE_AUTH_MAX_FRAME_SIZE: Final = 4096
+"""Largest frame body accepted before the handshake completes."""
+
+DEFAULT_MAX_UNSENT: Final = 64 * 1024 * 1024
+"""Bytes queued for a peer that is not reading, beyond which its connection closes."""
 
 _PROOF_LABEL: Final = "trio_cluster handshake proof"
 _MAX_QUOTED: Final = 100
@@ -184,6 +204,7 @@ class PeerConnection:
         nonce: bytes,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_unsent: int = DEFAULT_MAX_UNSENT,
     ) -> None:
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server' (got {role!r})")
@@ -203,8 +224,13 @@ class PeerConnection:
         self._peer_hello: Hello | None = None
         self._initiated = False
         self._state = State.AWAITING_HELLO
-        self._decoder = FrameDecoder(max_frame_size)
+        self._max_frame_size = max_frame_size
+        self._max_unsent = max_unsent
+        self._decoder = FrameDecoder(min(max_frame_size, PRE_AUTH_MAX_FRAME_SIZE))
         self._outgoing = bytearray()
+        self.frames_received = 0
+        """Whole frames decoded so far: what liveness counts (bytes of a frame never
+        finished prove nothing)."""
 
     @property
     def state(self) -> State:
@@ -216,11 +242,14 @@ class PeerConnection:
         return len(self._outgoing)
 
     def initiate(self) -> bytes:
-        """Return our Hello, to be sent before anything else; call it exactly once."""
+        """Return what to send before anything else (our Hello, for a client; nothing,
+        for a server, which waits for the client's); call it exactly once."""
         if self._initiated:
             raise LocalProtocolError("initiate() was already called")
         self._initiated = True
-        return encode(self._hello, max_frame_size=self._decoder.max_frame_size)
+        if self.role == "server":
+            return b""
+        return encode(self._hello, max_frame_size=self._max_frame_size)
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; return the events they complete, in order.
@@ -238,6 +267,7 @@ class PeerConnection:
             messages, error = exc.messages, exc.reason
         events: list[Event] = []
         for message in messages:
+            self.frames_received += 1
             event = self._handle(message)
             if event is not None:
                 events.append(event)
@@ -255,11 +285,13 @@ class PeerConnection:
         truncated = " in the middle of a frame" if self._decoder.pending else ""
         return [self._close(f"connection lost{truncated}", by_peer=True)]
 
-    def send(self, message: ApplicationMessage) -> None:
+    def send(self, message: ApplicationMessage) -> bool:
         """Queue ``message``; :meth:`data_to_send` coalesces everything queued.
 
-        Raises LocalProtocolError unless the connection is OPEN, and FrameTooLarge
-        (queueing nothing) for a message the peer would refuse.
+        Returns False when queueing it took the unsent bytes over ``max_unsent``:
+        the peer is not reading, so the connection is now CLOSED, with its
+        queue dropped. Raises LocalProtocolError unless the connection is OPEN,
+        and FrameTooLarge (queueing nothing) for a message the peer would refuse.
         """
         if not isinstance(message, _APPLICATION_TYPES):
             raise LocalProtocolError(
@@ -270,7 +302,7 @@ class PeerConnection:
             raise LocalProtocolError(
                 f"cannot send {type(message).__name__}: the connection is {self._state.value}"
             )
-        self._queue(message)
+        return self._queue(message)
 
     def close(self, reason: str) -> None:
         """Say Goodbye and close; a no-op when already closed."""
@@ -299,7 +331,8 @@ class PeerConnection:
                 case Notify(shard_group, shard_index, request_ids):
                     return NotifyReceived(ShardId(shard_group, shard_index), request_ids)
                 case Ping(nonce):
-                    self._queue(Pong(nonce))
+                    if not self._queue(Pong(nonce)):
+                        return Closed(self.close_reason or "", by_peer=False)
                     return PingReceived(nonce)
                 case Pong(nonce):
                     return PongReceived(nonce)
@@ -322,16 +355,18 @@ class PeerConnection:
                 f" peer speaks {hello.protocol_version}"
             )
         if hello.cluster != self.cluster:
-            return self._fail(
-                f"cluster mismatch: we are in {_quote(self.cluster)},"
-                f" peer is in {_quote(hello.cluster)}"
-            )
+            # A server names no cluster of its own to a peer that has proved nothing.
+            ours = "" if self.role == "server" else f"we are in {_quote(self.cluster)}, "
+            return self._fail(f"cluster mismatch: {ours}peer is in {_quote(hello.cluster)}")
         if len(hello.nonce) < MIN_NONCE_SIZE:
             return self._fail(f"peer nonce too short ({len(hello.nonce)} bytes)")
         self._peer_hello = hello
         self.peer_runner = hello.runner
-        self._queue(Welcome(self._proof(prover=self.role)))
         self._state = State.AWAITING_WELCOME
+        if self.role == "server" and not self._queue(self._hello):
+            return Closed(self.close_reason or "", by_peer=False)
+        if not self._queue(Welcome(self._proof(prover=self.role))):
+            return Closed(self.close_reason or "", by_peer=False)
         return None
 
     def _on_welcome(self, proof: bytes) -> Event:
@@ -341,6 +376,7 @@ class PeerConnection:
         if not hmac.compare_digest(proof, self._proof(prover=peer_role)):
             return self._fail("authentication failed: bad proof")
         self._state = State.OPEN
+        self._decoder.max_frame_size = self._max_frame_size
         assert self.peer_runner is not None  # set with the Hello, which came first
         return Handshaken(self.peer_runner)
 
@@ -377,8 +413,15 @@ class PeerConnection:
         self.close_reason = reason
         return Closed(reason, by_peer)
 
-    def _queue(self, message: Message) -> None:
-        encode_into(message, self._outgoing, max_frame_size=self._decoder.max_frame_size)
+    def _queue(self, message: Message) -> bool:
+        """Queue a frame; False (and CLOSED) when that leaves too much unsent."""
+        encode_into(message, self._outgoing, max_frame_size=self._max_frame_size)
+        if len(self._outgoing) <= self._max_unsent:
+            return True
+        unsent = len(self._outgoing)
+        self._outgoing = bytearray()
+        self._close(f"peer is not reading: {unsent} bytes unsent", by_peer=False)
+        return False
 
 
 def _quote(text: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -22,6 +22,14 @@ from ..errors import (
     SerializationError,
     Suspended,
 )
+
+
+class ReplyTarget(Protocol):
+    """Where the reply to one request goes: a caller's slot, a peer's link, the
+    waiters of a stored request. Resolving never raises, and a second reply
+    to the same target is ignored."""
+
+    def resolve(self, reply: bytes) -> None: ...
 
 
 class ReplyKind(IntEnum):
@@ -52,20 +60,37 @@ _declared_decoder = msgspec.msgpack.Decoder(_DeclaredError)
 _cluster_decoder = msgspec.msgpack.Decoder(_ClusterError)
 
 
-def encode_payload(value: object) -> bytes:
-    """Encode a payload or success value; SerializationError says which value failed."""
+_UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
+"""What msgspec raises for a value msgpack cannot carry: an unsupported type, a
+string that is not Unicode (UnicodeEncodeError is a ValueError), an int beyond
+64 bits, a container that contains itself."""
+
+
+def encode_payload(value: object, max_size: int | None = None) -> bytes:
+    """Encode a payload or success value; SerializationError says which value failed.
+
+    ``max_size`` refuses what no runner could carry on to another (the
+    message size limit), here rather than when a frame would not fit.
+    """
     try:
-        return _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+        encoded = _encoder.encode(value)
+    except _UNENCODABLE as exc:
         raise SerializationError(f"cannot encode {type(value).__name__}: {exc}") from exc
+    if max_size is not None and len(encoded) > max_size:
+        raise SerializationError(
+            f"{type(value).__name__} encodes to {len(encoded)} bytes,"
+            f" over the message size limit of {max_size}"
+        )
+    return encoded
 
 
-def success(value: object) -> bytes:
-    return _encoder.encode(_Reply(ReplyKind.SUCCESS, msgspec.Raw(encode_payload(value))))
+def success(value: object, max_size: int | None = None) -> bytes:
+    body = encode_payload(value, max_size)
+    return _encoder.encode(_Reply(ReplyKind.SUCCESS, msgspec.Raw(body)))
 
 
-def declared_error(error: Exception) -> bytes:
-    body = encode_payload(_DeclaredError(type(error).__name__, list(error.args)))
+def declared_error(error: Exception, max_size: int | None = None) -> bytes:
+    body = encode_payload(_DeclaredError(type(error).__name__, list(error.args)), max_size)
     return _encoder.encode(_Reply(ReplyKind.DECLARED_ERROR, msgspec.Raw(body)))
 
 
@@ -77,6 +102,12 @@ def cluster_error(error: ClusterError) -> bytes:
         detail = error.cause_type
     body = _encoder.encode(_ClusterError(error.reason, error.message, detail))
     return _encoder.encode(_Reply(ReplyKind.CLUSTER_ERROR, msgspec.Raw(body)))
+
+
+def failure(error: ClusterError, request_id: int) -> bytes:
+    """The reply saying ``error`` happened to request ``request_id``."""
+    error.request_id = request_id
+    return cluster_error(error)
 
 
 _CLUSTER_ERROR_HEAD = bytes([0x92, ReplyKind.CLUSTER_ERROR])

@@ -30,7 +30,7 @@ async def run_node(dsn: str, *, prefix: str, port: int, shards: int, client: boo
             transport=TransportConfig(port=port, cluster=prefix),
         ) as runner,
     ):
-        print(f"ready {runner.address} {runner.session.machine_id}", flush=True)
+        print(f"ready {runner.address} {runner.machine_id}", flush=True)
         signum = await wait_for_termination()
         print(f"stopping on signal {signum}", flush=True)
 

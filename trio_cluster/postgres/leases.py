@@ -33,8 +33,10 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.retry import RetryPolicy
-from ..errors import PersistenceError
+from ..core.validation import number
+from ..errors import ClusterError, PersistenceError
 from ..storage.base import Lease
+from .boundary import translated
 from .connection import Connection, open_connection
 from .errors import PgError
 from .schema import lock_namespace
@@ -65,13 +67,25 @@ class LeaseTiming:
     refused by the epoch fence.
     """
 
-    heartbeat_interval: float = 1.0
-    liveness_timeout: float = 2.0
-    keepalive_idle: int = 2
-    keepalive_interval: int = 1
-    keepalive_count: int = 3
-    user_timeout_ms: int = 5000
-    idle_session_timeout_ms: int = 5000
+    heartbeat_interval: float = attrs.field(
+        default=1.0, validator=number(minimum=0, inclusive=False)
+    )
+    liveness_timeout: float = attrs.field(default=2.0, validator=number(minimum=0, inclusive=False))
+    keepalive_idle: int = attrs.field(default=2, validator=number(minimum=1, integer=True))
+    keepalive_interval: int = attrs.field(default=1, validator=number(minimum=1, integer=True))
+    keepalive_count: int = attrs.field(default=3, validator=number(minimum=1, integer=True))
+    user_timeout_ms: int = attrs.field(default=5000, validator=number(minimum=1, integer=True))
+    idle_session_timeout_ms: int = attrs.field(
+        default=5000, validator=number(minimum=0, integer=True)
+    )
+    """0 leaves the server's setting (usually: no timeout)."""
+
+    def __attrs_post_init__(self) -> None:
+        if 0 < self.idle_session_timeout_ms <= 1000 * self.heartbeat_interval:
+            raise ValueError(
+                "idle_session_timeout_ms: must exceed heartbeat_interval, or the server ends"
+                f" the lock session between two heartbeats (got {self.idle_session_timeout_ms})"
+            )
 
 
 class PgLeaseSession:
@@ -115,10 +129,17 @@ class PgLeaseSession:
     # -- the lock connection's lifecycle --------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the lock connection; on loss report every lease lost and reconnect."""
+        """Hold the lock connection; on loss report every lease lost and reconnect.
+
+        The lock session is a failure boundary: once registered, nothing the
+        database or the network does ends this task (and so the runner). The
+        connection ending at any moment, a heartbeat in flight included, loses
+        every lease and reconnects under backoff.
+        """
         delays = RECONNECT.delays()
         first = True
         while True:
+            failure: BaseException | None = None
             try:
                 async with self._connect() as conn:
                     await self._register(conn)
@@ -132,15 +153,19 @@ class PgLeaseSession:
                         nursery.start_soon(self._heartbeat, conn)
                         await conn.wait_closed()
                         nursery.cancel_scope.cancel()
-            except (PgError, OSError) as error:
-                if first:
-                    raise PersistenceError(f"cannot register runner: {error}") from error
-                log.warning("lock connection of runner %s failed: %s", self._machine_id, error)
+            except* (PgError, OSError, ClusterError) as lost:
+                failure = lost.exceptions[0]
+                log.warning("lock connection of runner %s failed: %s", self._machine_id, failure)
+            except* Exception as bug:
+                failure = bug
+                log.exception("lock session of runner %s failed", self._machine_id, exc_info=bug)
             finally:
                 self._conn = None
                 if self._registered.is_set():
                     self._registered = trio.Event()
                 self._lose_all()
+            if first and failure is not None:
+                raise PersistenceError(f"cannot register runner: {failure}") from failure
             await trio.sleep(next(delays))
 
     @asynccontextmanager
@@ -221,7 +246,10 @@ class PgLeaseSession:
     def _lose_all(self) -> None:
         held, self._held = self._held, {}
         for shard in held:
-            self._on_lease_lost(shard)
+            try:
+                self._on_lease_lost(shard)
+            except Exception:
+                log.exception("reporting the loss of %s failed", shard)
 
     async def _namespace(self, conn: Connection, name: str) -> int:
         number = self._namespaces.get(name)
@@ -238,7 +266,7 @@ class PgLeaseSession:
 
     async def acquire(self, shard: ShardId) -> Lease | None:
         conn = self._connection()
-        try:
+        with translated(f"acquire {shard}"):
             namespace = await self._namespace(conn, f"group:{shard.group}")
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", [namespace, shard.index]
@@ -259,8 +287,6 @@ class PgLeaseSession:
                         "SELECT pg_advisory_unlock($1, $2)", [namespace, shard.index]
                     )
                 raise
-        except PgError as error:
-            raise PersistenceError(f"cannot acquire {shard}: {error}") from error
         lease = Lease(shard, self._machine_id, int(epoch))
         self._held[shard] = lease
         return lease
@@ -270,11 +296,9 @@ class PgLeaseSession:
             return
         del self._held[lease.shard]
         conn = self._connection()
-        try:
+        with translated(f"release {lease.shard}"):
             namespace = await self._namespace(conn, f"group:{lease.shard.group}")
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", [namespace, lease.shard.index])
-        except PgError as error:
-            raise PersistenceError(f"cannot release {lease.shard}: {error}") from error
 
     async def leave(self) -> None:
         """Drop out of the live runners (the machine-id lock stays until the end)."""
@@ -291,5 +315,5 @@ class PgLeaseSession:
                 " SELECT pg_notify($2, 'm:') FROM r",
                 [self._machine_id, self._channel],
             )
-        except PgError as error:
+        except (PgError, OSError) as error:
             log.warning("could not unregister runner %s: %s", self._machine_id, error)

@@ -24,6 +24,7 @@ from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError
 from ..storage.base import Gap, Lease, MembershipChanged, Notice, Replied, Saved, Stored
 from ..storage.notices import open_follower
+from .boundary import translated
 from .connection import open_connection
 from .errors import PgError
 from .leases import RECONNECT
@@ -99,7 +100,7 @@ class PgMessageStorage:
         p = self._prefix
         notice = f"s:{origin}:{envelope.shard_group}:{envelope.shard_index}:{envelope.request_id}"
         dedup_key = envelope.dedup_key
-        try:
+        with translated("store request"):
             inserted = await self._pool.fetchval(
                 f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -128,15 +129,13 @@ class PgMessageStorage:
             row = await self._pool.fetchrow(
                 f"SELECT request_id, reply FROM {p}messages WHERE dedup_key = $1", [dedup_key]
             )
-        except PgError as error:
-            raise PersistenceError(f"cannot store request: {error}") from error
         if row is None:
             raise PersistenceError(f"request with key {dedup_key!r} vanished while storing")
         return Saved(int(row[0]), duplicate=True, reply=row[1])
 
     async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
         p = self._prefix
-        try:
+        with translated(f"store reply to {request_id}"):
             row = await self._pool.fetchrow(
                 f"WITH lease AS (SELECT 1 FROM {p}shards WHERE shard_group = $1"
                 " AND shard_index = $2 AND epoch = $3 FOR SHARE),"
@@ -155,8 +154,6 @@ class PgMessageStorage:
                     lease.machine_id,
                 ],
             )
-        except PgError as error:
-            raise PersistenceError(f"cannot store reply to {request_id}: {error}") from error
         if row is None or not row[0]:
             raise EntityNotAssignedToRunner(
                 f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
@@ -164,12 +161,10 @@ class PgMessageStorage:
             )
 
     async def reply_for(self, request_id: int) -> bytes | None:
-        try:
+        with translated(f"read reply to {request_id}"):
             reply = await self._pool.fetchval(
                 f"SELECT reply FROM {self._prefix}messages WHERE request_id = $1", [request_id]
             )
-        except PgError as error:
-            raise PersistenceError(f"cannot read reply to {request_id}: {error}") from error
         return None if reply is None else bytes(reply)
 
     async def unprocessed(
@@ -205,10 +200,8 @@ class PgMessageStorage:
         )
 
     async def _read(self, sql: str, params: Sequence[Any], shard: ShardId) -> list[Envelope]:
-        try:
+        with translated(f"read requests of {shard}"):
             rows = await self._pool.fetch(sql, params)
-        except PgError as error:
-            raise PersistenceError(f"cannot read requests of {shard}: {error}") from error
         return [_envelope(row) for row in rows]
 
     @asynccontextmanager
@@ -249,4 +242,9 @@ class PgMessageStorage:
                 if first:
                     raise PersistenceError(f"cannot listen for notices: {error}") from error
                 log.warning("notice connection lost, reconnecting: %s", error)
+            except Exception:
+                # A bug, not the database: reconnect rather than end the runner.
+                if first:
+                    raise
+                log.exception("following notices failed, reconnecting")
             await trio.sleep(next(delays))

@@ -14,6 +14,7 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
+from .boundary import translated
 from .connection import open_connection
 from .errors import PgError
 from .leases import LeaseTiming, PgLeaseSession
@@ -48,7 +49,7 @@ class PostgresStorage:
         dead the moment the server has ended its lock connection.
         """
         p = self._prefix
-        try:
+        with translated("list runners"):
             if self._runners_namespace is None:
                 async with self._pool.connection() as conn:
                     self._runners_namespace = await lock_namespace(conn, f"{p}:runners")
@@ -59,8 +60,6 @@ class PostgresStorage:
                 " AND l.objid = r.machine_id::oid AND l.pid = r.lock_pid)",
                 [self._runners_namespace],
             )
-        except PgError as error:
-            raise PersistenceError(f"cannot list runners: {error}") from error
         return [
             RunnerSpec(address, float(weight), frozenset(filter(None, groups.split(","))))
             for address, weight, groups in rows

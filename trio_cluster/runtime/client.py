@@ -4,42 +4,102 @@ Persisted requests are stored before anything else happens, so an
 acknowledged request survives whatever comes next; the direct delivery
 that follows is only the fast path, and redelivery from storage is the
 guarantee.
+
+This is the public boundary of sending: everything ``ask`` and ``tell``
+raise is a ClusterError or the RPC's declared error, except TypeError, which
+says the calling code itself is wrong (an argument of the wrong type, a
+naive ``deliver_at``, a ``primary_key`` function that raised or returned a
+non-string). Bad content that may come from outside input (an entity id
+with a NUL, a key too long) is MalformedMessage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from ..config import ShardingConfig
 from ..core import reply as replies
-from ..core.envelope import Envelope, entity_key
+from ..core.envelope import (
+    MAX_ENTITY_ID_BYTES,
+    MAX_PRIMARY_KEY_BYTES,
+    Envelope,
+    entity_key,
+    headers_problem,
+    text_problem,
+)
 from ..core.hashing import ShardId, shard_index
+from ..core.snowflake import SnowflakeGenerator
 from ..entity import Rpc
 from ..errors import (
     AlreadyProcessingMessage,
     EntityNotAssignedToRunner,
+    MalformedMessage,
     RunnerUnavailable,
     SendTimeout,
 )
+from ..storage.base import MessageStorage
 from .context import call_chain
-from .replies import wait
+from .delivery import Delivery
+from .metrics import Counters
+from .replies import ReplySlot, StoredReplies
+from .routing import Router
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..transport.link import PeerLink
 
 P = TypeVar("P")
 S = TypeVar("S")
 
 
+class _Dropped:
+    """The reply target of a volatile tell: nobody waits for it."""
+
+    __slots__ = ()
+
+    def resolve(self, reply: bytes) -> None:
+        pass
+
+
+_DROPPED = _Dropped()
+
+
 class Client:
     """Sends to any entity of the cluster through one runner."""
 
-    def __init__(self, runner: Runner) -> None:
-        self._runner = runner
+    def __init__(
+        self,
+        *,
+        config: ShardingConfig,
+        router: Router,
+        messages: MessageStorage,
+        stored_replies: StoredReplies,
+        machine_id: Callable[[], int],
+        metrics: Counters,
+    ) -> None:
+        self._config = config
+        self._router = router
+        self._messages = messages
+        self._stored_replies = stored_replies
+        self._machine_id = machine_id
+        self._metrics = metrics
+        self._ids = SnowflakeGenerator(machine_id() % 1024)
+
+    def generate_id(self) -> int:
+        """A Snowflake id unique in the cluster: request ids are minted with it too.
+
+        The machine id is read each time: a runner that lost its registration
+        and came back under another id must not keep minting with the old one.
+        """
+        machine = self._machine_id() % 1024
+        if machine != self._ids.machine_id:
+            self._ids = SnowflakeGenerator(machine)
+        return self._ids.next_id()
 
     async def ask(
         self,
@@ -49,6 +109,7 @@ class Client:
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
         deliver_at: datetime | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> S:
         """Send a request and return the handler's result, or raise its declared error.
 
@@ -56,10 +117,11 @@ class Client:
         ``ShardingConfig.send_timeout``). A persisted request stays stored
         after a timeout and is still processed; asking again with the same
         primary key returns its reply. ``deliver_at`` holds the request back
-        from the handler until that (timezone-aware) time.
+        from the handler until that (timezone-aware) time. ``headers`` reach
+        the handler as ``ctx.request.headers``.
         """
         chain = call_chain.get()
-        target = entity_key(rpc.entity.name, entity_id)
+        target = entity_key(rpc.entity.name, entity_id) if isinstance(entity_id, str) else ""
         if target in chain:
             raise AlreadyProcessingMessage(
                 f"{target} is waiting, up the call chain {' -> '.join(chain)}, "
@@ -67,17 +129,23 @@ class Client:
                 "or raise the entity's concurrency)",
                 entity_id=entity_id,
             )
-        envelope = self._envelope(rpc, entity_id, payload, chain, deliver_at)
-        limit = self._runner.config.send_timeout if timeout is None else timeout
-        with trio.move_on_after(limit if limit > 0 else math.inf):
-            reply = await self._send(envelope)
-            return replies.decode(  # type: ignore[no-any-return]
-                reply,
-                rpc.success_decoder,
-                rpc.errors_by_name,
-                entity_id=entity_id,
-                request_id=envelope.request_id,
-            )
+        envelope = self._envelope(
+            rpc, entity_id, payload, chain=chain, deliver_at=deliver_at, headers=headers
+        )
+        limit = self._config.send_timeout if timeout is None else timeout
+        self._metrics.waiting_callers += 1
+        try:
+            with trio.move_on_after(limit if limit > 0 else math.inf):
+                reply = await self._send(envelope)
+                return replies.decode(  # type: ignore[no-any-return]
+                    reply,
+                    rpc.success_decoder,
+                    rpc.errors_by_name,
+                    entity_id=entity_id,
+                    request_id=envelope.request_id,
+                )
+        finally:
+            self._metrics.waiting_callers -= 1
         raise SendTimeout(
             f"no reply from {target} to {rpc.name!r} within {limit} s",
             entity_id=entity_id,
@@ -85,7 +153,13 @@ class Client:
         )
 
     async def tell(
-        self, rpc: Rpc[P, Any], entity_id: str, payload: P, *, deliver_at: datetime | None = None
+        self,
+        rpc: Rpc[P, Any],
+        entity_id: str,
+        payload: P,
+        *,
+        deliver_at: datetime | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Send without waiting for the handler.
 
@@ -95,47 +169,63 @@ class Client:
         ``deliver_at``, the handler sees it at that time, not before; a
         persisted one is kept to that time across restarts.
         """
-        envelope = self._envelope(rpc, entity_id, payload, (), deliver_at)
+        envelope = self._envelope(
+            rpc, entity_id, payload, chain=(), deliver_at=deliver_at, headers=headers
+        )
         if envelope.persisted:
-            saved = await self._runner.storage.messages.save_request(
-                envelope, self._runner.session.machine_id, announce=not self._owned_here(envelope)
+            saved = await self._messages.save_request(
+                envelope, self._machine_id(), announce=not self._serves(envelope)
             )
             if not saved.duplicate:
-                self._notify(envelope)
+                self._offer_here(envelope)
             return
-        await self._deliver(envelope)
+        await self._deliver(envelope, _DROPPED)
 
     def _envelope(
         self,
         rpc: Rpc[P, Any],
         entity_id: str,
         payload: P,
+        *,
         chain: tuple[str, ...],
         deliver_at: datetime | None,
+        headers: Mapping[str, str] | None,
     ) -> Envelope:
-        runner = self._runner
+        """Check what the caller gave and build the request, before anything is sent."""
+        if not isinstance(rpc, Rpc):
+            raise TypeError(f"ask and tell take an Rpc (got {rpc!r})")
+        problem = text_problem("entity id", entity_id, MAX_ENTITY_ID_BYTES)
+        if problem is not None:
+            if not isinstance(entity_id, str):
+                raise TypeError(problem)
+            raise MalformedMessage(problem, entity_id=entity_id)
+        primary_key = _primary_key(rpc, payload)
+        if primary_key is not None:
+            problem = text_problem("primary key", primary_key, MAX_PRIMARY_KEY_BYTES)
+            if problem is not None:
+                raise MalformedMessage(f"{rpc!r}: {problem}", entity_id=entity_id)
+        carried = _headers(headers, entity_id)
         entity = rpc.entity
-        primary_key = rpc.primary_key(payload) if rpc.primary_key is not None else None
         return Envelope(
-            request_id=runner.ids.next_id(),
+            request_id=self.generate_id(),
             entity_type=entity.name,
             entity_id=entity_id,
             shard_group=entity.shard_group,
-            shard_index=shard_index(entity_id, runner.config.shards_per_group),
+            shard_index=shard_index(entity_id, self._config.shards_per_group),
             rpc=rpc.name,
-            payload=replies.encode_payload(payload),
+            payload=replies.encode_payload(payload, self._config.max_message_size),
             persisted=rpc.persisted,
             primary_key=primary_key,
             deliver_at_ms=None if deliver_at is None else _unix_ms(deliver_at),
+            headers=carried,
             call_chain=chain,
         )
 
     async def _send(self, envelope: Envelope) -> bytes:
-        runner = self._runner
         if not envelope.persisted:
             # A request that reached a runner no longer owning its shard
             # never ran: resend it while the shard settles on its new owner.
-            delays = runner.config.send_retry.delays()
+            delays = self._config.send_retry.delays()
             while True:
                 reply = await self._attempt(envelope)
                 delay = next(delays, None) if replies.misrouted(reply) else None
@@ -143,74 +233,99 @@ class Client:
                     return reply
                 await trio.sleep(delay)
 
-        messages = runner.storage.messages
+        waiting = self._stored_replies
         # Expect the reply before storing: another runner may process the
         # request and announce its reply before the save returns here.
-        slot = runner.replies.expect(envelope.request_id)
+        slot = waiting.expect(envelope.request_id)
         try:
-            saved = await messages.save_request(
-                envelope, runner.session.machine_id, announce=not self._owned_here(envelope)
+            saved = await self._messages.save_request(
+                envelope, self._machine_id(), announce=not self._serves(envelope)
             )
             if not saved.duplicate:
-                self._notify(envelope)
-                return await wait(slot)
+                self._offer_here(envelope)
+                return await slot.wait()
         finally:
-            runner.replies.forget(envelope.request_id, slot)
+            waiting.forget(envelope.request_id, slot)
         if saved.reply is not None:
             return saved.reply
-        slot = runner.replies.expect(saved.request_id)
+        slot = waiting.expect(saved.request_id)
         try:
             # The original may have completed between the save and expect();
             # its reply is then only in storage.
-            stored = await messages.reply_for(saved.request_id)
-            return stored if stored is not None else await wait(slot)
+            stored = await self._messages.reply_for(saved.request_id)
+            return stored if stored is not None else await slot.wait()
         finally:
-            runner.replies.forget(saved.request_id, slot)
+            waiting.forget(saved.request_id, slot)
 
     async def _attempt(self, envelope: Envelope) -> bytes:
-        runner = self._runner
-        slot = runner.replies.expect(envelope.request_id)
+        slot = ReplySlot()
+        link = await self._deliver(envelope, slot)
         try:
-            await self._deliver(envelope)
-            return await wait(slot)
+            return await slot.wait()
         finally:
-            runner.replies.forget(envelope.request_id, slot)
+            if link is not None:
+                link.withdraw(envelope.request_id)
 
-    def _owned_here(self, envelope: Envelope) -> bool:
+    def _serves(self, envelope: Envelope) -> bool:
         """Whether this runner serves the request's shard, so no notice need announce it."""
-        return ShardId(envelope.shard_group, envelope.shard_index) in self._runner.shards
+        return self._router.serves(ShardId(envelope.shard_group, envelope.shard_index))
 
-    def _notify(self, envelope: Envelope) -> None:
+    def _offer_here(self, envelope: Envelope) -> None:
         """Offer a stored request to an owner here now; otherwise the storage notice will."""
+        delivery = Delivery(envelope, self._stored_replies.target(envelope.request_id))
         with contextlib.suppress(EntityNotAssignedToRunner, RunnerUnavailable):
-            self._runner.route(envelope)
+            self._router.route(delivery)
 
-    async def _deliver(self, envelope: Envelope) -> None:
+    async def _deliver(self, envelope: Envelope, target: replies.ReplyTarget) -> PeerLink | None:
         """Queue a volatile request, retrying while its shard has no owner here.
 
-        Only routing failures are retried, within ``ShardingConfig.send_retry``:
-        the request has then certainly not reached a handler.
+        Returns the link it went out on (None when queued here). Only routing
+        failures are retried, within ``ShardingConfig.send_retry``: the
+        request has then certainly not reached a handler.
         """
-        runner = self._runner
-        delays = runner.config.send_retry.delays()
+        router = self._router
+        delivery = Delivery(envelope, target)
+        delays = self._config.send_retry.delays()
         while True:
             try:
-                owner = runner.route(envelope)
-                if owner is not None:
-                    assert runner.network is not None
-                    await runner.network.send_request(owner, envelope)
+                owner = router.route(delivery)
+                return None if owner is None else await router.send(owner, envelope, target)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:
                     raise
                 await trio.sleep(delay)
-            else:
-                return
+
+
+def _primary_key(rpc: Rpc[P, Any], payload: P) -> str | None:
+    if rpc.primary_key is None:
+        return None
+    try:
+        key = rpc.primary_key(payload)
+    except Exception as error:
+        raise TypeError(f"the primary_key function of {rpc!r} raised {error!r}") from error
+    if not isinstance(key, str):
+        raise TypeError(f"the primary_key function of {rpc!r} returned {key!r}, not a str")
+    return key
+
+
+def _headers(headers: Mapping[str, str] | None, entity_id: str) -> dict[str, str]:
+    if not headers:
+        return {}
+    carried = dict(headers)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in carried.items()):
+        raise TypeError("headers must map str to str")
+    problem = headers_problem(carried)
+    if problem is not None:
+        raise MalformedMessage(problem, entity_id=entity_id)
+    return carried
 
 
 def _unix_ms(moment: datetime) -> int:
+    if not isinstance(moment, datetime):
+        raise TypeError(f"deliver_at must be a datetime (got {moment!r})")
     if moment.tzinfo is None:
-        raise ValueError(
+        raise TypeError(
             "deliver_at must be timezone-aware: a naive time names a different "
             "instant on each runner"
         )

@@ -9,122 +9,156 @@ all: it is already in storage, so the entity only notes that it has a
 backlog and reads it back, oldest first, when the mailbox has emptied.
 Requests arriving while a backlog exists stay in storage too, so a
 persisted request never overtakes an older one for the same entity.
+
+The entity is a failure boundary. A handler's own exception is a defect,
+handled by the defect policy; a failure of the runtime itself while
+handling one request (a bug) answers that request with RpcClientError and
+the entity goes on; a failure outside any request stops this entity alone,
+its queued requests answered. Its lifecycle (ACTIVE, CLOSING, STOPPED) is
+the table in :mod:`trio_cluster.core.lifecycle`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 import trio
 
-from ..config import EntityOptions
 from ..core import reply as replies
 from ..core.envelope import Envelope
-from ..entity import Implementation
+from ..core.lifecycle import ENTITY_LIFECYCLE, EntityEvent, EntityState, Lifecycle
 from ..errors import (
-    AlreadyProcessingMessage,
     ClusterError,
+    EntityNotAssignedToRunner,
     MailboxFull,
     MalformedMessage,
     RpcClientError,
     RunnerUnavailable,
 )
-from .context import EntityAddress, EntityContext, call_chain
-
-if TYPE_CHECKING:
-    from .shard import ShardRuntime
+from ..storage.base import Lease
+from .context import EntityAddress, EntityContext, handling
+from .delivery import Delivery
+from .services import Hosted, Services
 
 log = logging.getLogger("trio_cluster.entity")
+
+
+class EntityHost(Protocol):
+    """What an entity needs of the shard it lives in (a ShardRuntime, or a test's own)."""
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def lease(self) -> Lease: ...
+
+    async def read_backlog(
+        self, entity: tuple[str, str], limit: int
+    ) -> tuple[list[Envelope], bool]: ...
+
+    async def complete(self, delivery: Delivery, reply: bytes) -> None: ...
+
+    def forget(self, entity: ActiveEntity) -> None: ...
+
+    def passivate(self, entity: ActiveEntity) -> None: ...
 
 
 class ActiveEntity:
     """A resident entity. Owned by its shard; its task runs in the shard's nursery."""
 
     __slots__ = (
+        "_busy",
         "_handler",
+        "_life",
         "_limiter",
+        "_persisted",
         "_receive",
         "_send",
         "address",
         "backlog",
         "backlog_stale",
-        "closed",
         "context",
         "implementation",
-        "in_flight",
         "key",
         "last_active",
         "options",
         "shard",
     )
 
-    def __init__(
-        self,
-        shard: ShardRuntime,
-        implementation: Implementation,
-        options: EntityOptions,
-        entity_id: str,
-        key: str,
-    ) -> None:
+    def __init__(self, shard: EntityHost, hosted: Hosted, entity_id: str, key: str) -> None:
         self.shard = shard
-        self.implementation = implementation
-        self.options = options
+        services = shard.services
+        self.implementation = hosted.implementation
+        self.options = options = hosted.options
         self.key = key
-        self.address = EntityAddress(implementation.entity.name, entity_id, shard.lease.shard)
-        self.context = EntityContext(self.address, shard.runner.client, shard.runner.address)
-        self._send, self._receive = trio.open_memory_channel[Envelope](options.mailbox_capacity)
+        self.address = EntityAddress(self.implementation.entity.name, entity_id, shard.lease.shard)
+        self.context = EntityContext(self.address, services.client, services.address)
+        self._send, self._receive = trio.open_memory_channel[Delivery](options.mailbox_capacity)
         self._limiter = trio.Semaphore(options.concurrency) if options.concurrency > 1 else None
+        self._life = Lifecycle(f"entity {key}", ENTITY_LIFECYCLE, EntityState.ACTIVE)
         self._handler: Any = None
         self.last_active = trio.current_time()
-        # Queued or running request ids: how duplicates are recognised and
-        # why an entity with work in hand is never passivated.
-        self.in_flight: dict[int, None] = {}
+        # Requests queued or running: why an entity with work in hand is never
+        # passivated. Persisted ones are also known by id, because storage may
+        # offer the same request twice (a notice and a scan).
+        self._busy = 0
+        self._persisted: set[int] = set()
         self.backlog = False
         self.backlog_stale = False
-        self.closed = False
+
+    @property
+    def state(self) -> EntityState:
+        return self._life.state
 
     @property
     def idle(self) -> bool:
-        return not self.in_flight and not self.backlog
+        return not self._busy and not self.backlog
 
-    def offer(self, envelope: Envelope) -> None:
+    def offer(self, delivery: Delivery) -> None:
         """Queue a request without waiting; the caller's error says why not.
 
         Synchronous on purpose: between the check and the enqueue no other
         task runs, so passivation can never strand a message.
         """
-        request_id = envelope.request_id
-        if request_id in self.in_flight:
-            if envelope.persisted:
+        envelope = delivery.envelope
+        if envelope.persisted:
+            if envelope.request_id in self._persisted:
                 return
-            raise AlreadyProcessingMessage(
-                f"request {request_id} is already queued for {self.address}",
-                entity_id=self.address.entity_id,
-                request_id=request_id,
-            )
-        if envelope.persisted and self.backlog:
-            self.backlog_stale = True
-            return
+            if self.backlog:
+                self.backlog_stale = True
+                return
         try:
-            self._send.send_nowait(envelope)
+            self._send.send_nowait(delivery)
         except trio.WouldBlock:
             if envelope.persisted:
                 self.backlog = True
                 self.backlog_stale = True
                 return
-            self.shard.runner.metrics.mailbox_full += 1
+            self.shard.services.metrics.mailbox_full += 1
             raise MailboxFull(
                 f"mailbox of {self.address} is full ({self.options.mailbox_capacity} waiting)",
                 entity_id=self.address.entity_id,
-                request_id=request_id,
+                request_id=envelope.request_id,
             ) from None
-        self.in_flight[request_id] = None
+        except trio.ClosedResourceError:
+            if envelope.persisted:
+                return  # stays in storage for the shard's next owner
+            raise EntityNotAssignedToRunner(
+                f"{self.address} is stopping", entity_id=self.address.entity_id
+            ) from None
+        self._busy += 1
+        if envelope.persisted:
+            self._persisted.add(envelope.request_id)
+
+    def passivate(self) -> None:
+        """Leave the shard now and finish what is queued: idle passivation, or the cap."""
+        self.shard.passivate(self)
 
     def close(self) -> None:
         """Stop taking requests; the task finishes what is queued, then ends."""
-        self.closed = True
+        self._life.fire(EntityEvent.CLOSE)
         self._send.close()
 
     async def run(self) -> None:
@@ -134,15 +168,21 @@ class ActiveEntity:
                 while True:
                     if self._limiter is not None:
                         await self._limiter.acquire()
-                    envelope = await self._next()
-                    if envelope is None:
+                    delivery = await self._next()
+                    if delivery is None:
                         break
-                    call_chain.set(envelope.call_chain + chain)
+                    handling(delivery.envelope, chain)
                     if self._limiter is None:
-                        await self._handle(envelope)
+                        await self._handle(delivery)
                     else:
-                        workers.start_soon(self._handle_concurrently, envelope, self._limiter)
+                        workers.start_soon(self._handle_concurrently, delivery, self._limiter)
+        except* Exception as bug:
+            self.shard.services.metrics.contained_failures += 1
+            log.exception(
+                "entity %s failed outside any request; stopping it", self.address, exc_info=bug
+            )
         finally:
+            self._life.fire(EntityEvent.STOP)
             self.shard.forget(self)
             self._fail_queued()
 
@@ -152,22 +192,26 @@ class ActiveEntity:
         Without it their callers would wait out their whole timeout;
         persisted ones stay in storage for the shard's next owner.
         """
+        self._send.close()
         while True:
             try:
-                envelope = self._receive.receive_nowait()
+                delivery = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            del self.in_flight[envelope.request_id]
-            if not envelope.persisted:
-                self.shard.runner.replies.fail(
-                    envelope.request_id,
-                    RunnerUnavailable(
-                        f"{self.address} stopped before handling the request",
-                        entity_id=self.address.entity_id,
-                    ),
+            self._done(delivery.envelope)
+            delivery.fail_if_volatile(
+                RunnerUnavailable(
+                    f"{self.address} stopped before handling the request",
+                    entity_id=self.address.entity_id,
                 )
+            )
 
-    async def _next(self) -> Envelope | None:
+    def _done(self, envelope: Envelope) -> None:
+        self._busy -= 1
+        if envelope.persisted:
+            self._persisted.discard(envelope.request_id)
+
+    async def _next(self) -> Delivery | None:
         """The next request, or None once the mailbox is closed.
 
         Idle passivation closes the mailbox from the runner's sweeper rather
@@ -183,7 +227,7 @@ class ActiveEntity:
 
     async def _refill(self) -> None:
         """Read this entity's stored backlog into the emptied mailbox, oldest first."""
-        if self.closed:
+        if self._life.state is not EntityState.ACTIVE:
             # Stopping: the backlog stays in storage for the shard's next owner.
             self.backlog = False
             return
@@ -195,41 +239,59 @@ class ActiveEntity:
             self.options.mailbox_capacity + self.options.concurrency,
         )
         self.backlog = False
+        stored = self.shard.services.stored_replies
         for envelope in found:
-            self.offer(envelope)
+            self.offer(Delivery(envelope, stored.target(envelope.request_id)))
         if self.backlog_stale or more:
             self.backlog = True
 
-    async def _handle_concurrently(self, envelope: Envelope, limiter: trio.Semaphore) -> None:
+    async def _handle_concurrently(self, delivery: Delivery, limiter: trio.Semaphore) -> None:
         try:
-            await self._handle(envelope)
+            await self._handle(delivery)
         finally:
             limiter.release()
 
-    async def _handle(self, envelope: Envelope) -> None:
+    async def _handle(self, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        answered = False
         try:
             reply = await self._reply_to(envelope)
-            await self.shard.complete(envelope, reply)
-        except trio.Cancelled:
-            if not envelope.persisted:
-                # The shard was released under this request: tell the caller
-                # now rather than at its timeout. Persisted requests stay in
-                # storage for the next owner.
-                self.shard.runner.replies.fail(
-                    envelope.request_id,
+            answered = True
+            await self.shard.complete(delivery, reply)
+        except Exception as bug:
+            # Not the handler's (its exceptions are defects or declared errors,
+            # answered in _reply_to): the runtime failed on this request.
+            self.shard.services.metrics.contained_failures += 1
+            log.exception(
+                "internal error handling %s for %s", envelope.rpc, self.address, exc_info=bug
+            )
+            # A target takes its first reply only, so this cannot answer twice.
+            delivery.fail_if_volatile(
+                RpcClientError(
+                    f"{self.address} could not handle {envelope.rpc!r}: internal error",
+                    cause_type=type(bug).__name__,
+                    entity_id=self.address.entity_id,
+                )
+            )
+            answered = True
+        finally:
+            if not answered:
+                # Cancelled: the shard was released under this request. Tell a
+                # volatile caller now rather than at its timeout; a persisted
+                # request stays in storage for the next owner.
+                delivery.fail_if_volatile(
                     RunnerUnavailable(
                         f"{self.address} stopped while processing the request",
                         entity_id=self.address.entity_id,
-                    ),
+                    )
                 )
-            raise
-        finally:
-            del self.in_flight[envelope.request_id]
+            self._done(envelope)
             self.last_active = trio.current_time()
 
     async def _reply_to(self, envelope: Envelope) -> bytes:
         """Run the handler under the defect retry policy and encode what it said."""
         implementation = self.implementation
+        max_size = self.shard.services.config.max_message_size
         rpc = implementation.entity.rpcs.get(envelope.rpc)
         if rpc is None:
             missing = MalformedMessage(f"{self.address} has no RPC {envelope.rpc!r}")
@@ -249,7 +311,7 @@ class ActiveEntity:
                 value = await method(self._handler, payload)
             except rpc.errors as declared:
                 try:
-                    return replies.declared_error(declared)
+                    return replies.declared_error(declared, max_size)
                 except ClusterError as error:
                     return self._error(error, envelope)
             except Exception as defect:
@@ -260,7 +322,7 @@ class ActiveEntity:
                 # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
                 self._handler = None
-                self.shard.runner.metrics.defects += 1
+                self.shard.services.metrics.defects += 1
                 delay = next(delays, None)
                 log.warning(
                     "defect in %s handling %s (retry in %s s)",
@@ -281,11 +343,10 @@ class ActiveEntity:
                 await trio.sleep(delay)
                 continue
             try:
-                return replies.success(value)
+                return replies.success(value, max_size)
             except ClusterError as error:
                 return self._error(error, envelope)
 
     def _error(self, error: ClusterError, envelope: Envelope) -> bytes:
         error.entity_id = self.address.entity_id
-        error.request_id = envelope.request_id
-        return replies.cluster_error(error)
+        return replies.failure(error, envelope.request_id)

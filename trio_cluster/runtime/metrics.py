@@ -16,6 +16,11 @@ class Counters:
     mailbox_full: int = 0
     activations: int = 0
     passivations: int = 0
+    refused: int = 0
+    """Requests from peers refused before reaching a shard (malformed, not owned here)."""
+    contained_failures: int = 0
+    """Bugs of the runtime itself caught at a failure boundary (each is logged as an error)."""
+    waiting_callers: int = 0
 
 
 @attrs.frozen
@@ -27,6 +32,8 @@ class Snapshot:
     mailbox_full: int
     activations: int
     passivations: int
+    refused: int
+    contained_failures: int
     resident_entities: int
     owned_shards: int
     waiting_callers: int

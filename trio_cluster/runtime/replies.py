@@ -1,79 +1,95 @@
-"""Callers waiting for replies, by request id.
+"""Where replies go: one caller's slot, and the waiters of stored (persisted) requests.
 
-Duplicates of a persisted request wait on the original's id, so one slot
-may have many waiters; the reply is delivered to all of them at once.
+A volatile request carries its reply target with it (see :mod:`.delivery`),
+so its reply can reach no one but its own caller. A persisted request is
+answered through storage as well: its reply may be announced by a notice
+from another runner, and duplicates of it wait on the original's id. Those
+waiters are found here by request id, which is safe because persisted
+request ids come from storage, never from a peer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import trio
 
-from ..core import reply as replies
-from ..errors import ClusterError
+from ..core.reply import ReplyTarget
 
 
-class _Slot:
-    __slots__ = ("event", "reply", "waiters")
+class ReplySlot:
+    """One wait for one reply; the first resolution wins, later ones are ignored."""
+
+    __slots__ = ("_event", "reply")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        self._event = trio.Event()
         self.reply = b""
-        self.waiters = 0
+
+    def resolve(self, reply: bytes) -> None:
+        if not self._event.is_set():
+            self.reply = reply
+            self._event.set()
+
+    async def wait(self) -> bytes:
+        await self._event.wait()
+        return self.reply
 
 
-class ReplyWaiters:
+class _Waiting:
+    __slots__ = ("count", "slot")
+
     def __init__(self) -> None:
-        self._slots: dict[int, _Slot] = {}
-        # Requests that came from another runner: their reply goes back there.
-        self._forwards: dict[int, Callable[[bytes], None]] = {}
+        self.slot = ReplySlot()
+        self.count = 0
 
-    def forward(self, request_id: int, send: Callable[[bytes], None]) -> None:
-        self._forwards[request_id] = send
 
-    def unforward(self, request_id: int) -> None:
-        self._forwards.pop(request_id, None)
+class StoredReplies:
+    """Callers waiting for the stored reply of a persisted request, by its id."""
 
-    def expect(self, request_id: int) -> _Slot:
+    def __init__(self) -> None:
+        self._waiting: dict[int, _Waiting] = {}
+
+    def expect(self, request_id: int) -> ReplySlot:
         """Register interest before the request can complete, so no reply is missed."""
-        slot = self._slots.get(request_id)
-        if slot is None:
-            slot = self._slots[request_id] = _Slot()
-        slot.waiters += 1
-        return slot
+        waiting = self._waiting.get(request_id)
+        if waiting is None:
+            waiting = self._waiting[request_id] = _Waiting()
+        waiting.count += 1
+        return waiting.slot
 
-    def forget(self, request_id: int, slot: _Slot) -> None:
+    def forget(self, request_id: int, slot: ReplySlot) -> None:
         """Drop one waiter (its call returned or was cancelled)."""
-        slot.waiters -= 1
-        if slot.waiters == 0 and self._slots.get(request_id) is slot:
-            del self._slots[request_id]
+        waiting = self._waiting.get(request_id)
+        if waiting is not None and waiting.slot is slot:
+            waiting.count -= 1
+            if waiting.count == 0:
+                del self._waiting[request_id]
 
     def resolve(self, request_id: int, reply: bytes) -> None:
         """Hand ``reply`` to everyone waiting for ``request_id``; a no-op when nobody is."""
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            slot.reply = reply
-            slot.event.set()
-        send = self._forwards.pop(request_id, None)
-        if send is not None:
-            send(reply)
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None:
+            waiting.slot.resolve(reply)
+
+    def target(self, request_id: int) -> ReplyTarget:
+        """The reply target of a stored request: its waiters here, whoever they are."""
+        return _ToWaiters(self, request_id)
 
     def waiting(self) -> list[int]:
-        return list(self._slots)
-
-    def fail(self, request_id: int, error: ClusterError) -> None:
-        """Answer ``request_id`` with a cluster error, as its owner would have."""
-        error.request_id = request_id
-        self.resolve(request_id, replies.cluster_error(error))
+        return list(self._waiting)
 
     def __contains__(self, request_id: int) -> bool:
-        return request_id in self._slots
+        return request_id in self._waiting
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self._waiting)
 
 
-async def wait(slot: _Slot) -> bytes:
-    await slot.event.wait()
-    return slot.reply
+class _ToWaiters:
+    __slots__ = ("_replies", "_request_id")
+
+    def __init__(self, replies: StoredReplies, request_id: int) -> None:
+        self._replies = replies
+        self._request_id = request_id
+
+    def resolve(self, reply: bytes) -> None:
+        self._replies.resolve(self._request_id, reply)

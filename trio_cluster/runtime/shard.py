@@ -3,31 +3,51 @@
 The shard's nursery owns its entity tasks, so releasing the shard is
 cancelling one scope: exactly that shard's entities stop, at once when
 the lease is lost, or after draining their mailboxes on a graceful stop.
+
+The shard is a failure boundary: whatever fails inside it (its storage
+reads, its timers, a bug) ends this shard alone. It is FAILED, its lease
+released, and the shard keeper acquires it again. Its lifecycle
+(STARTING, SERVING, DRAINING, then RELEASED, LOST or FAILED) is the table in
+:mod:`trio_cluster.core.lifecycle`.
+
+Storage is read by one task per shard, in order: the redelivery scan on
+acquiring the shard (and after missed notices), and the requests that
+notices announce. A request stored while a scan runs is set aside until
+the scan is done, so nothing overtakes an older request.
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..core import reply as replies
 from ..core.envelope import Envelope
+from ..core.hashing import shard_index
+from ..core.lifecycle import SHARD_LIFECYCLE, Lifecycle, ShardEvent, ShardState
 from ..core.retry import RetryPolicy
-from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError, RunnerUnavailable
-from ..storage.base import Lease, MessageStorage
+from ..errors import (
+    ClusterError,
+    EntityNotAssignedToRunner,
+    MalformedMessage,
+    PersistenceError,
+    RunnerUnavailable,
+)
+from ..storage.base import Lease
+from .delivery import Delivery
 from .mailbox import ActiveEntity
-
-if TYPE_CHECKING:
-    from .runner import Runner
+from .scheduled import Scheduled
+from .services import Services
 
 log = logging.getLogger("trio_cluster.shard")
 
 REDELIVERY_PAGE = 1000
+MAX_NOTICED = 10_000
+"""Request ids announced and not yet read; past it they are dropped for a rescan."""
 STORAGE_RECOVERY = RetryPolicy(
     base_delay=0.05, max_delay=2.0, max_attempts=2**62, max_elapsed=float(2**62)
 )
@@ -46,188 +66,277 @@ class ShardRuntime:
         "_done_while_reading",
         "_draining",
         "_helpers",
+        "_life",
+        "_noticed",
         "_nursery",
+        "_on_stopped",
         "_readers",
+        "_reads_wanted",
+        "_rescan",
         "_scanning",
         "_scheduled",
         "_scope",
         "_set_aside",
         "_stopped",
         "_timer_changed",
-        "_timers",
-        "accepting",
         "entities",
         "lease",
-        "lost",
-        "runner",
+        "services",
     )
 
-    def __init__(self, runner: Runner, lease: Lease) -> None:
-        self.runner = runner
+    def __init__(
+        self, services: Services, lease: Lease, on_stopped: Callable[[ShardRuntime], None]
+    ) -> None:
+        self.services = services
         self.lease = lease
+        self._on_stopped = on_stopped
+        self._life = Lifecycle(f"shard {lease.shard}", SHARD_LIFECYCLE, ShardState.STARTING)
         self.entities: dict[str, ActiveEntity] = {}
-        self.accepting = False
-        self.lost = False
         self._scope = trio.CancelScope()
         self._draining = trio.Event()
         self._stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._helpers = trio.CancelScope()
         # Ids completed while a storage read is outstanding (see _read).
         self._readers = 0
+        self._done_while_reading: set[int] = set()
         # The first scan is due from birth: nothing may overtake it, even
         # before its task first runs.
         self._scanning = 1
         self._set_aside: list[int] = []
-        self._done_while_reading: set[int] = set()
-        # Requests whose deliver_at is still ahead, soonest first.
-        self._timers: list[tuple[int, int, Envelope]] = []
-        self._scheduled: set[int] = set()
+        self._noticed: list[int] = []
+        self._rescan = False
+        self._reads_wanted = trio.Event()
+        self._scheduled = Scheduled(services.config.max_scheduled_per_shard)
         self._timer_changed = trio.Event()
-        self._helpers = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<shard {self.lease.shard} epoch {self.lease.epoch}: {self._life.state.value}>"
+
+    @property
+    def state(self) -> ShardState:
+        return self._life.state
+
+    @property
+    def accepting(self) -> bool:
+        return self._life.state is ShardState.SERVING
+
+    # -- lifecycle --------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until drained or lost; never raises but for cancellation from outside."""
+        started = False
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self.accepting = True
+                    if self._life.state is ShardState.STARTING:
+                        self._life.fire(ShardEvent.STARTED)
                     task_status.started()
-                    nursery.start_soon(self._run_helpers)
-                    await self._draining.wait()
-                    self.accepting = False
+                    started = True
+                    if self.accepting:
+                        nursery.start_soon(self._run_helpers)
+                        await self._draining.wait()
                     self._helpers.cancel()
-                    self._abandon_timers()
+                    self._abandon_scheduled()
                     for entity in list(self.entities.values()):
                         entity.close()
+        except* Exception as bug:
+            self.services.metrics.contained_failures += 1
+            log.exception("%s failed; releasing it to be taken again", self, exc_info=bug)
+            self._life.fire(ShardEvent.FAIL)
         finally:
-            self.accepting = False
-            self.runner.shard_stopped(self)
-            if not self.lost:
+            if not started:  # a start() caller must not wait for ever
+                task_status.started()
+            self._abandon_scheduled()
+            self._on_stopped(self)
+            if self._life.state is not ShardState.LOST:
                 with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
                     try:
-                        await self.runner.session.release(self.lease)
-                    except ClusterError:
-                        log.warning("could not release %s; it expires with the session", self.lease)
+                        await self.services.release(self.lease)
+                    except (ClusterError, OSError) as error:
+                        log.warning("could not release %s, left to expire: %s", self, error)
+                if self._life.state in (ShardState.STARTING, ShardState.SERVING):
+                    self._life.fire(ShardEvent.DRAIN)  # stopped from outside, all at once
+                if self._life.state is ShardState.DRAINING:
+                    self._life.fire(ShardEvent.DRAINED)
             self._stopped.set()
 
-    def offer(self, envelope: Envelope, *, scanned: bool = False) -> None:
+    def lose(self) -> None:
+        """The lease is gone: stop every entity now, without draining or releasing.
+
+        The shard leaves the runner's maps at once, so a new lease for the
+        same shard can start serving while this one's tasks unwind.
+        """
+        self._life.fire(ShardEvent.LOSE)
+        self._scope.cancel()
+        self._abandon_scheduled()
+        for entity in list(self.entities.values()):
+            self.forget(entity)
+        self._on_stopped(self)
+
+    async def stop(self, grace: float) -> None:
+        """Drain gracefully for up to ``grace`` seconds, then cancel whatever still runs."""
+        self._life.fire(ShardEvent.DRAIN)
+        self._draining.set()
+        with trio.move_on_after(grace):
+            await self._stopped.wait()
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    # -- requests in --------------------------------------------------------------
+
+    def offer(self, delivery: Delivery, *, scanned: bool = False) -> None:
         """Queue a request for its entity, now or at its ``deliver_at``.
 
         While a redelivery scan runs, a newly stored request must not
         overtake older ones the scan has yet to reach: it is set aside and
         delivered when the scan is done.
         """
+        envelope = delivery.envelope
         if not self.accepting:
             raise EntityNotAssignedToRunner(
-                f"shard {self.lease.shard} is stopping on {self.runner.address}",
+                f"shard {self.lease.shard} is {self._life.state.value} on {self.services.address}",
                 entity_id=envelope.entity_id,
                 request_id=envelope.request_id,
             )
         due = envelope.deliver_at_ms
         if due is not None and due > wall_clock_ms():
-            self._schedule(envelope, due)
+            self._scheduled.add(delivery, due)
+            self._timer_changed.set()
             return
         if self._scanning and envelope.persisted and not scanned:
             self._set_aside.append(envelope.request_id)
             return
-        self.offer_now(envelope)
+        self.offer_now(delivery)
 
-    def offer_now(self, envelope: Envelope) -> None:
+    def offer_now(self, delivery: Delivery) -> None:
         """Queue on the entity, activating it if needed, whatever ``deliver_at`` says."""
+        envelope = delivery.envelope
         key = envelope.entity_key
         entity = self.entities.get(key)
         if entity is None:
             entity = self._activate(envelope, key)
-        entity.offer(envelope)
-        self.runner.touch(entity)
+        entity.offer(delivery)
+        self.services.residency.touch(entity)
 
-    async def _run_helpers(self) -> None:
-        """Shard-level work that stops when draining starts, unlike entities."""
-        with self._helpers:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(functools.partial(self.redeliver, first=True))
-                nursery.start_soon(self._run_timers)
+    def notice_stored(self, request_ids: list[int]) -> None:
+        """Another runner stored these requests for this shard: read and offer them, in order."""
+        if len(self._noticed) + len(request_ids) > MAX_NOTICED:
+            # Bounded: what does not fit is found by a scan instead.
+            self._noticed.clear()
+            self._rescan = True
+        else:
+            self._noticed += request_ids
+        self._reads_wanted.set()
 
-    def _abandon_timers(self) -> None:
-        """Persisted timers live on in storage; volatile ones fail now, not at their timeout."""
-        for _, request_id, envelope in self._timers:
-            if not envelope.persisted:
-                self.runner.replies.fail(
-                    request_id,
-                    RunnerUnavailable(
-                        f"shard {self.lease.shard} stopped before the request was due",
-                        entity_id=envelope.entity_id,
-                    ),
-                )
-        self._timers.clear()
-        self._scheduled.clear()
-
-    def _schedule(self, envelope: Envelope, due: int) -> None:
-        if envelope.request_id in self._scheduled:
-            return
-        self._scheduled.add(envelope.request_id)
-        heapq.heappush(self._timers, (due, envelope.request_id, envelope))
-        self._timer_changed.set()
-
-    async def _run_timers(self) -> None:
-        """Offer scheduled requests at their time: one task and a heap, not a task each."""
-        while True:
-            self._timer_changed = trio.Event()
-            if not self._timers:
-                await self._timer_changed.wait()
-                continue
-            due = self._timers[0][0]
-            with trio.move_on_after(max(0.0, (due - wall_clock_ms()) / 1000)):
-                await self._timer_changed.wait()
-                continue
-            _, request_id, envelope = heapq.heappop(self._timers)
-            self._scheduled.discard(request_id)
-            try:
-                self.offer_now(envelope)
-            except ClusterError as error:
-                if envelope.persisted:
-                    log.debug("left %s in storage: %s", request_id, error)
-                else:
-                    self.runner.replies.fail(request_id, error)
+    def rescan(self) -> None:
+        """Notices may have been missed: read every unprocessed request again."""
+        self._rescan = True
+        self._reads_wanted.set()
 
     def _activate(self, envelope: Envelope, key: str) -> ActiveEntity:
-        runner = self.runner
-        hosted = runner.hosted.get(envelope.entity_type)
+        services = self.services
+        hosted = services.hosted.get(envelope.entity_type)
         if hosted is None:
             raise EntityNotAssignedToRunner(
-                f"runner {runner.address} hosts no entity type {envelope.entity_type!r}",
+                f"runner {services.address} hosts no entity type {envelope.entity_type!r}",
                 entity_id=envelope.entity_id,
                 request_id=envelope.request_id,
             )
-        assert self._nursery is not None
-        runner.make_room()
-        implementation, options = hosted
-        entity = ActiveEntity(self, implementation, options, envelope.entity_id, key)
+        shard = self.lease.shard
+        if shard_index(envelope.entity_id, services.config.shards_per_group) != shard.index:
+            # Stored by a runner with another shard layout: served here it would
+            # be a second copy of an entity that lives in another shard.
+            raise MalformedMessage(
+                f"{envelope.entity_key} does not belong to shard {shard} under "
+                f"shards_per_group={services.config.shards_per_group}: do all runners "
+                "use the same shard layout?",
+                entity_id=envelope.entity_id,
+                request_id=envelope.request_id,
+            )
+        assert self._nursery is not None  # accepting implies the nursery is open
+        entity = ActiveEntity(self, hosted, envelope.entity_id, key)
+        services.residency.admit(entity)
         self.entities[key] = entity
-        runner.resident[key] = entity
-        runner.metrics.activations += 1
-        self._nursery.start_soon(entity.run, name=f"entity {key}")
+        services.metrics.activations += 1
+        # From the runner's base context, not the activating caller's.
+        start = functools.partial(self._nursery.start_soon, entity.run, name=f"entity {key}")
+        services.base_context.run(start)
         return entity
 
     def passivate(self, entity: ActiveEntity) -> None:
         """Unmap an idle entity and close its mailbox; its task then ends."""
         self.forget(entity)
         entity.close()
-        self.runner.metrics.passivations += 1
+        self.services.metrics.passivations += 1
 
     def forget(self, entity: ActiveEntity) -> None:
         if self.entities.get(entity.key) is entity:
             del self.entities[entity.key]
-            del self.runner.resident[entity.key]
+        self.services.residency.forget(entity)
 
-    async def complete(self, envelope: Envelope, reply: bytes) -> None:
+    # -- replies out ----------------------------------------------------------------
+
+    async def complete(self, delivery: Delivery, reply: bytes) -> None:
         """Make a reply final: stored under this shard's lease if persisted, then delivered."""
-        if envelope.persisted and not await self.runner.store_reply(envelope, reply, self.lease):
+        envelope = delivery.envelope
+        if envelope.persisted and not await self._store_reply(envelope, reply):
             return
         if self._readers:
             self._done_while_reading.add(envelope.request_id)
-        self.runner.metrics.processed += 1
-        self.runner.replies.resolve(envelope.request_id, reply)
+        self.services.metrics.processed += 1
+        delivery.reply(reply)
+
+    async def _store_reply(self, envelope: Envelope, reply: bytes) -> bool:
+        """Store a final reply, retrying storage outages; False when fenced off or given up.
+
+        Fenced off means a newer lease exists: the new owner answers. Given
+        up means storage stayed down: the request is still unprocessed in
+        storage and is redelivered when the shard is next acquired.
+        """
+        delays = self.services.config.send_retry.delays()
+        while True:
+            try:
+                await self.services.messages.save_reply(envelope.request_id, reply, self.lease)
+            except EntityNotAssignedToRunner:
+                log.info("reply to %s fenced off: %s is stale", envelope.request_id, self.lease)
+                return False
+            except PersistenceError:
+                delay = next(delays, None)
+                if delay is None:
+                    log.exception("could not store the reply to %s", envelope.request_id)
+                    return False
+                await trio.sleep(delay)
+            else:
+                return True
+
+    # -- storage reads ----------------------------------------------------------------
+
+    async def _run_helpers(self) -> None:
+        """Shard-level work that stops when draining starts, unlike entities."""
+        with self._helpers:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_storage)
+                nursery.start_soon(self._run_timers)
+
+    async def _follow_storage(self) -> None:
+        """The shard's one reader: the first scan, then rescans and announced requests."""
+        await self._redeliver()
+        while True:
+            await self._reads_wanted.wait()
+            self._reads_wanted = trio.Event()
+            if self._rescan:
+                self._rescan = False
+                self._scanning += 1
+                await self._redeliver()
+            if self._noticed:
+                request_ids, self._noticed = self._noticed, []
+                messages = self.services.messages
+                found, _ = await self._read(
+                    functools.partial(messages.fetch, self.lease.shard, request_ids)
+                )
+                await self._offer_stored(found, scanned=False)
 
     async def _read(
         self, query: Callable[[], Awaitable[list[Envelope]]], limit: int | None = None
@@ -262,7 +371,7 @@ class ShardRuntime:
         self, entity: tuple[str, str], limit: int
     ) -> tuple[list[Envelope], bool]:
         """An entity's due, unprocessed requests, oldest first, and whether more remain."""
-        messages = self.runner.storage.messages
+        messages = self.services.messages
         found, cursor = await self._read(
             lambda: messages.unprocessed(
                 self.lease.shard, entity=entity, due_by=wall_clock_ms(), limit=limit
@@ -271,63 +380,74 @@ class ShardRuntime:
         )
         return found, cursor is not None
 
-    async def deliver_stored(self, request_ids: Sequence[int]) -> None:
-        """Offer requests another runner stored for this shard, as its notice said."""
-        messages = self.runner.storage.messages
-        found, _ = await self._read(lambda: messages.fetch(self.lease.shard, request_ids))
-        self._offer_all(found, scanned=False)
-
-    async def redeliver(self, *, first: bool = False) -> None:
-        """Offer everything unprocessed: on acquiring the shard, and after missed notices."""
-        messages = self.runner.storage.messages
-        cursor: int | None = 0
-        if not first:
-            self._scanning += 1
+    async def _redeliver(self) -> None:
+        """Offer everything unprocessed (``_scanning`` counts this scan, begun by the caller)."""
+        messages = self.services.messages
         try:
-            await self._scan(messages, cursor)
+            cursor: int | None = 0
+            while cursor is not None and self.accepting:
+                page, cursor = await self._read(
+                    functools.partial(
+                        messages.unprocessed, self.lease.shard, after=cursor, limit=REDELIVERY_PAGE
+                    ),
+                    REDELIVERY_PAGE,
+                )
+                await self._offer_stored(page, scanned=True)
             # What arrived meanwhile is newer than all the scan found.
             while self._set_aside and self.accepting:
                 request_ids, self._set_aside = self._set_aside, []
                 found, _ = await self._read(
                     functools.partial(messages.fetch, self.lease.shard, request_ids)
                 )
-                self._offer_all(found, scanned=True)
+                await self._offer_stored(found, scanned=True)
         finally:
             self._scanning -= 1
 
-    async def _scan(self, messages: MessageStorage, cursor: int | None) -> None:
-        while cursor is not None and self.accepting:
-            page, cursor = await self._read(
-                functools.partial(
-                    messages.unprocessed, self.lease.shard, after=cursor, limit=REDELIVERY_PAGE
-                ),
-                REDELIVERY_PAGE,
-            )
-            self._offer_all(page, scanned=True)
-
-    def _offer_all(self, envelopes: list[Envelope], *, scanned: bool) -> None:
+    async def _offer_stored(self, envelopes: list[Envelope], *, scanned: bool) -> None:
+        stored = self.services.stored_replies
         for envelope in envelopes:
+            delivery = Delivery(envelope, stored.target(envelope.request_id))
             try:
-                self.offer(envelope, scanned=scanned)
+                self.offer(delivery, scanned=scanned)
+            except MalformedMessage as error:
+                # It can never be served: make that its final reply, rather
+                # than offer it again at every scan.
+                await self.complete(delivery, replies.failure(error, envelope.request_id))
             except ClusterError as error:
                 log.debug("left %s in storage: %s", envelope.request_id, error)
 
-    def lose(self) -> None:
-        """The lease is gone: stop every entity now, without draining or releasing.
+    # -- deliver_at -------------------------------------------------------------------
 
-        The shard leaves the runner's maps at once, so a new lease for the
-        same shard can start serving while this one's tasks unwind.
-        """
-        self.lost = True
-        self.accepting = False
-        self._scope.cancel()
-        self._abandon_timers()
-        self.runner.shard_stopped(self)
+    async def _run_timers(self) -> None:
+        """Offer scheduled requests at their time: one task and a heap, not a task each."""
+        while True:
+            self._timer_changed = trio.Event()
+            due = self._scheduled.next_due()
+            if due is None:
+                await self._timer_changed.wait()
+                continue
+            with trio.move_on_after(max(0.0, (due - wall_clock_ms()) / 1000)):
+                await self._timer_changed.wait()
+                continue
+            # The wait ran on Trio's clock (a mock one in tests): what it waited for is due.
+            ready, overflowed = self._scheduled.pop_due(max(due, wall_clock_ms()))
+            for delivery in ready:
+                try:
+                    self.offer_now(delivery)
+                except ClusterError as error:
+                    if delivery.envelope.persisted:
+                        log.debug("left %s in storage: %s", delivery.envelope.request_id, error)
+                    else:
+                        delivery.fail(error)
+            if overflowed:
+                self.rescan()
 
-    async def stop(self, grace: float) -> None:
-        """Drain gracefully for up to ``grace`` seconds, then cancel whatever still runs."""
-        self._draining.set()
-        with trio.move_on_after(grace):
-            await self._stopped.wait()
-        self._scope.cancel()
-        await self._stopped.wait()
+    def _abandon_scheduled(self) -> None:
+        """Persisted requests live on in storage; volatile ones fail now, not at their timeout."""
+        for delivery in self._scheduled.clear():
+            delivery.fail_if_volatile(
+                RunnerUnavailable(
+                    f"shard {self.lease.shard} stopped before the request was due",
+                    entity_id=delivery.envelope.entity_id,
+                )
+            )

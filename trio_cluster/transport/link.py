@@ -1,9 +1,21 @@
 """One TCP connection to another runner: the Trio I/O around a sans-I/O PeerConnection.
 
-Three tasks per link, all in the link's own nursery: a reader feeding bytes
-to the state machine, a writer flushing whatever it has queued in one
-``send_all`` (so a burst of messages costs one system call, not one per
-message), and a pinger that closes a link the peer has stopped answering.
+A link is a failure boundary. Whatever the peer sends or the network does
+(garbage, floods, silence, a reset, a TLS error, a frame too large) ends at
+most this link: its requests in flight fail with RunnerUnavailable, its
+socket closes, and the runner carries on. :meth:`PeerLink.run` therefore
+raises nothing but cancellation, except RunnerUnavailable for a handshake
+that did not complete (which a dialler needs to hear of).
+
+Request ids are scoped to the link. A reply is accepted only on the link its
+request went out on, and only while that request is in flight there; a
+peer's request id names nothing outside its own link, so one peer can
+neither answer, steal nor cancel another's requests, whatever ids it guesses.
+
+Three tasks per link, in the link's own nursery: a reader feeding bytes to
+the state machine, a writer flushing whatever is queued in one ``send_all``
+(a burst of messages costs one system call), and a pinger that closes a link
+whose peer has sent no whole frame for two ping intervals.
 """
 
 from __future__ import annotations
@@ -12,133 +24,242 @@ import logging
 import secrets
 from collections.abc import Callable
 
+import attrs
 import trio
 
+from ..core import reply as replies
 from ..core.envelope import Envelope
-from ..core.frames import Ping, Reply, Request
+from ..core.frames import FrameTooLarge, Ping, Reply, Request
+from ..core.lifecycle import LINK_LIFECYCLE, Lifecycle, LinkEvent, LinkState
 from ..core.protocol import (
     Closed,
     Event,
     Handshaken,
     PeerConnection,
-    PongReceived,
     ReplyReceived,
     RequestReceived,
     Role,
     State,
 )
-from ..errors import ClusterError, RunnerUnavailable
+from ..core.reply import ReplyTarget
+from ..errors import (
+    AlreadyProcessingMessage,
+    ClusterError,
+    MailboxFull,
+    RunnerUnavailable,
+    SerializationError,
+)
+from .identity import identity_problem
 
 log = logging.getLogger("trio_cluster.transport")
 
 READ_SIZE = 256 * 1024
-MAX_UNSENT = 64 * 1024 * 1024
-"""Bytes queued for a peer that is not reading, before sends to it fail fast."""
+PRE_AUTH_READ_SIZE = 4096
+"""Reads before the handshake are small: an unauthenticated peer costs little memory."""
+
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""How a connection ends from below: reset, closed, TLS failure (wrapped by Trio)."""
+
+
+@attrs.frozen
+class LinkSettings:
+    """What every link of one runner shares (from its TransportConfig)."""
+
+    our_address: str
+    cluster: str
+    secret: bytes | None
+    ping_interval: float
+    handshake_timeout: float
+    max_frame_size: int
+    max_unsent: int
+    max_requests: int
+    """Requests from the peer in flight at once on this link; more are refused."""
+    mutual_tls: bool = False
+
+
+class LinkReply:
+    """Where a peer's request is answered: its own link, under its own id."""
+
+    __slots__ = ("link", "request_id")
+
+    def __init__(self, link: PeerLink, request_id: int) -> None:
+        self.link = link
+        self.request_id = request_id
+
+    def resolve(self, reply: bytes) -> None:
+        self.link.send_reply(self.request_id, reply)
 
 
 class PeerLink:
-    """A connection, open or opening, to one peer runner."""
+    """A connection, opening or open, to one peer runner."""
 
     def __init__(
         self,
         stream: trio.abc.Stream,
-        *,
-        our_address: str,
-        cluster: str,
-        secret: bytes | None,
         role: Role,
-        on_request: Callable[[PeerLink, Envelope], None],
-        on_reply: Callable[[int, bytes], None],
-        on_failure: Callable[[int, ClusterError], None],
-        ping_interval: float,
+        settings: LinkSettings,
+        *,
+        on_request: Callable[[LinkReply, Envelope], None],
+        expected_peer: str | None = None,
     ) -> None:
         self._stream = stream
-        self._conn = PeerConnection(our_address, cluster, secret, role, secrets.token_bytes(32))
+        self._settings = settings
+        self._conn = PeerConnection(
+            settings.our_address,
+            settings.cluster,
+            settings.secret,
+            role,
+            secrets.token_bytes(32),
+            max_frame_size=settings.max_frame_size,
+            max_unsent=settings.max_unsent,
+        )
         self._on_request = on_request
-        self._on_reply = on_reply
-        self._on_failure = on_failure
-        self._ping_interval = ping_interval
+        self._expected_peer = expected_peer
+        self._life = Lifecycle("link", LINK_LIFECYCLE, LinkState.HANDSHAKING)
         self._ready = trio.Event()
         self._closed = trio.Event()
         self._finished = trio.Event()
         self._sending = trio.Lock()
         self._wake_writer = trio.Event()
-        self._heard_from_peer = True
-        # Requests sent and not yet answered: failed at once if the link drops.
-        self.in_flight: set[int] = set()
+        # Requests we sent and not yet answered, by our request id: failed at once
+        # if the link drops. Replies for any other id are ignored.
+        self._outbound: dict[int, ReplyTarget] = {}
+        # The peer's requests being handled here, by the peer's request id.
+        self._inbound: set[int] = set()
+        self.ignored_replies = 0
         self.peer: str | None = None
         self.close_reason = ""
 
     @property
+    def state(self) -> LinkState:
+        return self._life.state
+
+    @property
     def open(self) -> bool:
-        # A reset connection closes the link before the state machine
-        # hears of it: nothing may be queued on it from then on.
-        return self._conn.state is State.OPEN and not self._closed.is_set()
+        # The state machine may close (a Goodbye, a bad frame) a moment before the
+        # link hears of it: nothing may be queued from then on.
+        return self._life.state is LinkState.OPEN and self._conn.state is State.OPEN
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent on this link that await their reply."""
+        return len(self._outbound)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Handshake, then carry messages until either side closes.
+        """Handshake within the deadline, then carry messages until either side closes.
 
-        ``task_status.started()`` fires once the peer proved itself; a
-        handshake that fails raises RunnerUnavailable (from ``start``, for
-        a dialled link). A lost connection after that is a normal end.
+        ``task_status.started()`` fires once the peer proved itself. A
+        handshake that does not complete raises RunnerUnavailable (from
+        ``start``, for a dialled link); after it, nothing but cancellation.
         """
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read)
-                nursery.start_soon(self._write)
-                await self._stream.send_all(self._conn.initiate())
-                with trio.move_on_after(self._ping_interval * 3):
-                    await self._ready.wait()
+                with trio.move_on_after(self._settings.handshake_timeout):
+                    await self._handshake(nursery)
                 if self.open:
                     task_status.started()
                     started = True
                     nursery.start_soon(self._ping)
                     await self._closed.wait()
-                # Best effort: a Goodbye or Reject is queued for the peer.
-                with trio.move_on_after(self._ping_interval):
+                elif not self.close_reason:
+                    self._close(f"no handshake within {self._settings.handshake_timeout} s")
+                # Best effort: the last replies, a Goodbye or a Reject, then the socket.
+                with trio.move_on_after(self._settings.ping_interval):
                     await self._flush()
                 nursery.cancel_scope.cancel()
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as lost:
-            self._close(f"connection lost: {lost.exceptions[0]}")
+        except* _LOST as lost:
+            self._lost(f"connection lost: {lost.exceptions[0]!r}")
+        except* Exception as bug:
+            # Our own code failed on something the peer sent: that is a bug to
+            # fix, but it ends this link, not the runner.
+            log.exception("link to %s failed", self.peer, exc_info=bug)
+            self._lost(f"internal error: {bug.exceptions[0]!r}")
         finally:
-            self._close("link ended")
+            self._end()
             self._fail_in_flight()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
             self._finished.set()
         if not started:
-            raise RunnerUnavailable(f"handshake failed: {self.close_reason or 'timed out'}")
+            raise RunnerUnavailable(f"handshake failed: {self.close_reason}")
+
+    async def _handshake(self, nursery: trio.Nursery) -> None:
+        if isinstance(self._stream, trio.SSLStream):
+            # Explicitly, so that the TLS handshake is under the deadline too.
+            await self._stream.do_handshake()
+        nursery.start_soon(self._read)
+        nursery.start_soon(self._write)
+        hello = self._conn.initiate()
+        if hello:
+            await self._stream.send_all(hello)
+        await self._ready.wait()
 
     async def finished(self) -> None:
         """Wait until the link is over and its socket closed."""
         await self._finished.wait()
 
-    def send_request(self, envelope: Envelope) -> None:
-        self._send(Request(envelope))
-        self.in_flight.add(envelope.request_id)
+    def send_request(self, envelope: Envelope, target: ReplyTarget) -> None:
+        """Queue a request; its reply (or the link's failure) goes to ``target``.
+
+        Raises RunnerUnavailable when the link is not open or the peer has
+        stopped reading (the link then closes), SerializationError when the
+        request does not fit a frame; nothing is in flight then.
+        """
+        if not self.open:
+            raise RunnerUnavailable(f"link to {self.peer} is closed: {self.close_reason}")
+        try:
+            queued = self._conn.send(Request(envelope))
+        except FrameTooLarge as error:
+            raise SerializationError(
+                f"request to {self.peer} does not fit a frame: {error}",
+                entity_id=envelope.entity_id,
+                request_id=envelope.request_id,
+            ) from None
+        if not queued:
+            self._close(self._conn.close_reason or "peer is not reading")
+            raise RunnerUnavailable(f"{self.peer} is not reading: {self.close_reason}")
+        self._outbound[envelope.request_id] = target
+        self._wake_writer.set()
+
+    def withdraw(self, request_id: int) -> None:
+        """The caller stopped waiting: a late reply to ``request_id`` is ignored."""
+        self._outbound.pop(request_id, None)
 
     def send_reply(self, request_id: int, reply: bytes) -> None:
-        if self.open:
-            self._send(Reply(request_id, reply))
+        """Answer the peer's request ``request_id``; never raises.
+
+        A reply to a request this link did not receive, or already answered,
+        is dropped. A reply too large for a frame is replaced by a
+        SerializationError for that request alone; a peer too slow to take it
+        loses its link.
+        """
+        if request_id not in self._inbound:
+            return
+        self._inbound.discard(request_id)
+        self._reply(request_id, reply)
 
     def close(self, reason: str) -> None:
         """Say Goodbye once what is queued has gone out."""
         self._conn.close(reason)
         self._close(reason)
 
-    def _send(self, message: Request | Reply | Ping) -> None:
+    def _reply(self, request_id: int, reply: bytes) -> None:
         if not self.open:
-            raise RunnerUnavailable(f"link to {self.peer} is closed: {self.close_reason}")
-        if len(self._conn._outgoing) > MAX_UNSENT:
-            raise RunnerUnavailable(f"{self.peer} is not reading: {MAX_UNSENT} bytes queued")
-        self._conn.send(message)
+            return
+        try:
+            queued = self._conn.send(Reply(request_id, reply))
+        except FrameTooLarge as error:
+            refusal = SerializationError(f"the reply does not fit a frame: {error}")
+            queued = self._conn.send(Reply(request_id, replies.failure(refusal, request_id)))
+        if not queued:
+            self._close(self._conn.close_reason or "peer is not reading")
         self._wake_writer.set()
 
     async def _read(self) -> None:
         while True:
-            data = await self._stream.receive_some(READ_SIZE)
-            self._heard_from_peer = True
+            size = READ_SIZE if self.open else PRE_AUTH_READ_SIZE
+            data = await self._stream.receive_some(size)
             events = self._conn.receive_data(bytes(data)) if data else self._conn.receive_eof()
             for event in events:
                 self._dispatch(event)
@@ -151,18 +272,57 @@ class PeerLink:
     def _dispatch(self, event: Event) -> None:
         match event:
             case RequestReceived(envelope):
-                self._on_request(self, envelope)
+                self._received(envelope)
             case ReplyReceived(request_id, reply):
-                self.in_flight.discard(request_id)
-                self._on_reply(request_id, reply)
+                target = self._outbound.pop(request_id, None)
+                if target is None:
+                    self.ignored_replies += 1
+                else:
+                    target.resolve(reply)
             case Handshaken(peer_runner):
-                self.peer = peer_runner
-                self._ready.set()
+                self._handshaken(peer_runner)
             case Closed(reason, _):
                 log.info("link to %s closed: %s", self.peer, reason)
                 self._close(reason)
-            case PongReceived():
+            case _:
+                # Pings are answered by the state machine; interrupts and
+                # notify frames are not acted on in this version.
                 pass
+
+    def _handshaken(self, peer_runner: str) -> None:
+        problem = None
+        if self._expected_peer is not None and peer_runner != self._expected_peer:
+            problem = f"dialled {self._expected_peer}, but the peer says it is {peer_runner}"
+        elif self._settings.mutual_tls and isinstance(self._stream, trio.SSLStream):
+            problem = identity_problem(self._stream.getpeercert(), peer_runner)
+        if problem is not None:
+            log.warning("refusing a peer: %s", problem)
+            self._conn.close(problem)
+            self._close(problem)
+            return
+        self.peer = peer_runner
+        self._life.fire(LinkEvent.HANDSHAKEN)
+        self._ready.set()
+
+    def _received(self, envelope: Envelope) -> None:
+        request_id = envelope.request_id
+        if request_id in self._inbound:
+            # The original keeps its place; only this copy is refused.
+            refusal: ClusterError = AlreadyProcessingMessage(
+                f"request {request_id} is already in flight on this link",
+                entity_id=envelope.entity_id,
+            )
+            self._reply(request_id, replies.failure(refusal, request_id))
+            return
+        if len(self._inbound) >= self._settings.max_requests:
+            refusal = MailboxFull(
+                f"{self._settings.max_requests} requests from this peer are in flight",
+                entity_id=envelope.entity_id,
+            )
+            self._reply(request_id, replies.failure(refusal, request_id))
+            return
+        self._inbound.add(request_id)
+        self._on_request(LinkReply(self, request_id), envelope)
 
     async def _write(self) -> None:
         while True:
@@ -179,31 +339,51 @@ class PeerLink:
                 await self._stream.send_all(data)
 
     async def _ping(self) -> None:
-        """Close a link whose peer has been silent for two intervals despite a Ping."""
+        """Close a link whose peer sent no whole frame for two intervals despite a Ping."""
+        interval = self._settings.ping_interval
         nonce = 0
         while True:
-            self._heard_from_peer = False
-            await trio.sleep(self._ping_interval)
-            if self._heard_from_peer:
+            heard = self._conn.frames_received
+            await trio.sleep(interval)
+            if self._conn.frames_received != heard:
                 continue
             nonce += 1
-            self._send(Ping(nonce))
-            await trio.sleep(self._ping_interval)
-            if not self._heard_from_peer:
-                self.close(f"no answer for {2 * self._ping_interval} s")
+            if not self._conn.send(Ping(nonce)):
+                self._close(self._conn.close_reason or "peer is not reading")
+                return
+            self._wake_writer.set()
+            await trio.sleep(interval)
+            if self._conn.frames_received == heard:
+                self.close(f"no answer for {2 * interval} s")
                 return
 
     def _close(self, reason: str) -> None:
+        """No more sending; the run loop flushes what is queued and ends."""
         if not self.close_reason:
             self.close_reason = reason
+        self._life.fire(LinkEvent.CLOSE)
+        self._ready.set()
+        self._closed.set()
+
+    def _lost(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        self._life.fire(LinkEvent.LOST)
+        self._ready.set()
+        self._closed.set()
+
+    def _end(self) -> None:
+        if not self.close_reason:
+            self.close_reason = "link ended"
+        closing = self._life.state is LinkState.CLOSING
+        self._life.fire(LinkEvent.FINISHED if closing else LinkEvent.LOST)
         self._ready.set()
         self._closed.set()
 
     def _fail_in_flight(self) -> None:
         """A volatile request whose link dropped may or may not have run: say so now."""
-        for request_id in self.in_flight:
-            self._on_failure(
-                request_id,
-                RunnerUnavailable(f"connection to {self.peer} lost: {self.close_reason}"),
-            )
-        self.in_flight.clear()
+        outbound, self._outbound = self._outbound, {}
+        self._inbound.clear()
+        for request_id, target in outbound.items():
+            error = RunnerUnavailable(f"connection to {self.peer} lost: {self.close_reason}")
+            target.resolve(replies.failure(error, request_id))

@@ -4,50 +4,30 @@ Requests go out on the connection this runner dialled to the owner, and
 their replies come back on it; requests from a peer arrive on the
 connection that peer dialled. Each pair of runners thus has at most one
 connection per direction, and no race over who dials whom.
+
+Accepting is bounded: at most ``max_inbound_connections`` accepted links at
+once, of which at most ``max_handshakes`` not yet authenticated; a
+connection over either bound is closed as soon as it is accepted, before a
+byte is read or written.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import attrs
 import trio
 
 from ..core.envelope import Envelope
-from ..errors import ClusterError, RunnerUnavailable
-from .link import PeerLink
+from ..core.reply import ReplyTarget
+from ..errors import RunnerUnavailable
+from .config import TransportConfig
+from .link import LinkReply, LinkSettings, PeerLink
+
+__all__ = ["Network", "TransportConfig", "open_listeners"]
 
 log = logging.getLogger("trio_cluster.transport")
-
-
-@attrs.frozen
-class TransportConfig:
-    """How runners reach each other.
-
-    ``host`` and ``port`` are where this runner listens (port 0: any free
-    one); ``advertise`` is the host peers should dial, when it differs.
-    ``secret`` authenticates peers as members of ``cluster``. With
-    ``tls_server`` (for accepted connections) and ``tls_client`` (for
-    dialled ones, checked against the dialled host) links run over TLS,
-    which also encrypts and protects what follows the handshake.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise: str | None = None
-    cluster: str = "trio_cluster"
-    secret: bytes | None = None
-    connect_timeout: float = 2.0
-    ping_interval: float = 1.0
-    tls_server: ssl.SSLContext | None = None
-    tls_client: ssl.SSLContext | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if (self.tls_server is None) != (self.tls_client is None):
-            raise ValueError("TLS needs both tls_server and tls_client: a runner accepts and dials")
 
 
 class Network:
@@ -57,42 +37,45 @@ class Network:
         address: str,
         nursery: trio.Nursery,
         *,
-        on_request: Callable[[PeerLink, Envelope], None],
-        on_reply: Callable[[int, bytes], None],
-        on_failure: Callable[[int, ClusterError], None],
+        on_request: Callable[[LinkReply, Envelope], None],
         on_peer_lost: Callable[[str], None],
     ) -> None:
         self.config = config
         self.address = address
         self._nursery = nursery
         self._on_request = on_request
-        self._on_reply = on_reply
-        self._on_failure = on_failure
         self._on_peer_lost = on_peer_lost
+        self._settings = LinkSettings(
+            our_address=address,
+            cluster=config.cluster,
+            secret=config.secret,
+            ping_interval=config.ping_interval,
+            handshake_timeout=config.handshake_timeout,
+            max_frame_size=config.max_frame_size,
+            max_unsent=config.max_unsent,
+            max_requests=config.max_requests_per_link,
+            mutual_tls=config.mutual_tls,
+        )
         self._links: dict[str, PeerLink] = {}
         self._dialling: dict[str, trio.Event] = {}
         self._inbound: set[PeerLink] = set()
+        self.refused_connections = 0
 
-    def _link(self, stream: trio.abc.Stream, role: str) -> PeerLink:
-        config = self.config
-        return PeerLink(
-            stream,
-            our_address=self.address,
-            cluster=config.cluster,
-            secret=config.secret,
-            role="client" if role == "client" else "server",
-            on_request=self._on_request,
-            on_reply=self._on_reply,
-            on_failure=self._on_failure,
-            ping_interval=config.ping_interval,
-        )
+    @property
+    def handshaking(self) -> int:
+        return sum(1 for link in self._inbound if not link.open)
 
-    async def send_request(self, peer: str, envelope: Envelope) -> None:
-        """Queue a request on the link to ``peer``, dialling it first if needed."""
+    async def send_request(self, peer: str, envelope: Envelope, target: ReplyTarget) -> PeerLink:
+        """Queue a request on the link to ``peer`` (dialling it first if needed); return the link.
+
+        The reply, or the link's failure, goes to ``target``; the caller
+        withdraws the request from the returned link if it stops waiting.
+        """
         link = self._links.get(peer)
         if link is None or not link.open:
             link = await self._dial(peer)
-        link.send_request(envelope)
+        link.send_request(envelope, target)
+        return link
 
     async def _dial(self, peer: str) -> PeerLink:
         pending = self._dialling.get(peer)
@@ -107,12 +90,18 @@ class Network:
             host, _, port = peer.rpartition(":")
             with trio.fail_after(self.config.connect_timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, int(port))
-                if self.config.tls_client is not None:
-                    stream = trio.SSLStream(stream, self.config.tls_client, server_hostname=host)
-                link = self._link(stream, "client")
-                await self._nursery.start(self._keep, peer, link)
+            if self.config.tls_client is not None:
+                stream = trio.SSLStream(stream, self.config.tls_client, server_hostname=host)
+            link = PeerLink(
+                stream,
+                "client",
+                self._settings,
+                on_request=self._on_request,
+                expected_peer=peer,
+            )
+            await self._nursery.start(self._keep, peer, link)
         except (OSError, ValueError, trio.TooSlowError) as error:
-            raise RunnerUnavailable(f"cannot reach {peer}: {error}") from error
+            raise RunnerUnavailable(f"cannot reach {peer}: {error!r}") from error
         else:
             self._links[peer] = link
             return link
@@ -124,9 +113,6 @@ class Network:
         """Run a dialled link; when it ends, tell the runner the peer may be gone."""
         try:
             await link.run(task_status=task_status)
-        except ClusterError as error:
-            log.info("link to %s failed: %s", peer, error)
-            raise
         finally:
             if self._links.get(peer) is link:
                 del self._links[peer]
@@ -143,14 +129,23 @@ class Network:
         )
 
     async def _accepted(self, socket_stream: trio.SocketStream) -> None:
+        """One accepted connection, to its end; never raises (a failure ends this link only)."""
+        config = self.config
+        if (
+            len(self._inbound) >= config.max_inbound_connections
+            or self.handshaking >= config.max_handshakes
+        ):
+            self.refused_connections += 1
+            await trio.aclose_forcefully(socket_stream)
+            return
         stream: trio.abc.Stream = socket_stream
-        if self.config.tls_server is not None:
-            stream = trio.SSLStream(stream, self.config.tls_server, server_side=True)
-        link = self._link(stream, "server")
+        if config.tls_server is not None:
+            stream = trio.SSLStream(stream, config.tls_server, server_side=True)
+        link = PeerLink(stream, "server", self._settings, on_request=self._on_request)
         self._inbound.add(link)
         try:
             await link.run()
-        except ClusterError as error:
+        except RunnerUnavailable as error:
             log.info("refused a connection: %s", error)
         finally:
             self._inbound.discard(link)

@@ -1,0 +1,198 @@
+"""Shard keeping: own exactly the shards the assignment gives this runner.
+
+The keeper is the one writer of the routing table. It reads the live runners,
+computes the assignment (the same pure function on every runner), hands off
+shards assigned elsewhere (drained, then released) and acquires the ones
+assigned here as soon as their previous owner lets go. It runs again on a
+membership notice, a lost lease, a lost link to an owner, or every
+``MEMBERSHIP_INTERVAL`` (how a runner that died without a word is noticed).
+
+A failure inside one pass (a storage outage, a bug) ends that pass, not the
+keeper: the next pass comes after a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from ..config import ShardingConfig
+from ..core.assignment import assign
+from ..core.hashing import ShardId
+from ..errors import ClusterError, PersistenceError
+from ..storage.base import Lease, LeaseSession, RunnerStorage
+from .metrics import Counters
+from .routing import Router
+from .shard import ShardRuntime
+from .supervision import RESTART
+
+log = logging.getLogger("trio_cluster.runner")
+
+MEMBERSHIP_INTERVAL = 0.5
+"""How often live runners are re-read: the bound on noticing a silent death."""
+HANDOFF_RETRY = 0.05
+"""How soon to try again for a shard whose previous owner still holds it."""
+PEER_LOST_WATCH = 0.5
+"""After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
+
+
+class ShardKeeper:
+    def __init__(
+        self,
+        *,
+        address: str,
+        config: ShardingConfig,
+        runners: RunnerStorage,
+        session: LeaseSession,
+        router: Router,
+        metrics: Counters,
+        new_shard: Callable[[Lease, Callable[[ShardRuntime], None]], ShardRuntime],
+    ) -> None:
+        self._address = address
+        self._config = config
+        self._runners = runners
+        self._session = session
+        self._router = router
+        self._metrics = metrics
+        self._new_shard = new_shard
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self._watch_closely_until = 0.0
+        self._keeping = trio.CancelScope()
+
+    # -- what others tell the keeper ------------------------------------------------
+
+    def wake(self) -> None:
+        """Re-read the membership now (a notice said it changed)."""
+        self._wake.set()
+
+    def on_peer_lost(self, peer: str) -> None:
+        """A link dropped: the peer may be dead, so look at the membership now.
+
+        The database may not have ended the dead runner's lock session yet,
+        so keep looking closely for a moment instead of waiting a full
+        membership interval.
+        """
+        if peer in self._router.assignment.values():
+            self._watch_closely_until = trio.current_time() + PEER_LOST_WATCH
+            self._wake.set()
+
+    def on_lease_lost(self, shard_id: ShardId) -> None:
+        shard = self._router.shards.get(shard_id)
+        if shard is not None:
+            log.warning("lease of %s lost: stopping its entities", shard_id)
+            shard.lose()
+        self._wake.set()
+
+    def _shard_stopped(self, shard: ShardRuntime) -> None:
+        shards = self._router.shards
+        if shards.get(shard.lease.shard) is shard:
+            del shards[shard.lease.shard]
+            self._note_changed()
+
+    # -- readiness ------------------------------------------------------------------
+
+    def owns_its_assignment(self) -> bool:
+        mine = {s for s, owner in self._router.assignment.items() if owner == self._address}
+        return mine == {s for s, shard in self._router.shards.items() if shard.accepting}
+
+    async def settled(self) -> None:
+        while not self.owns_its_assignment():
+            await self.changed()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def _note_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- the keeping loop ---------------------------------------------------------------
+
+    async def run(
+        self, shards: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep shards in ``shards`` (the runner's nursery, so that stopping this loop at
+        shutdown leaves them to drain) until cancelled."""
+        failures = RESTART.delays()
+        with self._keeping:
+            while True:
+                self._wake = trio.Event()
+                try:
+                    waiting = await self._keep(shards)
+                except* Exception as failure:
+                    self._metrics.contained_failures += 1
+                    log.exception("keeping shards failed; trying again", exc_info=failure)
+                    delay = next(failures)
+                else:
+                    failures = RESTART.delays()
+                    closely = waiting or trio.current_time() < self._watch_closely_until
+                    delay = HANDOFF_RETRY if closely else MEMBERSHIP_INTERVAL
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+        task_status.started()  # cancelled before the first pass ended
+
+    async def _keep(self, shards: trio.Nursery) -> bool:
+        """One pass; True when a shard assigned here could not be taken yet."""
+        await self._refresh_assignment()
+        router = self._router
+        mine = {s for s, owner in router.assignment.items() if owner == self._address}
+        for shard in list(router.shards.values()):
+            if shard.lease.shard not in mine and shard.accepting:
+                shards.start_soon(shard.stop, self._config.entity_termination_timeout)
+        waiting = False
+        for shard_id in sorted(mine - router.shards.keys()):
+            try:
+                lease = await self._session.acquire(shard_id)
+            except ClusterError as error:
+                log.warning("cannot acquire %s yet: %s", shard_id, error)
+                return True
+            if lease is None:
+                waiting = True  # its previous owner is still handing it off
+                continue
+            shard = self._new_shard(lease, self._shard_stopped)
+            router.shards[shard_id] = shard
+            await shards.start(shard.run)
+            self._note_changed()
+        return waiting
+
+    async def _refresh_assignment(self) -> None:
+        """Recompute who owns what from the live runners; keep the last answer on an outage."""
+        try:
+            runners = await self._runners.live_runners()
+        except PersistenceError as error:
+            log.warning("cannot read the live runners: %s", error)
+            return
+        per_group = self._config.shards_per_group
+        groups = sorted({group for spec in runners for group in spec.groups})
+        shard_ids = [ShardId(group, index) for group in groups for index in range(per_group)]
+        try:
+            assignment = assign(shard_ids, runners)
+        except ValueError:
+            # Two runners claiming one address: a deployment mistake to
+            # shout about, not a reason to stop serving what we own.
+            log.exception("cannot compute the assignment")
+            return
+        if assignment != self._router.assignment:
+            self._router.assignment = assignment
+            self._note_changed()
+
+    async def shutdown(self) -> None:
+        """Leave the cluster, then drain every shard within the termination timeout.
+
+        Leaving first lets the other runners reassign at once, so each shard
+        is taken over the moment it is released rather than after all are.
+        """
+        self._keeping.cancel()
+        try:
+            await self._session.leave()
+        except PersistenceError as error:
+            log.warning("could not announce leaving: %s", error)
+        timeout = self._config.entity_termination_timeout
+        async with trio.open_nursery() as nursery:
+            for shard in list(self._router.shards.values()):
+                nursery.start_soon(shard.stop, timeout)

@@ -1,0 +1,103 @@
+"""Acting on what other runners store: requests for shards owned here, awaited replies.
+
+The follower only decides and hands work on: announced requests go to
+their shard's own reader (which reads them in order, within the shard's
+scope), a changed membership wakes the shard keeper. The one read it does
+itself is the reply a caller here waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import trio
+
+from ..core.hashing import ShardId
+from ..errors import PersistenceError
+from ..storage.base import Gap, MembershipChanged, MessageStorage, Notice, Replied, Stored
+from .metrics import Counters
+from .replies import StoredReplies
+from .routing import Router
+from .supervision import keep_running
+
+log = logging.getLogger("trio_cluster.runner")
+
+NOTICE_BATCH = 500
+"""Most notices handled in one pass."""
+
+
+class NoticeFollower:
+    def __init__(
+        self,
+        *,
+        messages: MessageStorage,
+        router: Router,
+        stored_replies: StoredReplies,
+        machine_id: Callable[[], int],
+        membership_changed: Callable[[], None],
+        metrics: Counters,
+    ) -> None:
+        self._messages = messages
+        self._router = router
+        self._stored_replies = stored_replies
+        self._machine_id = machine_id
+        self._membership_changed = membership_changed
+        self._metrics = metrics
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow notices for the runner's lifetime.
+
+        Started before any shard is acquired, so every request stored after
+        a shard's redelivery scan is announced to its new owner.
+        """
+        async with self._messages.notices() as notices:
+            task_status.started()
+            await keep_running("notice follower", lambda: self._follow(notices), self._metrics)
+
+    async def _follow(self, notices: trio.MemoryReceiveChannel[Notice]) -> None:
+        async for first in notices:
+            # Everything already waiting is handled in one pass.
+            batch = [first]
+            with contextlib.suppress(trio.WouldBlock):
+                while len(batch) < NOTICE_BATCH:
+                    batch.append(notices.receive_nowait())
+            await self._act_on(batch)
+
+    async def _act_on(self, batch: list[Notice]) -> None:
+        me = self._machine_id()
+        stored: dict[ShardId, list[int]] = {}
+        replied: list[int] = []
+        for notice in batch:
+            match notice:
+                case Gap():
+                    for served in list(self._router.shards.values()):
+                        served.rescan()
+                    replied = self._stored_replies.waiting()
+                    stored.clear()
+                    break
+                case MembershipChanged():
+                    self._membership_changed()
+                case Replied(request_id, origin) if origin != me:
+                    if request_id in self._stored_replies:
+                        replied.append(request_id)
+                case Stored(shard_id, request_id, origin) if origin != me:
+                    stored.setdefault(shard_id, []).append(request_id)
+        for shard_id, request_ids in stored.items():
+            shard = self._router.shards.get(shard_id)
+            if shard is not None:
+                shard.notice_stored(request_ids)
+        for request_id in replied:
+            await self._fetch_reply(request_id)
+
+    async def _fetch_reply(self, request_id: int) -> None:
+        try:
+            reply = await self._messages.reply_for(request_id)
+        except PersistenceError as error:
+            # The caller's own timeout bounds its wait; a later notice or
+            # duplicate ask can still find the stored reply.
+            log.warning("could not read the reply to %s: %s", request_id, error)
+            return
+        if reply is not None:
+            self._stored_replies.resolve(request_id, reply)

@@ -1,0 +1,84 @@
+"""Where a request goes: into a shard owned here, or to the runner that owns it.
+
+The routing table (the assignment and the shards served here) is written by
+the shard keeper alone and read here. Requests from peers come in here too,
+and are checked before they reach a shard: a peer is outside input, so
+what it sends is validated (its shard against its entity id, its sizes,
+that it is volatile: persisted requests travel through storage, never in a
+frame), and anything refused is answered on the peer's own link.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config import ShardingConfig
+from ..core.envelope import Envelope, envelope_problem
+from ..core.hashing import ShardId
+from ..core.reply import ReplyTarget, failure
+from ..errors import ClusterError, EntityNotAssignedToRunner, MalformedMessage, RunnerUnavailable
+from .delivery import Delivery
+from .metrics import Counters
+
+if TYPE_CHECKING:
+    from ..transport.link import LinkReply, PeerLink
+    from ..transport.network import Network
+    from .shard import ShardRuntime
+
+
+class Router:
+    def __init__(self, address: str, config: ShardingConfig, metrics: Counters) -> None:
+        self.address = address
+        self._config = config
+        self._metrics = metrics
+        self.assignment: dict[ShardId, str] = {}
+        """Every shard's owner, as this runner computes it from the live runners."""
+        self.shards: dict[ShardId, ShardRuntime] = {}
+        """The shards this runner holds a lease on now."""
+        self.network: Network | None = None
+
+    def route(self, delivery: Delivery) -> str | None:
+        """Queue a request whose shard is owned here; otherwise name the owner to send it to."""
+        envelope = delivery.envelope
+        shard_id = ShardId(envelope.shard_group, envelope.shard_index)
+        shard = self.shards.get(shard_id)
+        if shard is not None:
+            shard.offer(delivery)
+            return None
+        owner = self.assignment.get(shard_id)
+        if owner is None or owner == self.address or self.network is None:
+            raise EntityNotAssignedToRunner(
+                f"shard {shard_id} is not owned by {self.address}",
+                entity_id=envelope.entity_id,
+                request_id=envelope.request_id,
+            )
+        return owner
+
+    def serves(self, shard_id: ShardId) -> bool:
+        return shard_id in self.shards
+
+    async def send(self, owner: str, envelope: Envelope, target: ReplyTarget) -> PeerLink:
+        """Send a volatile request to its shard's owner; the link it went out on."""
+        if self.network is None:
+            raise RunnerUnavailable(f"{self.address} has no transport to reach {owner}")
+        return await self.network.send_request(owner, envelope, target)
+
+    def on_remote_request(self, reply: LinkReply, envelope: Envelope) -> None:
+        """A peer sent a request for a shard it believes is ours: queue it or refuse it."""
+        problem = envelope_problem(envelope, self._config.shards_per_group)
+        if problem is None and envelope.persisted:
+            problem = "persisted requests travel through storage, never in a request frame"
+        try:
+            if problem is not None:
+                raise MalformedMessage(problem, entity_id=envelope.entity_id)
+            shard = self.shards.get(ShardId(envelope.shard_group, envelope.shard_index))
+            if shard is None:
+                raise EntityNotAssignedToRunner(
+                    f"shard {envelope.shard_group}/{envelope.shard_index} "
+                    f"is not owned by {self.address}",
+                    entity_id=envelope.entity_id,
+                )
+            shard.offer(Delivery(envelope, reply))
+        except ClusterError as error:
+            self._metrics.refused += 1
+            reply.resolve(failure(error, envelope.request_id))

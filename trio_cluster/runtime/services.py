@@ -1,0 +1,50 @@
+"""The narrow context that shards and entities run in: the runner's services they use.
+
+Like Trio's run context, it is small, frozen and built once: a shard or an
+entity can be built and tested with a context of its own making, and no
+leaf depends on the runner object or on a module above it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ..config import EntityOptions, ShardingConfig
+from ..entity import Implementation
+from ..storage.base import Lease, MessageStorage
+from .metrics import Counters
+from .replies import StoredReplies
+from .residency import Residency
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+@attrs.frozen
+class Hosted:
+    """An entity type this runner hosts, with the options it runs under."""
+
+    implementation: Implementation
+    options: EntityOptions
+
+
+@attrs.frozen
+class Services:
+    address: str
+    config: ShardingConfig
+    messages: MessageStorage
+    stored_replies: StoredReplies
+    metrics: Counters
+    residency: Residency
+    hosted: Mapping[str, Hosted]
+    client: Client
+    """What entities send with (their EntityContext's client)."""
+    release: Callable[[Lease], Awaitable[None]]
+    """Give a lease back (the storage session's release)."""
+    base_context: contextvars.Context
+    """What entity tasks start from: the context of the task that opened the runner,
+    so that no handler runs with the context variables of a caller."""

@@ -1,0 +1,41 @@
+"""Failure boundaries for the runner's own long-lived services.
+
+The notice follower, the shard keeper and the idle sweeper each run for
+the runner's lifetime. What they call can fail in expected ways (storage
+outages, handled inside them) and, if there is a bug, in unexpected ones.
+A bug must not end the runner, and must not silently stop the service
+either: it is logged as an error, counted, and the service starts again
+after a backoff, so a bug that repeats costs a log line per backoff, not a
+busy loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..core.retry import RetryPolicy
+from .metrics import Counters
+
+log = logging.getLogger("trio_cluster.runtime")
+
+RESTART = RetryPolicy(base_delay=0.05, max_delay=2.0, max_attempts=2**62, max_elapsed=2.0**62)
+"""Backoff between restarts of a failed service: capped, never giving up."""
+
+
+async def keep_running(
+    name: str, service: Callable[[], Awaitable[None]], metrics: Counters
+) -> None:
+    """Run ``service`` until it returns; restart it, after a backoff, whenever it fails."""
+    delays = RESTART.delays()
+    while True:
+        try:
+            await service()
+        except* Exception as failure:
+            metrics.contained_failures += 1
+            log.exception("%s failed; restarting it", name, exc_info=failure)
+        else:
+            return
+        await trio.sleep(next(delays))
