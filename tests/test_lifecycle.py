@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given
@@ -36,48 +37,40 @@ TERMINAL: dict[str, set[enum.Enum]] = {
 }
 
 
-@pytest.mark.parametrize(("name", "table", "states", "events", "initial"), TABLES)
-def test_every_state_is_in_the_table_and_leads_only_to_states(
-    name: str,
-    table: Table[enum.Enum, enum.Enum],
-    states: type[enum.Enum],
-    events: type[enum.Enum],
-    initial: enum.Enum,
-) -> None:
-    assert set(table) == set(states)
-    for targets in table.values():
-        assert set(targets) <= set(events)
-        assert set(targets.values()) <= set(states)
+class Case(NamedTuple):
+    name: str
+    table: AnyTable
+    states: type[enum.Enum]
+    events: type[enum.Enum]
+    initial: enum.Enum
 
 
-@pytest.mark.parametrize(("name", "table", "states", "events", "initial"), TABLES)
-def test_nothing_leaves_a_terminal_state(
-    name: str,
-    table: Table[enum.Enum, enum.Enum],
-    states: type[enum.Enum],
-    events: type[enum.Enum],
-    initial: enum.Enum,
-) -> None:
-    for state in TERMINAL[name]:
-        assert set(table[state].values()) <= {state}
+@pytest.fixture(params=TABLES, ids=[entry[0] for entry in TABLES])
+def case(request: pytest.FixtureRequest) -> Case:
+    return Case(*request.param)
 
 
-@pytest.mark.parametrize(("name", "table", "states", "events", "initial"), TABLES)
-def test_every_terminal_state_is_reachable(
-    name: str,
-    table: Table[enum.Enum, enum.Enum],
-    states: type[enum.Enum],
-    events: type[enum.Enum],
-    initial: enum.Enum,
-) -> None:
-    seen = {initial}
-    frontier = [initial]
+def test_every_state_is_in_the_table_and_leads_only_to_states(case: Case) -> None:
+    assert set(case.table) == set(case.states)
+    for targets in case.table.values():
+        assert set(targets) <= set(case.events)
+        assert set(targets.values()) <= set(case.states)
+
+
+def test_nothing_leaves_a_terminal_state(case: Case) -> None:
+    for state in TERMINAL[case.name]:
+        assert set(case.table[state].values()) <= {state}
+
+
+def test_every_state_is_reachable(case: Case) -> None:
+    seen = {case.initial}
+    frontier = [case.initial]
     while frontier:
-        for target in table[frontier.pop()].values():
+        for target in case.table[frontier.pop()].values():
             if target not in seen:
                 seen.add(target)
                 frontier.append(target)
-    assert seen == set(states)
+    assert seen == set(case.states)
 
 
 @given(st.data())

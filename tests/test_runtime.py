@@ -28,7 +28,7 @@ from trio_cluster import (
 )
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
-from trio_cluster.runtime.context import call_chain
+from trio_cluster.runtime.calls import call_chain
 from trio_cluster.storage.memory import MemoryStorage
 from trio_cluster.testing import TEST_CONFIG, open_test_runner, with_entity_options
 

@@ -102,7 +102,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
     impl, probe = counter()
     metrics = Counters()
     stored = StoredReplies()
-    router = Router("test-runner", CONFIG, metrics)
+    router = Router("test-runner", CONFIG, metrics, {})
     released: list[Lease] = []
     async with storage.session(RunnerSpec("test-runner"), lambda _: None) as session:
 
@@ -327,10 +327,8 @@ class FakeShard:
 
 
 def router_with(shard_id: ShardId) -> tuple[Router, FakeShard]:
-    router = Router("me:1", CONFIG, Counters())
     shard = FakeShard()
-    router.shards[shard_id] = shard  # type: ignore[assignment]
-    return router, shard
+    return Router("me:1", CONFIG, Counters(), {shard_id: shard}), shard
 
 
 @pytest.mark.parametrize(
@@ -372,7 +370,7 @@ def test_the_router_offers_a_good_request_with_its_own_reply_target() -> None:
 
 
 async def test_a_router_routes_to_the_owner_it_knows() -> None:
-    router = Router("me:1", CONFIG, Counters())
+    router = Router("me:1", CONFIG, Counters(), {})
     delivery = Delivery(envelope(1), Sink())
     with pytest.raises(EntityNotAssignedToRunner):
         router.route(delivery)

@@ -24,13 +24,14 @@ from .errors import (
     SerializationError,
     Suspended,
 )
+from .runtime.calls import RequestInfo
 from .runtime.client import Client
 from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
 from .storage import MemoryStorage
-from .transport.network import TransportConfig
+from .transport.config import TransportConfig
 
 __all__ = [
     "AlreadyProcessingMessage",
@@ -48,6 +49,7 @@ __all__ = [
     "MalformedMessage",
     "MemoryStorage",
     "PersistenceError",
+    "RequestInfo",
     "RetryPolicy",
     "Rpc",
     "RpcClientError",

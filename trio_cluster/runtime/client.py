@@ -44,7 +44,7 @@ from ..errors import (
     SendTimeout,
 )
 from ..storage.base import MessageStorage
-from .context import call_chain
+from .calls import call_chain
 from .delivery import Delivery
 from .metrics import Counters
 from .replies import ReplySlot, StoredReplies

@@ -47,6 +47,7 @@ class ShardKeeper:
         runners: RunnerStorage,
         session: LeaseSession,
         router: Router,
+        shards: dict[ShardId, ShardRuntime],
         metrics: Counters,
         new_shard: Callable[[Lease, Callable[[ShardRuntime], None]], ShardRuntime],
     ) -> None:
@@ -55,6 +56,8 @@ class ShardKeeper:
         self._runners = runners
         self._session = session
         self._router = router
+        self._shards = shards
+        """The shards held now: written here alone, read by the router and the follower."""
         self._metrics = metrics
         self._new_shard = new_shard
         self._wake = trio.Event()
@@ -80,14 +83,14 @@ class ShardKeeper:
             self._wake.set()
 
     def on_lease_lost(self, shard_id: ShardId) -> None:
-        shard = self._router.shards.get(shard_id)
+        shard = self._shards.get(shard_id)
         if shard is not None:
             log.warning("lease of %s lost: stopping its entities", shard_id)
             shard.lose()
         self._wake.set()
 
     def _shard_stopped(self, shard: ShardRuntime) -> None:
-        shards = self._router.shards
+        shards = self._shards
         if shards.get(shard.lease.shard) is shard:
             del shards[shard.lease.shard]
             self._note_changed()
@@ -96,7 +99,7 @@ class ShardKeeper:
 
     def owns_its_assignment(self) -> bool:
         mine = {s for s, owner in self._router.assignment.items() if owner == self._address}
-        return mine == {s for s, shard in self._router.shards.items() if shard.accepting}
+        return mine == {s for s, shard in self._shards.items() if shard.accepting}
 
     async def settled(self) -> None:
         while not self.owns_its_assignment():
@@ -141,11 +144,11 @@ class ShardKeeper:
         await self._refresh_assignment()
         router = self._router
         mine = {s for s, owner in router.assignment.items() if owner == self._address}
-        for shard in list(router.shards.values()):
+        for shard in list(self._shards.values()):
             if shard.lease.shard not in mine and shard.accepting:
                 shards.start_soon(shard.stop, self._config.entity_termination_timeout)
         waiting = False
-        for shard_id in sorted(mine - router.shards.keys()):
+        for shard_id in sorted(mine - self._shards.keys()):
             try:
                 lease = await self._session.acquire(shard_id)
             except ClusterError as error:
@@ -155,7 +158,7 @@ class ShardKeeper:
                 waiting = True  # its previous owner is still handing it off
                 continue
             shard = self._new_shard(lease, self._shard_stopped)
-            router.shards[shard_id] = shard
+            self._shards[shard_id] = shard
             await shards.start(shard.run)
             self._note_changed()
         return waiting
@@ -194,5 +197,5 @@ class ShardKeeper:
             log.warning("could not announce leaving: %s", error)
         timeout = self._config.entity_termination_timeout
         async with trio.open_nursery() as nursery:
-            for shard in list(self._router.shards.values()):
+            for shard in list(self._shards.values()):
                 nursery.start_soon(shard.stop, timeout)

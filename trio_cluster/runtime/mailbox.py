@@ -38,7 +38,8 @@ from ..errors import (
     RunnerUnavailable,
 )
 from ..storage.base import Lease
-from .context import EntityAddress, EntityContext, handling
+from .calls import handling
+from .context import EntityAddress, EntityContext
 from .delivery import Delivery
 from .services import Hosted, Services
 

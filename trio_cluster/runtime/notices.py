@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -19,7 +19,7 @@ from ..errors import PersistenceError
 from ..storage.base import Gap, MembershipChanged, MessageStorage, Notice, Replied, Stored
 from .metrics import Counters
 from .replies import StoredReplies
-from .routing import Router
+from .shard import ShardRuntime
 from .supervision import keep_running
 
 log = logging.getLogger("trio_cluster.runner")
@@ -33,14 +33,14 @@ class NoticeFollower:
         self,
         *,
         messages: MessageStorage,
-        router: Router,
+        shards: Mapping[ShardId, ShardRuntime],
         stored_replies: StoredReplies,
         machine_id: Callable[[], int],
         membership_changed: Callable[[], None],
         metrics: Counters,
     ) -> None:
         self._messages = messages
-        self._router = router
+        self._shards = shards
         self._stored_replies = stored_replies
         self._machine_id = machine_id
         self._membership_changed = membership_changed
@@ -72,7 +72,7 @@ class NoticeFollower:
         for notice in batch:
             match notice:
                 case Gap():
-                    for served in list(self._router.shards.values()):
+                    for served in list(self._shards.values()):
                         served.rescan()
                     replied = self._stored_replies.waiting()
                     stored.clear()
@@ -85,7 +85,7 @@ class NoticeFollower:
                 case Stored(shard_id, request_id, origin) if origin != me:
                     stored.setdefault(shard_id, []).append(request_id)
         for shard_id, request_ids in stored.items():
-            shard = self._router.shards.get(shard_id)
+            shard = self._shards.get(shard_id)
             if shard is not None:
                 shard.notice_stored(request_ids)
         for request_id in replied:

@@ -14,24 +14,39 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, KeysView
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from ..config import EntityOptions
 
-if TYPE_CHECKING:
-    from .mailbox import ActiveEntity
-
 MIN_SWEEP_INTERVAL = 0.01
 MAX_SWEEP_INTERVAL = 5.0
+
+
+class Resident(Protocol):
+    """What the policy needs to know of an entity (an ActiveEntity, or a test's own)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+    @property
+    def options(self) -> EntityOptions: ...
+
+    @property
+    def last_active(self) -> float: ...
+
+    def passivate(self) -> None: ...
 
 
 class Residency:
     def __init__(self, max_resident: int) -> None:
         self._max_resident = max_resident
         # Every resident entity by its key, least recently used first.
-        self._resident: OrderedDict[str, ActiveEntity] = OrderedDict()
+        self._resident: OrderedDict[str, Resident] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -39,7 +54,7 @@ class Residency:
     def keys(self) -> KeysView[str]:
         return self._resident.keys()
 
-    def admit(self, entity: ActiveEntity) -> None:
+    def admit(self, entity: Resident) -> None:
         """Make room under the cap, then count ``entity`` as resident."""
         excess = len(self._resident) - self._max_resident + 1
         if excess > 0:
@@ -48,10 +63,10 @@ class Residency:
                 resident.passivate()
         self._resident[entity.key] = entity
 
-    def touch(self, entity: ActiveEntity) -> None:
+    def touch(self, entity: Resident) -> None:
         self._resident.move_to_end(entity.key)
 
-    def forget(self, entity: ActiveEntity) -> None:
+    def forget(self, entity: Resident) -> None:
         """Stop counting ``entity`` (a no-op unless it is the one resident under its key)."""
         if self._resident.get(entity.key) is entity:
             del self._resident[entity.key]

@@ -10,7 +10,8 @@ frame), and anything refused is answered on the peer's own link.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import ShardingConfig
 from ..core.envelope import Envelope, envelope_problem
@@ -23,25 +24,36 @@ from .metrics import Counters
 if TYPE_CHECKING:
     from ..transport.link import LinkReply, PeerLink
     from ..transport.network import Network
-    from .shard import ShardRuntime
+
+
+class ServedShard(Protocol):
+    """What routing needs of a shard served here (a ShardRuntime)."""
+
+    def offer(self, delivery: Delivery) -> None: ...
 
 
 class Router:
-    def __init__(self, address: str, config: ShardingConfig, metrics: Counters) -> None:
+    def __init__(
+        self,
+        address: str,
+        config: ShardingConfig,
+        metrics: Counters,
+        shards: Mapping[ShardId, ServedShard],
+    ) -> None:
         self.address = address
         self._config = config
         self._metrics = metrics
         self.assignment: dict[ShardId, str] = {}
         """Every shard's owner, as this runner computes it from the live runners."""
-        self.shards: dict[ShardId, ShardRuntime] = {}
-        """The shards this runner holds a lease on now."""
+        self._shards = shards
+        """The shards this runner holds a lease on now (the keeper's, read here)."""
         self.network: Network | None = None
 
     def route(self, delivery: Delivery) -> str | None:
         """Queue a request whose shard is owned here; otherwise name the owner to send it to."""
         envelope = delivery.envelope
         shard_id = ShardId(envelope.shard_group, envelope.shard_index)
-        shard = self.shards.get(shard_id)
+        shard = self._shards.get(shard_id)
         if shard is not None:
             shard.offer(delivery)
             return None
@@ -55,7 +67,7 @@ class Router:
         return owner
 
     def serves(self, shard_id: ShardId) -> bool:
-        return shard_id in self.shards
+        return shard_id in self._shards
 
     async def send(self, owner: str, envelope: Envelope, target: ReplyTarget) -> PeerLink:
         """Send a volatile request to its shard's owner; the link it went out on."""
@@ -71,7 +83,7 @@ class Router:
         try:
             if problem is not None:
                 raise MalformedMessage(problem, entity_id=envelope.entity_id)
-            shard = self.shards.get(ShardId(envelope.shard_group, envelope.shard_index))
+            shard = self._shards.get(ShardId(envelope.shard_group, envelope.shard_index))
             if shard is None:
                 raise EntityNotAssignedToRunner(
                     f"shard {envelope.shard_group}/{envelope.shard_index} "

@@ -72,10 +72,11 @@ class Runner(metaclass=NoPublicConstructor):
         config: ShardingConfig,
         session: LeaseSession,
         client: Client,
-        router: Router,
+        shards: Mapping[ShardId, ShardRuntime],
         keeper: ShardKeeper,
         residency: Residency,
         metrics: Counters,
+        router: Router,
     ) -> None:
         self.address = address
         self.config = config
@@ -85,6 +86,7 @@ class Runner(metaclass=NoPublicConstructor):
         self.generate_id = client.generate_id
         self._session = session
         self._router = router
+        self._shards = shards
         self._keeper = keeper
         self._residency = residency
         self._metrics = metrics
@@ -102,7 +104,7 @@ class Runner(metaclass=NoPublicConstructor):
     @property
     def shards(self) -> Mapping[ShardId, Lease]:
         """The shards this runner holds now (draining ones included), with their leases."""
-        return {shard_id: shard.lease for shard_id, shard in self._router.shards.items()}
+        return {shard_id: shard.lease for shard_id, shard in self._shards.items()}
 
     @property
     def resident(self) -> Set[str]:
@@ -135,7 +137,7 @@ class Runner(metaclass=NoPublicConstructor):
             refused=counters.refused,
             contained_failures=counters.contained_failures,
             resident_entities=len(self._residency),
-            owned_shards=len(self._router.shards),
+            owned_shards=len(self._shards),
             waiting_callers=counters.waiting_callers,
         )
 
@@ -270,7 +272,8 @@ def _assemble(
     metrics = Counters()
     stored_replies = StoredReplies()
     residency = Residency(config.max_resident_entities)
-    router = Router(address, config, metrics)
+    shards: dict[ShardId, ShardRuntime] = {}
+    router = Router(address, config, metrics, shards)
     client = Client(
         config=config,
         router=router,
@@ -297,12 +300,13 @@ def _assemble(
         runners=storage.runners,
         session=session,
         router=router,
+        shards=shards,
         metrics=metrics,
         new_shard=functools.partial(ShardRuntime, services),
     )
     follower = NoticeFollower(
         messages=storage.messages,
-        router=router,
+        shards=shards,
         stored_replies=stored_replies,
         machine_id=lambda: session.machine_id,
         membership_changed=keeper.wake,
@@ -314,6 +318,7 @@ def _assemble(
         session=session,
         client=client,
         router=router,
+        shards=shards,
         keeper=keeper,
         residency=residency,
         metrics=metrics,

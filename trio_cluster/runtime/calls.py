@@ -1,0 +1,57 @@
+"""The call a task is making or handling: the call chain, and the request being handled.
+
+Context variables set by the entity task for each request it takes, read by
+``ask`` (the call chain, against deadlock) and by handlers (their request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+import attrs
+
+from ..core.envelope import Envelope
+
+call_chain: ContextVar[tuple[str, ...]] = ContextVar("trio_cluster_call_chain", default=())
+"""Turn-based entities waiting, up the stack, on the code running now.
+
+Set by the entity task for each message; read by ``ask`` to refuse a call
+that would wait on one of them (A asks A, or A asks B asks A), which at
+concurrency 1 can never be answered.
+"""
+
+current_request: ContextVar[RequestInfo | None] = ContextVar(
+    "trio_cluster_current_request", default=None
+)
+
+
+@attrs.frozen
+class RequestInfo:
+    """The request a handler is handling now, as its sender sent it."""
+
+    request_id: int
+    rpc: str
+    headers: Mapping[str, str]
+    """What the sender attached (``ask(..., headers=...)``); stored with persisted requests."""
+    persisted: bool
+    deliver_at: datetime | None
+    """When the sender asked for it to be handled, if it did (UTC)."""
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> RequestInfo:
+        due = envelope.deliver_at_ms
+        return cls(
+            request_id=envelope.request_id,
+            rpc=envelope.rpc,
+            headers=envelope.headers,
+            persisted=envelope.persisted,
+            deliver_at=None if due is None else datetime.fromtimestamp(due / 1000, UTC),
+        )
+
+
+def handling(envelope: Envelope, chain: tuple[str, ...]) -> None:
+    """Enter the context of one request, in the task that is about to handle it."""
+    call_chain.set(envelope.call_chain + chain)
+    current_request.set(RequestInfo.of(envelope))
