@@ -24,6 +24,8 @@ MAX_HEADER_BYTES = 8192
 """UTF-8 bytes of all header names and values of one request together."""
 MAX_CALL_CHAIN = 64
 """Entities waiting up one call chain; a longer chain is a runaway recursion."""
+MAX_DELIVER_AT_MS = 253_402_300_799_999
+"""The last millisecond of the year 9999: the last ``datetime`` can name."""
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -132,6 +134,9 @@ def envelope_problem(envelope: Envelope, shards_per_group: int) -> str | None:
         return problem
     if len(envelope.call_chain) > MAX_CALL_CHAIN:
         return f"call chain of {len(envelope.call_chain)}, over the limit of {MAX_CALL_CHAIN}"
+    due = envelope.deliver_at_ms
+    if due is not None and not 0 <= due <= MAX_DELIVER_AT_MS:
+        return f"deliver_at_ms {due} is not a time between 1970 and the year 9999"
     expected = shard_index(envelope.entity_id, shards_per_group)
     if envelope.shard_index != expected:
         return (

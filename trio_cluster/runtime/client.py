@@ -329,4 +329,5 @@ def _unix_ms(moment: datetime) -> int:
             "deliver_at must be timezone-aware: a naive time names a different "
             "instant on each runner"
         )
-    return int(moment.timestamp() * 1000)
+    # A time before 1970 is as past as any: due now.
+    return max(0, int(moment.timestamp() * 1000))

@@ -172,9 +172,8 @@ class ActiveEntity:
                     delivery = await self._next()
                     if delivery is None:
                         break
-                    handling(delivery.envelope, chain)
                     if self._limiter is None:
-                        await self._handle(delivery)
+                        await self._handle(delivery, chain)
                     else:
                         workers.start_soon(self._handle_concurrently, delivery, self._limiter)
         except* Exception as bug:
@@ -248,14 +247,16 @@ class ActiveEntity:
 
     async def _handle_concurrently(self, delivery: Delivery, limiter: trio.Semaphore) -> None:
         try:
-            await self._handle(delivery)
+            await self._handle(delivery, ())
         finally:
             limiter.release()
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, chain: tuple[str, ...]) -> None:
+        """Handle one request in the calling task: the entity's own, or a worker's."""
         envelope = delivery.envelope
         answered = False
         try:
+            handling(envelope, chain)
             reply = await self._reply_to(envelope)
             answered = True
             await self.shard.complete(delivery, reply)
