@@ -1,5 +1,6 @@
 """The connection state machine, driven byte by byte without any I/O."""
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -307,6 +308,18 @@ def test_after_the_handshake_the_configured_frame_size_applies() -> None:
     big = Reply(1, b"x" * (PRE_AUTH_MAX_FRAME_SIZE * 4))
     a.send(big)
     assert exchange(a, b) == ([], [ReplyReceived(1, big.reply)])
+
+
+def test_a_large_frame_right_behind_the_welcome_is_judged_by_the_new_limit() -> None:
+    a, b = client(b"k"), server(b"k")
+    b.initiate()
+    b.receive_data(a.initiate())
+    a.receive_data(b.data_to_send())
+    big = Request(msgspec.structs.replace(ENVELOPE, payload=b"x" * (PRE_AUTH_MAX_FRAME_SIZE * 3)))
+    a.send(big)
+    # The Welcome and the large Request arrive in one read.
+    events = b.receive_data(a.data_to_send())
+    assert events == [Handshaken("runner-a"), RequestReceived(big.envelope)]
 
 
 def test_a_peer_that_does_not_read_closes_its_own_connection() -> None:

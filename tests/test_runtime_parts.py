@@ -209,6 +209,16 @@ async def test_far_future_requests_are_bounded_per_shard() -> None:
         shard.offer(Delivery(stored, Sink()))
 
 
+async def test_a_request_for_an_entity_of_another_shard_is_refused() -> None:
+    async with world() as w, running_shard(w) as shard:
+        other = next(
+            f"e{n}" for n in range(100) if shard_index(f"e{n}", SHARDS) != w.lease.shard.index
+        )
+        with pytest.raises(MalformedMessage, match="does not belong to shard"):
+            shard.offer(Delivery(envelope(1, other, shard=w.lease.shard.index), Sink()))
+        assert w.probe.activations == 0
+
+
 async def test_a_stored_request_for_another_shard_layout_gets_a_final_error() -> None:
     async with world() as w:
         # Stored by a runner whose shards_per_group differs: same shard index,
@@ -247,7 +257,7 @@ class Host:
     async def complete(self, delivery: Delivery, reply: bytes) -> None:
         if self.complete_fails and delivery.envelope.request_id == 1:
             raise RuntimeError("a bug while completing")
-        delivery.reply(reply)
+        delivery.target.resolve(reply)
 
     def forget(self, entity: ActiveEntity) -> None:
         self.forgotten.append(entity)
@@ -334,7 +344,6 @@ def router_with(shard_id: ShardId) -> tuple[Router, FakeShard]:
 @pytest.mark.parametrize(
     ("bad", "error", "match"),
     [
-        ({"shard_index": (shard_index("a", SHARDS) + 1) % SHARDS}, MalformedMessage, "belongs"),
         ({"persisted": True}, MalformedMessage, "travel through storage"),
         ({"entity_id": "a\x00"}, MalformedMessage, "NUL"),
     ],
@@ -371,9 +380,8 @@ def test_the_router_offers_a_good_request_with_its_own_reply_target() -> None:
 
 async def test_a_router_routes_to_the_owner_it_knows() -> None:
     router = Router("me:1", CONFIG, Counters(), {})
-    delivery = Delivery(envelope(1), Sink())
     with pytest.raises(EntityNotAssignedToRunner):
-        router.route(delivery)
+        router.route(envelope(1), Sink())
     router.assignment[ShardId("default", shard_index("a", SHARDS))] = "other:2"
     with pytest.raises(EntityNotAssignedToRunner):  # no transport: cannot reach it
-        router.route(delivery)
+        router.route(envelope(1), Sink())

@@ -258,8 +258,14 @@ class FrameDecoder:
         """Bytes received but not yet part of a whole frame (non-zero at EOF: truncated)."""
         return len(self._buffer) - self._start
 
-    def feed(self, data: bytes) -> list[Message]:
-        """Buffer ``data`` and return every message it completes, in order."""
+    def feed(self, data: bytes, *, at_most: int | None = None) -> list[Message]:
+        """Buffer ``data`` and return every message it completes, in order.
+
+        With ``at_most``, decoding stops after that many messages and the rest
+        stays buffered for the next call (``feed(b"")`` goes on): a caller whose
+        frame limit changes with a message (the handshake's end) sets the new
+        limit before the next frame is judged.
+        """
         if self._error is not None:
             raise ProtocolError(self._error)
         buffer = self._buffer
@@ -272,10 +278,11 @@ class FrameDecoder:
         max_size = self._max_frame_size
         decode = _decoder.decode
         messages: list[Message] = []
+        wanted = -1 if at_most is None else at_most
         # One view for the whole batch: a memoryview costs as much as decoding a
         # small message, and slicing the bytearray instead would copy every body.
         with memoryview(buffer) as view:
-            while end - position >= _HEADER_SIZE:
+            while end - position >= _HEADER_SIZE and len(messages) != wanted:
                 (size,) = _HEADER.unpack_from(buffer, position)
                 if size > max_size:
                     # Refused on the length alone: the body is never waited for.

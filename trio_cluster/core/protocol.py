@@ -261,22 +261,30 @@ class PeerConnection:
             raise LocalProtocolError("call initiate() and send our Hello first")
         if self._state is State.CLOSED:
             return []
-        try:
-            messages, error = self._decoder.feed(data), None
-        except ProtocolError as exc:
-            messages, error = exc.messages, exc.reason
         events: list[Event] = []
-        for message in messages:
-            self.frames_received += 1
-            event = self._handle(message)
-            if event is not None:
-                events.append(event)
-            # The property, not _state: mypy would keep the narrowing from above.
-            if self.state is State.CLOSED:
-                return events  # whatever followed, even a bad frame, is ignored
-        if error is not None:
-            events.append(self._fail(error))
-        return events
+        while True:
+            # Until the handshake is done, one frame at a time: the frame limit
+            # rises with the message that completes it, before the next is judged.
+            handshaking = self._state is not State.OPEN
+            try:
+                messages = self._decoder.feed(data, at_most=1 if handshaking else None)
+                error = None
+            except ProtocolError as exc:
+                messages, error = exc.messages, exc.reason
+            data = b""
+            for message in messages:
+                self.frames_received += 1
+                event = self._handle(message)
+                if event is not None:
+                    events.append(event)
+                # The property, not _state: mypy would keep the narrowing from above.
+                if self.state is State.CLOSED:
+                    return events  # whatever followed, even a bad frame, is ignored
+            if error is not None:
+                events.append(self._fail(error))
+                return events
+            if not (handshaking and messages):
+                return events
 
     def receive_eof(self) -> list[Event]:
         """The peer closed its end of the stream (without a Goodbye, if still open)."""

@@ -22,9 +22,10 @@ that would wait on one of them (A asks A, or A asks B asks A), which at
 concurrency 1 can never be answered.
 """
 
-current_request: ContextVar[RequestInfo | None] = ContextVar(
+current_request: ContextVar[Envelope | None] = ContextVar(
     "trio_cluster_current_request", default=None
 )
+"""The request the running task handles; a RequestInfo is built from it only when asked for."""
 
 
 @attrs.frozen
@@ -54,4 +55,4 @@ class RequestInfo:
 def handling(envelope: Envelope, chain: tuple[str, ...]) -> None:
     """Enter the context of one request, in the task that is about to handle it."""
     call_chain.set(envelope.call_chain + chain)
-    current_request.set(RequestInfo.of(envelope))
+    current_request.set(envelope)

@@ -29,7 +29,6 @@ from ..core.envelope import (
     MAX_ENTITY_ID_BYTES,
     MAX_PRIMARY_KEY_BYTES,
     Envelope,
-    entity_key,
     headers_problem,
     text_problem,
 )
@@ -45,7 +44,6 @@ from ..errors import (
 )
 from ..storage.base import MessageStorage
 from .calls import call_chain
-from .delivery import Delivery
 from .metrics import Counters
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
@@ -88,7 +86,8 @@ class Client:
         self._stored_replies = stored_replies
         self._machine_id = machine_id
         self._metrics = metrics
-        self._ids = SnowflakeGenerator(machine_id() % 1024)
+        self._machine = machine_id()
+        self._ids = SnowflakeGenerator(self._machine % 1024)
 
     def generate_id(self) -> int:
         """A Snowflake id unique in the cluster: request ids are minted with it too.
@@ -96,9 +95,10 @@ class Client:
         The machine id is read each time: a runner that lost its registration
         and came back under another id must not keep minting with the old one.
         """
-        machine = self._machine_id() % 1024
-        if machine != self._ids.machine_id:
-            self._ids = SnowflakeGenerator(machine)
+        machine = self._machine_id()
+        if machine != self._machine:
+            self._machine = machine
+            self._ids = SnowflakeGenerator(machine % 1024)
         return self._ids.next_id()
 
     async def ask(
@@ -121,17 +121,18 @@ class Client:
         the handler as ``ctx.request.headers``.
         """
         chain = call_chain.get()
-        target = entity_key(rpc.entity.name, entity_id) if isinstance(entity_id, str) else ""
+        envelope = self._envelope(
+            rpc, entity_id, payload, chain=chain, deliver_at=deliver_at, headers=headers
+        )
+        target = envelope.entity_key
         if target in chain:
             raise AlreadyProcessingMessage(
                 f"{target} is waiting, up the call chain {' -> '.join(chain)}, "
                 "for this call: at concurrency 1 it could never answer (use tell, "
                 "or raise the entity's concurrency)",
                 entity_id=entity_id,
+                request_id=envelope.request_id,
             )
-        envelope = self._envelope(
-            rpc, entity_id, payload, chain=chain, deliver_at=deliver_at, headers=headers
-        )
         limit = self._config.send_timeout if timeout is None else timeout
         self._metrics.waiting_callers += 1
         try:
@@ -199,12 +200,12 @@ class Client:
             if not isinstance(entity_id, str):
                 raise TypeError(problem)
             raise MalformedMessage(problem, entity_id=entity_id)
-        primary_key = _primary_key(rpc, payload)
+        primary_key = None if rpc.primary_key is None else _primary_key(rpc, payload)
         if primary_key is not None:
             problem = text_problem("primary key", primary_key, MAX_PRIMARY_KEY_BYTES)
             if problem is not None:
                 raise MalformedMessage(f"{rpc!r}: {problem}", entity_id=entity_id)
-        carried = _headers(headers, entity_id)
+        carried = _NO_HEADERS if not headers else _headers(headers, entity_id)
         entity = rpc.entity
         return Envelope(
             request_id=self.generate_id(),
@@ -272,9 +273,8 @@ class Client:
 
     def _offer_here(self, envelope: Envelope) -> None:
         """Offer a stored request to an owner here now; otherwise the storage notice will."""
-        delivery = Delivery(envelope, self._stored_replies.target(envelope.request_id))
         with contextlib.suppress(EntityNotAssignedToRunner, RunnerUnavailable):
-            self._router.route(delivery)
+            self._router.route(envelope, self._stored_replies.target(envelope.request_id))
 
     async def _deliver(self, envelope: Envelope, target: replies.ReplyTarget) -> PeerLink | None:
         """Queue a volatile request, retrying while its shard has no owner here.
@@ -284,11 +284,10 @@ class Client:
         request has then certainly not reached a handler.
         """
         router = self._router
-        delivery = Delivery(envelope, target)
         delays = self._config.send_retry.delays()
         while True:
             try:
-                owner = router.route(delivery)
+                owner = router.route(envelope, target)
                 return None if owner is None else await router.send(owner, envelope, target)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
@@ -297,9 +296,8 @@ class Client:
                 await trio.sleep(delay)
 
 
-def _primary_key(rpc: Rpc[P, Any], payload: P) -> str | None:
-    if rpc.primary_key is None:
-        return None
+def _primary_key(rpc: Rpc[P, Any], payload: P) -> str:
+    assert rpc.primary_key is not None
     try:
         key = rpc.primary_key(payload)
     except Exception as error:
@@ -309,9 +307,11 @@ def _primary_key(rpc: Rpc[P, Any], payload: P) -> str | None:
     return key
 
 
-def _headers(headers: Mapping[str, str] | None, entity_id: str) -> dict[str, str]:
-    if not headers:
-        return {}
+_NO_HEADERS: dict[str, str] = {}
+"""Shared by every request sent without headers: nothing writes to an envelope's headers."""
+
+
+def _headers(headers: Mapping[str, str], entity_id: str) -> dict[str, str]:
     carried = dict(headers)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in carried.items()):
         raise TypeError("headers must map str to str")

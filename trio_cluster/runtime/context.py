@@ -46,7 +46,7 @@ class EntityContext:
     @property
     def request(self) -> RequestInfo:
         """The request being handled by the task that asks (LookupError outside a handler)."""
-        info = current_request.get()
-        if info is None:
+        envelope = current_request.get()
+        if envelope is None:
             raise LookupError("no request is being handled here (outside a handler method)")
-        return info
+        return RequestInfo.of(envelope)

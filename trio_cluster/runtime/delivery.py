@@ -21,9 +21,6 @@ class Delivery:
         self.envelope = envelope
         self.target = target
 
-    def reply(self, reply: bytes) -> None:
-        self.target.resolve(reply)
-
     def fail(self, error: ClusterError) -> None:
         self.target.resolve(failure(error, self.envelope.request_id))
 

@@ -49,13 +49,12 @@ class Router:
         """The shards this runner holds a lease on now (the keeper's, read here)."""
         self.network: Network | None = None
 
-    def route(self, delivery: Delivery) -> str | None:
+    def route(self, envelope: Envelope, target: ReplyTarget) -> str | None:
         """Queue a request whose shard is owned here; otherwise name the owner to send it to."""
-        envelope = delivery.envelope
         shard_id = ShardId(envelope.shard_group, envelope.shard_index)
         shard = self._shards.get(shard_id)
         if shard is not None:
-            shard.offer(delivery)
+            shard.offer(Delivery(envelope, target))
             return None
         owner = self.assignment.get(shard_id)
         if owner is None or owner == self.address or self.network is None:

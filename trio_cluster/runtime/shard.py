@@ -194,7 +194,7 @@ class ShardRuntime:
         delivered when the scan is done.
         """
         envelope = delivery.envelope
-        if not self.accepting:
+        if self._life.state is not ShardState.SERVING:
             raise EntityNotAssignedToRunner(
                 f"shard {self.lease.shard} is {self._life.state.value} on {self.services.address}",
                 entity_id=envelope.entity_id,
@@ -286,7 +286,7 @@ class ShardRuntime:
         if self._readers:
             self._done_while_reading.add(envelope.request_id)
         self.services.metrics.processed += 1
-        delivery.reply(reply)
+        delivery.target.resolve(reply)
 
     async def _store_reply(self, envelope: Envelope, reply: bytes) -> bool:
         """Store a final reply, retrying storage outages; False when fenced off or given up.

@@ -1,12 +1,11 @@
-"""Failure boundaries for the runner's own long-lived services.
+"""The failure boundary of a runner-wide service with no smaller unit of work.
 
-The notice follower, the shard keeper and the idle sweeper each run for
-the runner's lifetime. What they call can fail in expected ways (storage
-outages, handled inside them) and, if there is a bug, in unexpected ones.
-A bug must not end the runner, and must not silently stop the service
-either: it is logged as an error, counted, and the service starts again
-after a backoff, so a bug that repeats costs a log line per backoff, not a
-busy loop.
+The idle sweeper runs for the runner's lifetime (the shard keeper and the
+notice follower contain failures per pass and per batch instead). A bug
+must not end the runner, and must not silently stop the service either: it
+is logged as an error, counted, and the service starts again after a
+backoff, so a bug that repeats costs a log line per backoff, not a busy
+loop. ``RESTART`` is that backoff, for the keeper too.
 """
 
 from __future__ import annotations
