@@ -7,19 +7,38 @@ driver cannot encode is SerializationError (trying again cannot help).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 from ..errors import PersistenceError, SerializationError
 from .errors import PgError
 
 
-@contextmanager
-def translated(what: str) -> Iterator[None]:
-    """Run a storage operation, raising its failure as a ClusterError naming ``what``."""
-    try:
-        yield
-    except (PgError, OSError) as error:
-        raise PersistenceError(f"cannot {what}: {error}") from error
-    except (ValueError, TypeError) as error:
-        raise SerializationError(f"cannot {what}: {error}") from error
+class translated:  # noqa: N801 - used like a function: ``with translated(...)``
+    """Run a storage operation, raising its failure as a ClusterError naming it.
+
+    A class rather than a generator-based context manager, and the message
+    formatted only on failure: this wraps every statement of the persisted path.
+    """
+
+    __slots__ = ("_args", "_what")
+
+    def __init__(self, what: str, *args: object) -> None:
+        self._what = what
+        self._args = args
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is None:
+            return
+        what = self._what % self._args if self._args else self._what
+        if isinstance(error, PgError | OSError):
+            raise PersistenceError(f"cannot {what}: {error}") from error
+        if isinstance(error, ValueError | TypeError):
+            raise SerializationError(f"cannot {what}: {error}") from error

@@ -266,7 +266,7 @@ class PgLeaseSession:
 
     async def acquire(self, shard: ShardId) -> Lease | None:
         conn = self._connection()
-        with translated(f"acquire {shard}"):
+        with translated("acquire %s", shard):
             namespace = await self._namespace(conn, f"group:{shard.group}")
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", [namespace, shard.index]
@@ -296,7 +296,7 @@ class PgLeaseSession:
             return
         del self._held[lease.shard]
         conn = self._connection()
-        with translated(f"release {lease.shard}"):
+        with translated("release %s", lease.shard):
             namespace = await self._namespace(conn, f"group:{lease.shard.group}")
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", [namespace, lease.shard.index])
 

@@ -135,7 +135,7 @@ class PgMessageStorage:
 
     async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
         p = self._prefix
-        with translated(f"store reply to {request_id}"):
+        with translated("store reply to %s", request_id):
             row = await self._pool.fetchrow(
                 f"WITH lease AS (SELECT 1 FROM {p}shards WHERE shard_group = $1"
                 " AND shard_index = $2 AND epoch = $3 FOR SHARE),"
@@ -161,7 +161,7 @@ class PgMessageStorage:
             )
 
     async def reply_for(self, request_id: int) -> bytes | None:
-        with translated(f"read reply to {request_id}"):
+        with translated("read reply to %s", request_id):
             reply = await self._pool.fetchval(
                 f"SELECT reply FROM {self._prefix}messages WHERE request_id = $1", [request_id]
             )
@@ -200,7 +200,7 @@ class PgMessageStorage:
         )
 
     async def _read(self, sql: str, params: Sequence[Any], shard: ShardId) -> list[Envelope]:
-        with translated(f"read requests of {shard}"):
+        with translated("read requests of %s", shard):
             rows = await self._pool.fetch(sql, params)
         return [_envelope(row) for row in rows]
 

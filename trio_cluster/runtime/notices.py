@@ -1,9 +1,8 @@
 """Acting on what other runners store: requests for shards owned here, awaited replies.
 
-The follower only decides and hands work on: announced requests go to
-their shard's own reader (which reads them in order, within the shard's
-scope), a changed membership wakes the shard keeper. The one read it does
-itself is the reply a caller here waits for.
+The follower reads what notices announce: requests for a shard served here
+(one read each; a failed one becomes the shard's own rescan), the stored
+reply a caller here waits for; a changed membership wakes the shard keeper.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class NoticeFollower:
         for shard_id, request_ids in stored.items():
             shard = self._shards.get(shard_id)
             if shard is not None:
-                shard.notice_stored(request_ids)
+                await shard.deliver_stored(request_ids)
         for request_id in replied:
             await self._fetch_reply(request_id)
 

@@ -10,10 +10,12 @@ released, and the shard keeper acquires it again. Its lifecycle
 (STARTING, SERVING, DRAINING, then RELEASED, LOST or FAILED) is the table in
 :mod:`trio_cluster.core.lifecycle`.
 
-Storage is read by one task per shard, in order: the redelivery scan on
-acquiring the shard (and after missed notices), and the requests that
-notices announce. A request stored while a scan runs is set aside until
-the scan is done, so nothing overtakes an older request.
+Storage is read in order: the shard's own task scans on acquiring the
+shard (and after missed notices), and the notice follower reads the
+requests that notices announce, once each (a failed read becomes a rescan
+by the shard itself, so the follower never waits out one shard's outage).
+A request stored while a scan runs is set aside until the scan is done, so
+nothing overtakes an older request.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ from .services import Services
 log = logging.getLogger("trio_cluster.shard")
 
 REDELIVERY_PAGE = 1000
-MAX_NOTICED = 10_000
-"""Request ids announced and not yet read; past it they are dropped for a rescan."""
 STORAGE_RECOVERY = RetryPolicy(
     base_delay=0.05, max_delay=2.0, max_attempts=2**62, max_elapsed=float(2**62)
 )
@@ -67,7 +67,6 @@ class ShardRuntime:
         "_draining",
         "_helpers",
         "_life",
-        "_noticed",
         "_nursery",
         "_on_stopped",
         "_readers",
@@ -104,7 +103,6 @@ class ShardRuntime:
         # before its task first runs.
         self._scanning = 1
         self._set_aside: list[int] = []
-        self._noticed: list[int] = []
         self._rescan = False
         self._reads_wanted = trio.Event()
         self._scheduled = Scheduled(services.config.max_scheduled_per_shard)
@@ -220,15 +218,25 @@ class ShardRuntime:
         entity.offer(delivery)
         self.services.residency.touch(entity)
 
-    def notice_stored(self, request_ids: list[int]) -> None:
-        """Another runner stored these requests for this shard: read and offer them, in order."""
-        if len(self._noticed) + len(request_ids) > MAX_NOTICED:
-            # Bounded: what does not fit is found by a scan instead.
-            self._noticed.clear()
-            self._rescan = True
-        else:
-            self._noticed += request_ids
-        self._reads_wanted.set()
+    async def deliver_stored(self, request_ids: list[int]) -> None:
+        """Offer requests another runner stored for this shard, as its notice said.
+
+        One read, in the caller's task (the notice follower): when storage
+        fails it, the shard rescans in its own task instead, for as long as
+        it takes, and the follower goes on to other notices.
+        """
+        if not self.accepting:
+            return  # the shard's next owner finds them by its scan
+        messages = self.services.messages
+        try:
+            found, _ = await self._read(
+                functools.partial(messages.fetch, self.lease.shard, request_ids), retry=False
+            )
+        except PersistenceError as error:
+            log.warning("reading announced requests of %s failed (%s); rescanning", self, error)
+            self.rescan()
+            return
+        await self._offer_stored(found, scanned=False)
 
     def rescan(self) -> None:
         """Notices may have been missed: read every unprocessed request again."""
@@ -321,7 +329,7 @@ class ShardRuntime:
                 nursery.start_soon(self._run_timers)
 
     async def _follow_storage(self) -> None:
-        """The shard's one reader: the first scan, then rescans and announced requests."""
+        """The shard's own scans: the first one, then one per rescan asked for."""
         await self._redeliver()
         while True:
             await self._reads_wanted.wait()
@@ -330,16 +338,13 @@ class ShardRuntime:
                 self._rescan = False
                 self._scanning += 1
                 await self._redeliver()
-            if self._noticed:
-                request_ids, self._noticed = self._noticed, []
-                messages = self.services.messages
-                found, _ = await self._read(
-                    functools.partial(messages.fetch, self.lease.shard, request_ids)
-                )
-                await self._offer_stored(found, scanned=False)
 
     async def _read(
-        self, query: Callable[[], Awaitable[list[Envelope]]], limit: int | None = None
+        self,
+        query: Callable[[], Awaitable[list[Envelope]]],
+        limit: int | None = None,
+        *,
+        retry: bool = True,
     ) -> tuple[list[Envelope], int | None]:
         """Run a storage read; return what is still to do, and the next page's cursor.
 
@@ -347,7 +352,8 @@ class ShardRuntime:
         complete before the read returns, so what completed meanwhile is
         filtered out, and redelivery never runs a handler twice. A storage
         outage is waited out for as long as the shard is ours: these
-        requests are acknowledged, so giving up would strand them.
+        requests are acknowledged, so giving up would strand them (unless
+        the caller has another way to read them: ``retry=False``).
         """
         self._readers += 1
         try:
@@ -357,6 +363,8 @@ class ShardRuntime:
                     found = await query()
                     break
                 except PersistenceError as error:
+                    if not retry:
+                        raise
                     log.warning("reading %s failed, retrying: %s", self.lease.shard, error)
                     await trio.sleep(next(delays))
             cursor = found[-1].request_id if limit is not None and len(found) >= limit else None
