@@ -115,7 +115,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             router=router,
             messages=storage,
             stored_replies=stored,
-            machine_id=lambda: session.machine_id,
+            session=session,
             metrics=metrics,
         )
         services = Services(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,7 +42,7 @@ from ..errors import (
     RunnerUnavailable,
     SendTimeout,
 )
-from ..storage.base import MessageStorage
+from ..storage.base import LeaseSession, MessageStorage
 from .calls import call_chain
 from .metrics import Counters
 from .replies import ReplySlot, StoredReplies
@@ -77,16 +77,16 @@ class Client:
         router: Router,
         messages: MessageStorage,
         stored_replies: StoredReplies,
-        machine_id: Callable[[], int],
+        session: LeaseSession,
         metrics: Counters,
     ) -> None:
         self._config = config
         self._router = router
         self._messages = messages
         self._stored_replies = stored_replies
-        self._machine_id = machine_id
+        self._session = session
         self._metrics = metrics
-        self._machine = machine_id()
+        self._machine = session.machine_id
         self._ids = SnowflakeGenerator(self._machine % 1024)
 
     def generate_id(self) -> int:
@@ -95,7 +95,7 @@ class Client:
         The machine id is read each time: a runner that lost its registration
         and came back under another id must not keep minting with the old one.
         """
-        machine = self._machine_id()
+        machine = self._session.machine_id
         if machine != self._machine:
             self._machine = machine
             self._ids = SnowflakeGenerator(machine % 1024)
@@ -175,7 +175,7 @@ class Client:
         )
         if envelope.persisted:
             saved = await self._messages.save_request(
-                envelope, self._machine_id(), announce=not self._serves(envelope)
+                envelope, self._session.machine_id, announce=not self._serves(envelope)
             )
             if not saved.duplicate:
                 self._offer_here(envelope)
@@ -240,7 +240,7 @@ class Client:
         slot = waiting.expect(envelope.request_id)
         try:
             saved = await self._messages.save_request(
-                envelope, self._machine_id(), announce=not self._serves(envelope)
+                envelope, self._session.machine_id, announce=not self._serves(envelope)
             )
             if not saved.duplicate:
                 self._offer_here(envelope)
@@ -288,7 +288,10 @@ class Client:
         while True:
             try:
                 owner = router.route(envelope, target)
-                return None if owner is None else await router.send(owner, envelope, target)
+                if owner is None:
+                    return None
+                assert router.network is not None  # route names an owner only with one
+                return await router.network.send_request(owner, envelope, target)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:

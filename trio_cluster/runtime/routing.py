@@ -17,12 +17,12 @@ from ..config import ShardingConfig
 from ..core.envelope import Envelope, envelope_problem
 from ..core.hashing import ShardId
 from ..core.reply import ReplyTarget, failure
-from ..errors import ClusterError, EntityNotAssignedToRunner, MalformedMessage, RunnerUnavailable
+from ..errors import ClusterError, EntityNotAssignedToRunner, MalformedMessage
 from .delivery import Delivery
 from .metrics import Counters
 
 if TYPE_CHECKING:
-    from ..transport.link import LinkReply, PeerLink
+    from ..transport.link import LinkReply
     from ..transport.network import Network
 
 
@@ -50,7 +50,8 @@ class Router:
         self.network: Network | None = None
 
     def route(self, envelope: Envelope, target: ReplyTarget) -> str | None:
-        """Queue a request whose shard is owned here; otherwise name the owner to send it to."""
+        """Queue a request whose shard is owned here; otherwise name the owner to send it to
+        (over ``network``: without one, no owner elsewhere can be reached)."""
         shard_id = ShardId(envelope.shard_group, envelope.shard_index)
         shard = self._shards.get(shard_id)
         if shard is not None:
@@ -67,12 +68,6 @@ class Router:
 
     def serves(self, shard_id: ShardId) -> bool:
         return shard_id in self._shards
-
-    async def send(self, owner: str, envelope: Envelope, target: ReplyTarget) -> PeerLink:
-        """Send a volatile request to its shard's owner; the link it went out on."""
-        if self.network is None:
-            raise RunnerUnavailable(f"{self.address} has no transport to reach {owner}")
-        return await self.network.send_request(owner, envelope, target)
 
     def on_remote_request(self, reply: LinkReply, envelope: Envelope) -> None:
         """A peer sent a request for a shard it believes is ours: queue it or refuse it."""

@@ -279,7 +279,7 @@ def _assemble(
         router=router,
         messages=storage.messages,
         stored_replies=stored_replies,
-        machine_id=lambda: session.machine_id,
+        session=session,
         metrics=metrics,
     )
     services = Services(
