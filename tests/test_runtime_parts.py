@@ -40,7 +40,7 @@ from trio_cluster.runtime.residency import Residency
 from trio_cluster.runtime.routing import Router
 from trio_cluster.runtime.services import Hosted, Services
 from trio_cluster.runtime.shard import ShardRuntime
-from trio_cluster.storage import Lease, MemoryStorage
+from trio_cluster.storage import Lease, MemoryStorage, StateWrite
 from trio_cluster.testing import TEST_CONFIG
 
 from .entities import Add, Probe, counter
@@ -122,6 +122,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             address="test-runner",
             config=CONFIG,
             messages=storage,
+            states=storage,
             stored_replies=stored,
             metrics=metrics,
             residency=Residency(100),
@@ -246,18 +247,30 @@ class Host:
     def __init__(self, w: World, *, complete_fails: bool = False) -> None:
         self.services = w.services
         self.lease = w.lease
+        self.draining = False
         self.complete_fails = complete_fails
         self.forgotten: list[ActiveEntity] = []
+        self.saved: list[StateWrite] = []
 
     async def read_backlog(
         self, entity: tuple[str, str], limit: int
     ) -> tuple[list[Envelope], bool]:
         return [], False
 
-    async def complete(self, delivery: Delivery, reply: bytes) -> None:
+    async def complete(
+        self, delivery: Delivery, reply: bytes, state: StateWrite | None = None
+    ) -> bool:
         if self.complete_fails and delivery.envelope.request_id == 1:
             raise RuntimeError("a bug while completing")
         delivery.target.resolve(reply)
+        return True
+
+    async def load_state(self, entity_type: str, entity_id: str) -> bytes | None:
+        return None
+
+    async def save_state(self, state: StateWrite) -> bool:
+        self.saved.append(state)
+        return True
 
     def forget(self, entity: ActiveEntity) -> None:
         self.forgotten.append(entity)

@@ -30,6 +30,7 @@ from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
+from .state import State
 from .storage import MemoryStorage
 from .transport.config import TransportConfig
 
@@ -61,6 +62,7 @@ __all__ = [
     "ShardId",
     "ShardingConfig",
     "Snapshot",
+    "State",
     "Suspended",
     "TransportConfig",
     "open_runner",

@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import attrs
 import cattrs
@@ -84,6 +84,20 @@ def _check_group_names(_instance: Any, attribute: attrs.Attribute[Any], value: A
         raise ValueError(f"{name}: duplicate group names {duplicates}")
 
 
+StateSave = Literal["request", "interval", "passivation"]
+STATE_SAVES: tuple[StateSave, ...] = ("request", "interval", "passivation")
+
+
+def _one_of(choices: Sequence[str]) -> _Validator:
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ValueError(
+                f"{attribute.name}: must be one of {', '.join(choices)} (got {value!r})"
+            )
+
+    return check
+
+
 # --- settings ----------------------------------------------------------------------
 
 
@@ -106,6 +120,20 @@ class EntityOptions:
     """Restart schedule after the entity crashes, before it is given up on."""
     keep_alive: bool = attrs.field(default=False, validator=_instance_of(bool, "a bool"))
     """Opt out of idle passivation, for entities that hold timers or subscriptions."""
+    state_save: StateSave = attrs.field(default="interval", validator=_one_of(STATE_SAVES))
+    """When durable state changed by volatile requests is stored (persisted requests store
+    it with their reply, always): ``"request"`` before each reply, ``"interval"`` at most
+    every ``state_save_interval`` and on passivation and handoff, ``"passivation"`` only
+    then."""
+    state_save_interval: float = attrs.field(
+        default=5.0, validator=number(minimum=0, inclusive=False)
+    )
+    max_state_size: int = attrs.field(
+        default=1024 * 1024, validator=number(minimum=1, integer=True)
+    )
+    """Bytes of an encoded state; a change past it fails its request with SerializationError."""
+    hook_timeout: float = attrs.field(default=10.0, validator=number(minimum=0, inclusive=False))
+    """Bound on a handler's ``on_activate`` and ``on_passivate``."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:
@@ -228,6 +256,10 @@ def _structure_str_tuple(value: Any, _: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _is_literal(field_type: Any) -> bool:
+    return bool(typing.get_origin(field_type) is Literal)
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     converter.register_structure_hook(int, _structure_int)
@@ -235,6 +267,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(str, _structure_str)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+    # A choice is a string here; the class's own validator names the choices.
+    converter.register_structure_hook_func(_is_literal, _structure_str)
 
     def attrs_hook(cls: Any) -> Callable[[Any, Any], Any]:
         structure_fields = make_dict_structure_fn(cls, converter)
@@ -347,6 +381,8 @@ def _parse_env_value(field_type: Any, raw: str) -> Any:
         return raw
     if field_type == tuple[str, ...]:
         return tuple(item.strip() for item in text.split(",")) if text else ()
+    if _is_literal(field_type):
+        return text
     raise TypeError(f"no environment syntax for fields of type {field_type!r}")
 
 

@@ -31,13 +31,16 @@ import attrs
 import msgspec
 
 from .core.hashing import ShardId, shard_index
+from .state import State, StateCodec
 
 if TYPE_CHECKING:
     from .config import EntityOptions
+    from .runtime.context import EntityContext
 
 P = TypeVar("P")
 S = TypeVar("S")
 H = TypeVar("H")
+T = TypeVar("T", bound=msgspec.Struct)
 
 _IMPLEMENTS = "__trio_cluster_rpc__"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -166,34 +169,70 @@ class Entity:
     def shard_of(self, entity_id: str, shards_per_group: int) -> ShardId:
         return ShardId(self.shard_group, shard_index(entity_id, shards_per_group))
 
+    @overload
     def implement(
-        self, handler: Callable[[Any], object], options: EntityOptions | None = None
+        self,
+        handler: Callable[[EntityContext], object],
+        options: EntityOptions | None = None,
+    ) -> Implementation: ...
+
+    @overload
+    def implement(
+        self,
+        handler: Callable[[EntityContext, State[T]], object],
+        options: EntityOptions | None = None,
+        *,
+        state: type[T],
+        initial: Callable[[], T] | None = None,
+    ) -> Implementation: ...
+
+    def implement(
+        self,
+        handler: Callable[..., object],
+        options: EntityOptions | None = None,
+        *,
+        state: type[Any] | None = None,
+        initial: Callable[[], Any] | None = None,
     ) -> Implementation:
         """Pair this protocol with a handler class, for a runner to host.
 
         Every RPC must be implemented by exactly one method marked with
         ``@rpc.handler``; a missing or foreign one is an error now, not when
         the first message arrives.
+
+        With ``state`` (a msgspec Struct class) the entity has durable state:
+        the handler class is called as ``handler(ctx, state)`` with a
+        :class:`~trio_cluster.State` holding the last committed value, or
+        ``initial()`` (default: ``state()``) for an entity that has none.
+        The type checker checks that the handler takes ``State[state]``.
         """
-        return Implementation(self, handler, options)
+        codec = None if state is None else StateCodec(state, initial)
+        return Implementation(self, handler, options, codec)
 
 
 @attrs.frozen(eq=False)
 class Implementation:
-    """An entity type, its handler class, and options overriding the runner's defaults.
+    """An entity type, its handler class, options overriding the runner's defaults,
+    and the codec of its durable state (None: the entity keeps none).
 
     The handler class is called with an :class:`~trio_cluster.EntityContext`
-    each time an entity is activated (and again after a defect), so instance
-    attributes are the entity's in-memory state.
+    (and its :class:`~trio_cluster.State`, with durable state) each time an
+    entity is activated, and again after a defect; instance attributes are
+    in-memory state, lost then.
     """
 
     entity: Entity
-    handler: Callable[[Any], object]
+    handler: Callable[..., object]
     options: EntityOptions | None = None
+    state: StateCodec | None = None
     methods: Mapping[str, Callable[[Any, Any], Awaitable[Any]]] = attrs.field(init=False)
+    on_activate: Callable[[Any], Awaitable[None]] | None = attrs.field(init=False)
+    on_passivate: Callable[[Any], Awaitable[None]] | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "methods", _collect_methods(self.entity, self.handler))
+        for hook in ("on_activate", "on_passivate"):
+            object.__setattr__(self, hook, getattr(self.handler, hook, None))
 
 
 def _collect_methods(

@@ -15,8 +15,7 @@ import trio
 from trio_cluster import open_runner
 
 from .bank import (
-    Account,
-    AccountHandler,
+    ACCOUNTS,
     Balance,
     Deposit,
     InsufficientFunds,
@@ -28,7 +27,7 @@ from .bank import (
 
 
 async def main(accounts: int = 100, deposits_each: int = 50) -> None:
-    async with open_runner(Account.implement(AccountHandler)) as runner:
+    async with open_runner(ACCOUNTS) as runner:
         print(f"runner {runner.address}: {len(runner.shards)} shards, in-memory storage")
 
         print(await runner.ask(deposit, "alice", Deposit(100, "t-1")), "<- alice after t-1")

@@ -15,12 +15,12 @@ import trio
 from trio_cluster import ShardingConfig, TransportConfig, open_runner, wait_for_termination
 from trio_cluster.postgres.storage import open_postgres_storage
 
-from .bank import Account, AccountHandler
+from .bank import ACCOUNTS
 
 
 async def run_node(dsn: str, *, prefix: str, port: int, shards: int, client: bool) -> None:
     config = ShardingConfig(shards_per_group=shards)
-    implementations = () if client else (Account.implement(AccountHandler),)
+    implementations = () if client else (ACCOUNTS,)
     async with (
         open_postgres_storage(dsn, prefix=prefix) as storage,
         open_runner(

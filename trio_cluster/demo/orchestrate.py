@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import msgspec
 import trio
 
 from trio_cluster import (
@@ -49,7 +50,7 @@ from trio_cluster.postgres import open_connection
 from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 
-from .bank import Account, Balance, Deposit, balance, deposit
+from .bank import Account, AccountState, Balance, Deposit, balance, deposit
 
 __all__ = ["Child", "ChildExited", "Children", "python_module", "run_demo"]
 
@@ -472,7 +473,8 @@ class Demo:
         victim.killed = True
         say(
             f">>> SIGKILL {victim.name} (pid {victim.child.pid}), owner of {len(shards)} shards "
-            f"and of the entities in them; its in-memory balances die with it"
+            f"and of the accounts in them; their balances live on in PostgreSQL, committed with "
+            f"each deposit's reply"
         )
         await victim.child.wait()
 
@@ -536,11 +538,33 @@ class Demo:
                 "RunnerUnavailable: volatile balance reads in flight to the killed runner; "
                 "they may or may not have run there, so the client does not resend them"
             )
-        say(
-            "note: a balance is the entity's in-memory state, so accounts that lived on the "
-            "killed runner started again from 0 on their new owner; the deposits themselves "
-            "(requests and replies) are what PostgreSQL keeps"
-        )
+        await self.check_balances()
+
+    async def check_balances(self) -> None:
+        """Every account's stored balance against the deposits PostgreSQL says it processed."""
+        async with open_connection(self.dsn) as conn:
+            counts = await conn.fetch(
+                f"SELECT entity_id, count(*) FROM {PREFIX}messages WHERE rpc = 'deposit'"
+                " AND processed AND primary_key LIKE 'c%' GROUP BY entity_id"
+            )
+            states = await conn.fetch(
+                f"SELECT entity_id, data FROM {PREFIX}states WHERE entity_type = 'Account'"
+            )
+        expected = {str(account): int(count) for account, count in counts}
+        expected["alice"] = expected.get("alice", 0) + 100  # the welcome transfer
+        balances = {
+            str(account): msgspec.msgpack.decode(data, type=AccountState).balance
+            for account, data in states
+        }
+        wrong = {a: (balances.get(a, 0), n) for a, n in expected.items() if balances.get(a, 0) != n}
+        if wrong:
+            say(f"balances NOT equal to their processed deposits: {sorted(wrong.items())[:5]}")
+        else:
+            say(
+                f"every balance survived: all {len(expected)} accounts' stored balances equal "
+                "their processed deposits, each applied exactly once, the killed runner's "
+                "accounts included (the state was committed with each deposit's reply)"
+            )
 
 
 def accounts_for(shards: set[ShardId], shards_per_group: int) -> dict[ShardId, str]:

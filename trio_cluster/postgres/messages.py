@@ -22,13 +22,23 @@ import trio
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError
-from ..storage.base import Gap, Lease, MembershipChanged, Notice, Replied, Saved, Stored
+from ..storage.base import (
+    Gap,
+    Lease,
+    MembershipChanged,
+    Notice,
+    Replied,
+    Saved,
+    StateWrite,
+    Stored,
+)
 from ..storage.notices import open_follower
 from .boundary import translated
 from .connection import open_connection
 from .errors import PgError
 from .leases import RECONNECT
 from .pool import Pool
+from .states import state_writes
 
 log = logging.getLogger("trio_cluster.postgres.messages")
 
@@ -133,8 +143,25 @@ class PgMessageStorage:
             raise PersistenceError(f"request with key {dedup_key!r} vanished while storing")
         return Saved(int(row[0]), duplicate=True, reply=row[1])
 
-    async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
+    async def save_reply(
+        self, request_id: int, reply: bytes, lease: Lease, state: StateWrite | None = None
+    ) -> None:
         p = self._prefix
+        params: list[Any] = [
+            lease.shard.group,
+            lease.shard.index,
+            lease.epoch,
+            request_id,
+            reply,
+            self.channel,
+            lease.machine_id,
+        ]
+        # The entity's state, when it changed, rides in the reply's statement: one
+        # transaction, and written only if the reply is (``done`` is not empty).
+        state_ctes = ""
+        if state is not None:
+            state_ctes = state_writes(p, "done", 8) + ","
+            params += [state.entity_type, state.entity_id, state.data]
         with translated("store reply to %s", request_id):
             row = await self._pool.fetchrow(
                 f"WITH lease AS (SELECT 1 FROM {p}shards WHERE shard_group = $1"
@@ -142,17 +169,10 @@ class PgMessageStorage:
                 f" done AS (UPDATE {p}messages SET processed = true, reply = $5,"
                 " replied_at = now() WHERE request_id = $4 AND NOT processed"
                 " AND EXISTS (SELECT 1 FROM lease) RETURNING request_id),"
+                f"{state_ctes}"
                 " sent AS (SELECT pg_notify($6, 'r:' || $7::text || ':' || request_id) FROM done)"
                 " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)",
-                [
-                    lease.shard.group,
-                    lease.shard.index,
-                    lease.epoch,
-                    request_id,
-                    reply,
-                    self.channel,
-                    lease.machine_id,
-                ],
+                params,
             )
         if row is None or not row[0]:
             raise EntityNotAssignedToRunner(

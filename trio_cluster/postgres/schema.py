@@ -71,6 +71,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE {p}runners ADD COLUMN weight float8 NOT NULL DEFAULT 1;
     ALTER TABLE {p}runners ADD COLUMN groups text NOT NULL DEFAULT 'default';
     """,
+    # 3: entity state, one row per entity that has any.
+    """
+    CREATE TABLE {p}states (
+        entity_type text NOT NULL,
+        entity_id text NOT NULL,
+        shard_group text NOT NULL,
+        shard_index int NOT NULL,
+        data bytea NOT NULL,
+        version bigint NOT NULL DEFAULT 1,
+        saved_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (entity_type, entity_id)
+    );
+    """,
 )
 
 

@@ -21,6 +21,7 @@ from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
 from .pool import Pool, open_pool
 from .schema import check_prefix, lock_namespace, migrate
+from .states import PgStateStorage
 
 
 class PostgresStorage:
@@ -31,6 +32,7 @@ class PostgresStorage:
         self._prefix = prefix
         self._pool = pool
         self._messages = messages
+        self._states = PgStateStorage(pool, prefix)
         self._timing = timing
         self._runners_namespace: int | None = None
 
@@ -41,6 +43,10 @@ class PostgresStorage:
     @property
     def messages(self) -> PgMessageStorage:
         return self._messages
+
+    @property
+    def states(self) -> PgStateStorage:
+        return self._states
 
     async def live_runners(self) -> list[RunnerSpec]:
         """Registered runners whose lock connection still holds their machine-id lock.

@@ -22,7 +22,19 @@ that would wait on one of them (A asks A, or A asks B asks A), which at
 concurrency 1 can never be answered.
 """
 
-current_request: ContextVar[Envelope | None] = ContextVar(
+
+class Handling:
+    """What the running task handles: one request, as delivered, and the attempt at it."""
+
+    __slots__ = ("attempt", "envelope", "redelivered")
+
+    def __init__(self, envelope: Envelope, redelivered: bool) -> None:
+        self.envelope = envelope
+        self.redelivered = redelivered
+        self.attempt = 1
+
+
+current_request: ContextVar[Handling | None] = ContextVar(
     "trio_cluster_current_request", default=None
 )
 """The request the running task handles; a RequestInfo is built from it only when asked for."""
@@ -30,7 +42,7 @@ current_request: ContextVar[Envelope | None] = ContextVar(
 
 @attrs.frozen
 class RequestInfo:
-    """The request a handler is handling now, as its sender sent it."""
+    """The request a handler is handling now, as its sender sent it and as it was delivered."""
 
     request_id: int
     rpc: str
@@ -39,9 +51,15 @@ class RequestInfo:
     persisted: bool
     deliver_at: datetime | None
     """When the sender asked for it to be handled, if it did (UTC)."""
+    redelivered: bool
+    """Read back from storage by a redelivery scan (the shard was acquired, or notices were
+    missed): an earlier owner may have run it, wholly or in part, without storing its reply."""
+    attempt: int
+    """1, then 2, 3, ... when the defect policy runs the handler again for this delivery."""
 
     @classmethod
-    def of(cls, envelope: Envelope) -> RequestInfo:
+    def of(cls, handling: Handling) -> RequestInfo:
+        envelope = handling.envelope
         due = envelope.deliver_at_ms
         return cls(
             request_id=envelope.request_id,
@@ -49,10 +67,14 @@ class RequestInfo:
             headers=envelope.headers,
             persisted=envelope.persisted,
             deliver_at=None if due is None else datetime.fromtimestamp(due / 1000, UTC),
+            redelivered=handling.redelivered,
+            attempt=handling.attempt,
         )
 
 
-def handling(envelope: Envelope, chain: tuple[str, ...]) -> None:
+def handling(envelope: Envelope, redelivered: bool, chain: tuple[str, ...]) -> Handling:
     """Enter the context of one request, in the task that is about to handle it."""
     call_chain.set(envelope.call_chain + chain)
-    current_request.set(envelope)
+    current = Handling(envelope, redelivered)
+    current_request.set(current)
+    return current

@@ -9,6 +9,7 @@ readable through :attr:`EntityContext.request`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -30,6 +31,10 @@ class EntityAddress:
         return f"{self.entity_type}/{self.entity_id}@{self.shard}"
 
 
+def _never() -> bool:
+    return False
+
+
 @attrs.frozen
 class EntityContext:
     """Handed to a handler class when an entity is activated.
@@ -42,11 +47,17 @@ class EntityContext:
     address: EntityAddress
     client: Client
     runner_address: str
+    _is_draining: Callable[[], bool] = attrs.field(default=_never, alias="is_draining", repr=False)
 
     @property
     def request(self) -> RequestInfo:
         """The request being handled by the task that asks (LookupError outside a handler)."""
-        envelope = current_request.get()
-        if envelope is None:
+        current = current_request.get()
+        if current is None:
             raise LookupError("no request is being handled here (outside a handler method)")
-        return RequestInfo.of(envelope)
+        return RequestInfo.of(current)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the entity's shard is being handed off: finish up, take nothing long on."""
+        return self._is_draining()

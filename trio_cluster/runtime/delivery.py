@@ -15,11 +15,15 @@ class Delivery:
     whatever ids other callers or peers use.
     """
 
-    __slots__ = ("envelope", "target")
+    __slots__ = ("envelope", "redelivered", "target")
 
-    def __init__(self, envelope: Envelope, target: ReplyTarget) -> None:
+    def __init__(
+        self, envelope: Envelope, target: ReplyTarget, *, redelivered: bool = False
+    ) -> None:
         self.envelope = envelope
         self.target = target
+        self.redelivered = redelivered
+        """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
 
     def fail(self, error: ClusterError) -> None:
         self.target.resolve(failure(error, self.envelope.request_id))

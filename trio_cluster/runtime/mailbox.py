@@ -16,10 +16,18 @@ handling one request (a bug) answers that request with RpcClientError and
 the entity goes on; a failure outside any request stops this entity alone,
 its queued requests answered. Its lifecycle (ACTIVE, CLOSING, STOPPED) is
 the table in :mod:`trio_cluster.core.lifecycle`.
+
+An entity with durable state writes it from its own task only, one write at
+a time: with the reply of each persisted request that changed it, and for
+volatile changes as ``EntityOptions.state_save`` says (the shard's flusher
+asks an idle entity to save by queueing a FLUSH marker, never writes itself).
+A change that could not be committed is forgotten, and the next request
+starts again from what storage holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -36,14 +44,23 @@ from ..errors import (
     MalformedMessage,
     RpcClientError,
     RunnerUnavailable,
+    SerializationError,
 )
-from ..storage.base import Lease
-from .calls import handling
+from ..storage.base import Lease, StateWrite
+from .calls import Handling, handling
 from .context import EntityAddress, EntityContext
 from .delivery import Delivery
+from .durable import StateKeeper, StateUnreadable
 from .services import Hosted, Services
 
 log = logging.getLogger("trio_cluster.entity")
+
+
+class _Flush:
+    """Queued in a mailbox: save what volatile requests changed, now (between requests)."""
+
+
+FLUSH = _Flush()
 
 
 class EntityHost(Protocol):
@@ -55,11 +72,20 @@ class EntityHost(Protocol):
     @property
     def lease(self) -> Lease: ...
 
+    @property
+    def draining(self) -> bool: ...
+
     async def read_backlog(
         self, entity: tuple[str, str], limit: int
     ) -> tuple[list[Envelope], bool]: ...
 
-    async def complete(self, delivery: Delivery, reply: bytes) -> None: ...
+    async def complete(
+        self, delivery: Delivery, reply: bytes, state: StateWrite | None = None
+    ) -> bool: ...
+
+    async def load_state(self, entity_type: str, entity_id: str) -> bytes | None: ...
+
+    async def save_state(self, state: StateWrite) -> bool: ...
 
     def forget(self, entity: ActiveEntity) -> None: ...
 
@@ -71,7 +97,10 @@ class ActiveEntity:
 
     __slots__ = (
         "_busy",
+        "_flush_queued",
         "_handler",
+        "_keeper",
+        "_last_saved",
         "_life",
         "_limiter",
         "_persisted",
@@ -95,8 +124,12 @@ class ActiveEntity:
         self.options = options = hosted.options
         self.key = key
         self.address = EntityAddress(self.implementation.entity.name, entity_id, shard.lease.shard)
-        self.context = EntityContext(self.address, services.client, services.address)
-        self._send, self._receive = trio.open_memory_channel[Delivery](options.mailbox_capacity)
+        self.context = EntityContext(
+            self.address, services.client, services.address, is_draining=lambda: shard.draining
+        )
+        self._send, self._receive = trio.open_memory_channel[Delivery | _Flush](
+            options.mailbox_capacity
+        )
         self._limiter = trio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._life = Lifecycle(f"entity {key}", ENTITY_LIFECYCLE, EntityState.ACTIVE)
         self._handler: Any = None
@@ -108,6 +141,14 @@ class ActiveEntity:
         self._persisted: set[int] = set()
         self.backlog = False
         self.backlog_stale = False
+        codec = self.implementation.state
+        self._keeper = (
+            None
+            if codec is None
+            else StateKeeper(codec, self.address.entity_type, entity_id, options.max_state_size)
+        )
+        self._last_saved = self.last_active
+        self._flush_queued = False
 
     @property
     def state(self) -> EntityState:
@@ -157,6 +198,15 @@ class ActiveEntity:
         """Leave the shard now and finish what is queued: idle passivation, or the cap."""
         self.shard.passivate(self)
 
+    def nudge(self) -> None:
+        """Ask an idle entity to save what volatile requests changed (the shard's flusher)."""
+        keeper = self._keeper
+        if keeper is None or self._flush_queued or not self.idle or not keeper.dirty:
+            return
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(FLUSH)
+            self._flush_queued = True
+
     def close(self) -> None:
         """Stop taking requests; the task finishes what is queued, then ends."""
         self._life.fire(EntityEvent.CLOSE)
@@ -172,10 +222,15 @@ class ActiveEntity:
                     delivery = await self._next()
                     if delivery is None:
                         break
-                    if self._limiter is None:
+                    if isinstance(delivery, _Flush):
+                        # Only entities at concurrency 1 have state, and so flushes.
+                        self._flush_queued = False
+                        await self._save_changes()
+                    elif self._limiter is None:
                         await self._handle(delivery, chain)
                     else:
                         workers.start_soon(self._handle_concurrently, delivery, self._limiter)
+            await self._retire()
         except* Exception as bug:
             self.shard.services.metrics.contained_failures += 1
             log.exception(
@@ -198,6 +253,8 @@ class ActiveEntity:
                 delivery = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
+            if isinstance(delivery, _Flush):
+                continue
             self._done(delivery.envelope)
             delivery.fail_if_volatile(
                 RunnerUnavailable(
@@ -211,7 +268,7 @@ class ActiveEntity:
         if envelope.persisted:
             self._persisted.discard(envelope.request_id)
 
-    async def _next(self) -> Delivery | None:
+    async def _next(self) -> Delivery | _Flush | None:
         """The next request, or None once the mailbox is closed.
 
         Idle passivation closes the mailbox from the runner's sweeper rather
@@ -256,10 +313,17 @@ class ActiveEntity:
         envelope = delivery.envelope
         answered = False
         try:
-            handling(envelope, chain)
-            reply = await self._reply_to(envelope)
+            current = handling(envelope, delivery.redelivered, chain)
+            reply = await self._reply_to(envelope, current)
             answered = True
-            await self.shard.complete(delivery, reply)
+            await self._finish(delivery, reply)
+        except StateUnreadable as error:
+            # The entity cannot run at all: a typed error for volatile callers now;
+            # persisted requests stay in storage, for when the state is readable.
+            answered = True
+            log.exception("%s: %s", self.address, error.message)
+            delivery.fail_if_volatile(error)
+            self.passivate()
         except Exception as bug:
             # Not the handler's (its exceptions are defects or declared errors,
             # answered in _reply_to): the runtime failed on this request.
@@ -290,7 +354,103 @@ class ActiveEntity:
             self._done(envelope)
             self.last_active = trio.current_time()
 
-    async def _reply_to(self, envelope: Envelope) -> bytes:
+    async def _finish(self, delivery: Delivery, reply: bytes) -> None:
+        """Make the reply final, with what the request changed in the entity's state."""
+        envelope = delivery.envelope
+        keeper = self._keeper
+        change = None
+        if keeper is not None:
+            try:
+                change = keeper.change()
+            except SerializationError as refusal:
+                # The request's effect on the state is refused with it.
+                self._forget_state()
+                reply = self._error(refusal, envelope)
+        if envelope.persisted:
+            write = None if change is None else change[0]
+            stored = await self.shard.complete(delivery, reply, write)
+            if change is not None:
+                self._committed(stored, change[1])
+            return
+        if change is not None and self.options.state_save == "request":
+            if not await self.shard.save_state(change[0]):
+                self._forget_state()
+                delivery.fail(
+                    RunnerUnavailable(
+                        f"{self.address} could not store its state: the request's effect "
+                        "was rolled back",
+                        entity_id=self.address.entity_id,
+                    )
+                )
+                return
+            self._committed(True, change[1])
+        await self.shard.complete(delivery, reply)
+        if (
+            change is not None
+            and self.options.state_save == "interval"
+            and trio.current_time() - self._last_saved >= self.options.state_save_interval
+        ):
+            await self._save_changes()
+
+    def _committed(self, stored: bool, encoded: bytes) -> None:
+        if stored:
+            assert self._keeper is not None
+            self._keeper.committed(encoded)
+            self._last_saved = trio.current_time()
+        else:
+            self._forget_state()
+
+    def _forget_state(self) -> None:
+        """Roll back to the committed state: a new handler, from storage, next time."""
+        self._handler = None
+        if self._keeper is not None:
+            self._keeper.forget()
+
+    async def _save_changes(self) -> None:
+        """Store what volatile requests changed, if anything (between requests, never during)."""
+        keeper = self._keeper
+        if keeper is None:
+            return
+        try:
+            change = keeper.change()
+        except SerializationError as error:
+            log.exception("%s: %s; its unsaved changes are dropped", self.address, error.message)
+            self._forget_state()
+            return
+        if change is not None and await self.shard.save_state(change[0]):
+            self._committed(True, change[1])
+
+    async def _retire(self) -> None:
+        """Leaving gracefully (passivation, a handoff): the hook, then what is unsaved."""
+        if self._handler is None:
+            return
+        with trio.move_on_after(self.options.hook_timeout) as bound:
+            hook = self.implementation.on_passivate
+            if hook is not None:
+                try:
+                    await hook(self._handler)
+                except Exception:
+                    log.exception("on_passivate of %s failed", self.address)
+            await self._save_changes()
+        if bound.cancelled_caught:
+            log.warning("%s took over %s s to passivate", self.address, self.options.hook_timeout)
+
+    async def _build_handler(self) -> Any:
+        """A handler instance from the committed state, activated (its hook run)."""
+        implementation = self.implementation
+        keeper = self._keeper
+        if keeper is None:
+            handler = implementation.handler(self.context)
+        else:
+            data = await self.shard.load_state(self.address.entity_type, self.address.entity_id)
+            handler = implementation.handler(self.context, keeper.load(data))
+        hook = implementation.on_activate
+        if hook is not None:
+            with trio.fail_after(self.options.hook_timeout):
+                await hook(handler)
+        return handler
+
+    async def _reply_to(self, envelope: Envelope, current: Handling) -> bytes:
         """Run the handler under the defect retry policy and encode what it said."""
         implementation = self.implementation
         max_size = self.shard.services.config.max_message_size
@@ -309,8 +469,10 @@ class ActiveEntity:
         while True:
             try:
                 if self._handler is None:
-                    self._handler = implementation.handler(self.context)
+                    self._handler = await self._build_handler()
                 value = await method(self._handler, payload)
+            except StateUnreadable:
+                raise
             except rpc.errors as declared:
                 try:
                     return replies.declared_error(declared, max_size)
@@ -323,7 +485,7 @@ class ActiveEntity:
                     return self._error(defect, envelope)
                 # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
-                self._handler = None
+                self._forget_state()
                 self.shard.services.metrics.defects += 1
                 delay = next(delays, None)
                 log.warning(
@@ -343,6 +505,7 @@ class ActiveEntity:
                         envelope,
                     )
                 await trio.sleep(delay)
+                current.attempt += 1
                 continue
             try:
                 return replies.success(value, max_size)

@@ -37,8 +37,8 @@ from .._util import NoPublicConstructor
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
-from ..entity import Implementation
-from ..storage.base import Lease, LeaseSession, Storage
+from ..entity import Entity, Implementation
+from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..transport.network import Network, TransportConfig, open_listeners
 from .client import Client
@@ -77,6 +77,7 @@ class Runner(metaclass=NoPublicConstructor):
         residency: Residency,
         metrics: Counters,
         router: Router,
+        states: StateStorage,
     ) -> None:
         self.address = address
         self.config = config
@@ -90,6 +91,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._keeper = keeper
         self._residency = residency
         self._metrics = metrics
+        self._states = states
 
     @property
     def machine_id(self) -> int:
@@ -113,6 +115,13 @@ class Runner(metaclass=NoPublicConstructor):
 
     def owns_its_assignment(self) -> bool:
         return self._keeper.owns_its_assignment()
+
+    async def stored_state_ids(
+        self, entity: Entity, *, after: str = "", limit: int = 1000
+    ) -> list[str]:
+        """Ids of ``entity``'s entities that have stored state, in order: a page of at most
+        ``limit`` after ``after`` (pass the last id of a page to get the next)."""
+        return await self._states.state_ids(entity.name, after=after, limit=limit)
 
     async def settled(self) -> None:
         """Wait until this runner serves exactly the shards assigned to it.
@@ -154,7 +163,11 @@ def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -
         name = implementation.entity.name
         if name in hosted:
             raise ValueError(f"entity type {name!r} is implemented twice")
-        hosted[name] = Hosted(implementation, implementation.options or config.entity_defaults)
+        options = implementation.options or config.entity_defaults
+        if implementation.state is not None and options.concurrency != 1:
+            # Concurrent handlers would commit each other's half-made changes.
+            raise ValueError(f"entity type {name!r} has durable state: its concurrency must be 1")
+        hosted[name] = Hosted(implementation, options)
     return hosted
 
 
@@ -286,6 +299,7 @@ def _assemble(
         address=address,
         config=config,
         messages=storage.messages,
+        states=storage.states,
         stored_replies=stored_replies,
         metrics=metrics,
         residency=residency,
@@ -322,6 +336,7 @@ def _assemble(
         keeper=keeper,
         residency=residency,
         metrics=metrics,
+        states=storage.states,
     )
     return _Parts(runner, router, keeper, follower, residency, metrics)
 

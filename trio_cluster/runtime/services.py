@@ -15,7 +15,7 @@ import attrs
 
 from ..config import EntityOptions, ShardingConfig
 from ..entity import Implementation
-from ..storage.base import Lease, MessageStorage
+from ..storage.base import Lease, MessageStorage, StateStorage
 from .metrics import Counters
 from .replies import StoredReplies
 from .residency import Residency
@@ -37,6 +37,7 @@ class Services:
     address: str
     config: ShardingConfig
     messages: MessageStorage
+    states: StateStorage
     stored_replies: StoredReplies
     metrics: Counters
     residency: Residency

@@ -39,7 +39,7 @@ from ..errors import (
     PersistenceError,
     RunnerUnavailable,
 )
-from ..storage.base import Lease
+from ..storage.base import Lease, StateWrite
 from .delivery import Delivery
 from .mailbox import ActiveEntity
 from .scheduled import Scheduled
@@ -118,6 +118,10 @@ class ShardRuntime:
     @property
     def accepting(self) -> bool:
         return self._life.state is ShardState.SERVING
+
+    @property
+    def draining(self) -> bool:
+        return self._life.state is ShardState.DRAINING
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -286,34 +290,70 @@ class ShardRuntime:
 
     # -- replies out ----------------------------------------------------------------
 
-    async def complete(self, delivery: Delivery, reply: bytes) -> None:
-        """Make a reply final: stored under this shard's lease if persisted, then delivered."""
+    async def complete(
+        self, delivery: Delivery, reply: bytes, state: StateWrite | None = None
+    ) -> bool:
+        """Make a reply final: stored under this shard's lease if persisted (with the
+        entity's ``state``, in one transaction), then delivered. False when it could
+        not be stored: fenced off (the new owner answers), or storage stayed down (the
+        request is redelivered when the shard is next acquired); ``state`` then was
+        not written either."""
         envelope = delivery.envelope
-        if envelope.persisted and not await self._store_reply(envelope, reply):
-            return
+        if envelope.persisted:
+            stored = await self._fenced(
+                f"the reply to {envelope.request_id}",
+                functools.partial(
+                    self.services.messages.save_reply,
+                    envelope.request_id,
+                    reply,
+                    self.lease,
+                    state,
+                ),
+            )
+            if not stored:
+                return False
         if self._readers:
             self._done_while_reading.add(envelope.request_id)
         self.services.metrics.processed += 1
         delivery.target.resolve(reply)
+        return True
 
-    async def _store_reply(self, envelope: Envelope, reply: bytes) -> bool:
-        """Store a final reply, retrying storage outages; False when fenced off or given up.
+    async def save_state(self, state: StateWrite) -> bool:
+        """Write an entity's state on its own under this shard's lease; False when that
+        failed (fenced off, or storage down for longer than ``send_retry``)."""
+        return await self._fenced(
+            f"the state of {state.entity_type}/{state.entity_id}",
+            functools.partial(self.services.states.save_state, self.lease, state),
+        )
 
-        Fenced off means a newer lease exists: the new owner answers. Given
-        up means storage stayed down: the request is still unprocessed in
-        storage and is redelivered when the shard is next acquired.
-        """
+    async def load_state(self, entity_type: str, entity_id: str) -> bytes | None:
+        """An entity's committed state, waiting out storage outages while the shard is ours."""
+        delays = STORAGE_RECOVERY.delays()
+        while True:
+            try:
+                return await self.services.states.load_state(entity_type, entity_id)
+            except PersistenceError as error:
+                log.warning(
+                    "loading the state of %s/%s failed, retrying: %s", entity_type, entity_id, error
+                )
+                await trio.sleep(next(delays))
+
+    async def _fenced(self, what: str, write: Callable[[], Awaitable[None]]) -> bool:
+        """A write fenced by the lease, retrying storage outages; False when refused or given up."""
         delays = self.services.config.send_retry.delays()
         while True:
             try:
-                await self.services.messages.save_reply(envelope.request_id, reply, self.lease)
+                await write()
             except EntityNotAssignedToRunner:
-                log.info("reply to %s fenced off: %s is stale", envelope.request_id, self.lease)
+                log.info("%s fenced off: %s is stale", what, self.lease)
                 return False
             except PersistenceError:
                 delay = next(delays, None)
                 if delay is None:
-                    log.exception("could not store the reply to %s", envelope.request_id)
+                    # What is not stored is still unprocessed in storage: a rescan
+                    # (which waits out the outage) offers it again, on this lease.
+                    log.exception("could not store %s; rescanning %s", what, self)
+                    self.rescan()
                     return False
                 await trio.sleep(delay)
             else:
@@ -327,6 +367,24 @@ class ShardRuntime:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_storage)
                 nursery.start_soon(self._run_timers)
+                intervals = [
+                    hosted.options.state_save_interval
+                    for hosted in self.services.hosted.values()
+                    if hosted.implementation.state is not None
+                    and hosted.options.state_save == "interval"
+                ]
+                if intervals:
+                    nursery.start_soon(self._flush_states, min(intervals))
+
+    async def _flush_states(self, interval: float) -> None:
+        """Ask idle entities with unsaved volatile changes to save them, every ``interval``.
+
+        Only asks: each entity writes its own state, between its requests.
+        """
+        while True:
+            await trio.sleep(interval)
+            for entity in list(self.entities.values()):
+                entity.nudge()
 
     async def _follow_storage(self) -> None:
         """The shard's own scans: the first one, then one per rescan asked for."""
@@ -400,7 +458,7 @@ class ShardRuntime:
                     ),
                     REDELIVERY_PAGE,
                 )
-                await self._offer_stored(page, scanned=True)
+                await self._offer_stored(page, scanned=True, redelivered=True)
             # What arrived meanwhile is newer than all the scan found.
             while self._set_aside and self.accepting:
                 request_ids, self._set_aside = self._set_aside, []
@@ -411,10 +469,13 @@ class ShardRuntime:
         finally:
             self._scanning -= 1
 
-    async def _offer_stored(self, envelopes: list[Envelope], *, scanned: bool) -> None:
+    async def _offer_stored(
+        self, envelopes: list[Envelope], *, scanned: bool, redelivered: bool = False
+    ) -> None:
         stored = self.services.stored_replies
         for envelope in envelopes:
-            delivery = Delivery(envelope, stored.target(envelope.request_id))
+            target = stored.target(envelope.request_id)
+            delivery = Delivery(envelope, target, redelivered=redelivered)
             try:
                 self.offer(delivery, scanned=scanned)
             except MalformedMessage as error:

@@ -15,6 +15,8 @@ from .base import (
     Replied,
     RunnerStorage,
     Saved,
+    StateStorage,
+    StateWrite,
     Storage,
     Stored,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "Replied",
     "RunnerStorage",
     "Saved",
+    "StateStorage",
+    "StateWrite",
     "Storage",
     "Stored",
 ]

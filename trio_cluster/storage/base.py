@@ -1,10 +1,13 @@
 """What the runtime needs from storage, as small protocols.
 
-Two concerns, two protocols: who owns which shard (:class:`RunnerStorage`)
-and which persisted requests and replies exist (:class:`MessageStorage`).
-They meet in one place, fencing: a reply is written only with the lease
-under which its request was processed, and storage refuses a lease that
-is no longer the shard's current one.
+Three concerns, three protocols: who owns which shard
+(:class:`RunnerStorage`), which persisted requests and replies exist
+(:class:`MessageStorage`), and what state entities keep
+(:class:`StateStorage`). They meet in one place, fencing: a reply, and an
+entity's state, are written only with the lease under which the entity
+ran, and storage refuses a lease that is no longer the shard's current one.
+A persisted request's reply and the state it left are written together, in
+one transaction: both or neither.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ class Gap:
 
 
 Notice = Stored | Replied | MembershipChanged | Gap
+
+
+@attrs.frozen
+class StateWrite:
+    """An entity's new state (encoded ``data``), or its deletion (``data is None``)."""
+
+    entity_type: str
+    entity_id: str
+    data: bytes | None
 
 
 @attrs.frozen
@@ -154,12 +166,19 @@ class MessageStorage(Protocol):
         """Those of ``request_ids`` that are still unprocessed, oldest first."""
         ...
 
-    async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
+    async def save_reply(
+        self, request_id: int, reply: bytes, lease: Lease, state: StateWrite | None = None
+    ) -> None:
         """Store the final reply and mark the request processed, fenced by ``lease``.
+
+        With ``state``, the entity's state is written (or deleted) in the same
+        transaction, and only if the reply is: a request's effect on its
+        entity's state is committed exactly when its reply is.
 
         Raises EntityNotAssignedToRunner when ``lease`` is no longer the
         shard's current lease; the current owner will process the request.
-        A second final reply for one request is ignored: the first one stands.
+        A second final reply for one request is ignored, with its state: the
+        first one stands.
         """
         ...
 
@@ -183,9 +202,29 @@ class MessageStorage(Protocol):
         ...
 
 
+class StateStorage(Protocol):
+    async def load_state(self, entity_type: str, entity_id: str) -> bytes | None:
+        """The entity's last committed state, or None when it has none."""
+        ...
+
+    async def save_state(self, lease: Lease, state: StateWrite) -> None:
+        """Write (or delete) an entity's state on its own, fenced by its shard's ``lease``.
+
+        Raises EntityNotAssignedToRunner when ``lease`` is no longer current.
+        """
+        ...
+
+    async def state_ids(self, entity_type: str, *, after: str = "", limit: int = 1000) -> list[str]:
+        """Ids of entities of ``entity_type`` with stored state, in order, after ``after``."""
+        ...
+
+
 class Storage(Protocol):
     @property
     def runners(self) -> RunnerStorage: ...
 
     @property
     def messages(self) -> MessageStorage: ...
+
+    @property
+    def states(self) -> StateStorage: ...

@@ -20,7 +20,7 @@ from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
-from .base import Lease, MembershipChanged, Notice, Replied, Saved, Stored
+from .base import Lease, MembershipChanged, Notice, Replied, Saved, StateWrite, Stored
 from .notices import Follower, open_follower
 
 
@@ -38,7 +38,7 @@ class _Stored:
 
 
 class MemoryStorage:
-    """Both storage protocols over plain dicts.
+    """The storage protocols over plain dicts.
 
     Set :attr:`available` to False to simulate an outage: every call then
     raises PersistenceError, as the PostgreSQL storage does when its server
@@ -56,6 +56,7 @@ class MemoryStorage:
         # Per shard, the ids of requests without a final reply, oldest first
         # (a dict is an ordered set).
         self._pending: dict[ShardId, dict[int, None]] = {}
+        self._states: dict[tuple[str, str], bytes] = {}
         self._followers: list[Follower] = []
 
     @property
@@ -64,6 +65,10 @@ class MemoryStorage:
 
     @property
     def messages(self) -> MemoryStorage:
+        return self
+
+    @property
+    def states(self) -> MemoryStorage:
         return self
 
     async def _enter(self) -> None:
@@ -171,19 +176,49 @@ class MemoryStorage:
         pending = self._pending.get(shard, {})
         return [self._requests[i].envelope for i in sorted(request_ids) if i in pending]
 
-    async def save_reply(self, request_id: int, reply: bytes, lease: Lease) -> None:
-        await self._enter()
+    def _fence(self, lease: Lease, request_id: int | None = None) -> None:
         if self._epochs.get(lease.shard) != lease.epoch or lease.shard not in self._holders:
             raise EntityNotAssignedToRunner(
                 f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
                 request_id=request_id,
             )
+
+    async def save_reply(
+        self, request_id: int, reply: bytes, lease: Lease, state: StateWrite | None = None
+    ) -> None:
+        await self._enter()
+        self._fence(lease, request_id)
         stored = self._requests.get(request_id)
         if stored is None or stored.reply is not None:
             return
         stored.reply = reply
+        if state is not None:
+            self._write_state(state)
         self._pending.get(lease.shard, {}).pop(request_id, None)
         self._announce(Replied(request_id, lease.machine_id))
+
+    # -- entity state -----------------------------------------------------------
+
+    def _write_state(self, state: StateWrite) -> None:
+        key = (state.entity_type, state.entity_id)
+        if state.data is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = state.data
+
+    async def load_state(self, entity_type: str, entity_id: str) -> bytes | None:
+        await self._enter()
+        return self._states.get((entity_type, entity_id))
+
+    async def save_state(self, lease: Lease, state: StateWrite) -> None:
+        await self._enter()
+        self._fence(lease)
+        self._write_state(state)
+
+    async def state_ids(self, entity_type: str, *, after: str = "", limit: int = 1000) -> list[str]:
+        await self._enter()
+        ids = sorted(i for t, i in self._states if t == entity_type and i > after)
+        return ids[:limit]
 
     async def reply_for(self, request_id: int) -> bytes | None:
         await self._enter()
