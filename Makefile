@@ -26,3 +26,5 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.local
 	$(BIN)/python -m benchmarks.storage
 	$(BIN)/python -m benchmarks.cluster --plot benchmarks/latency.png
+	$(BIN)/python -m benchmarks.state
+	$(BIN)/python -m benchmarks.hostile
