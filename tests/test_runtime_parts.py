@@ -33,6 +33,7 @@ from trio_cluster.core.hashing import ShardId, shard_index
 from trio_cluster.core.lifecycle import EntityState, ShardState
 from trio_cluster.runtime.client import Client
 from trio_cluster.runtime.delivery import Delivery
+from trio_cluster.runtime.hooks import Hooks
 from trio_cluster.runtime.mailbox import ActiveEntity
 from trio_cluster.runtime.metrics import Counters
 from trio_cluster.runtime.replies import StoredReplies
@@ -93,6 +94,7 @@ class World:
     probe: Probe
     stopped: list[ShardRuntime]
     released: list[Lease]
+    counters: Counters
 
 
 @asynccontextmanager
@@ -100,9 +102,10 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
     """A hand-built Services on a MemoryStorage, and the lease of ``entity_id``'s shard."""
     storage = MemoryStorage()
     impl, probe = counter()
-    metrics = Counters()
+    counters = Counters()
+    hooks = Hooks(trusted=(counters,))
     stored = StoredReplies()
-    router = Router("test-runner", CONFIG, metrics, {})
+    router = Router("test-runner", CONFIG, hooks, {})
     released: list[Lease] = []
     async with storage.session(RunnerSpec("test-runner"), lambda _: None) as session:
 
@@ -116,7 +119,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             messages=storage,
             stored_replies=stored,
             session=session,
-            metrics=metrics,
+            hooks=hooks,
         )
         services = Services(
             address="test-runner",
@@ -124,7 +127,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             messages=storage,
             states=storage,
             stored_replies=stored,
-            metrics=metrics,
+            hooks=hooks,
             residency=Residency(100),
             hosted={"Counter": Hosted(impl, CONFIG.entity_defaults)},
             client=client,
@@ -133,7 +136,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
         )
         lease = await session.acquire(ShardId("default", shard_index(entity_id, SHARDS)))
         assert lease is not None
-        yield World(storage, services, lease, probe, [], released)
+        yield World(storage, services, lease, probe, [], released, counters)
 
 
 @asynccontextmanager
@@ -194,7 +197,7 @@ async def test_a_bug_in_a_shard_fails_that_shard_alone_and_releases_its_lease() 
                     await trio.testing.wait_all_tasks_blocked()
         # The nursery above ended without an error: the shard contained it.
         assert w.released == [w.lease]
-        assert w.services.metrics.contained_failures == 1
+        assert w.counters.contained_failures == 1
 
 
 async def test_far_future_requests_are_bounded_per_shard() -> None:
@@ -351,7 +354,7 @@ class FakeShard:
 
 def router_with(shard_id: ShardId) -> tuple[Router, FakeShard]:
     shard = FakeShard()
-    return Router("me:1", CONFIG, Counters(), {shard_id: shard}), shard
+    return Router("me:1", CONFIG, Hooks(), {shard_id: shard}), shard
 
 
 @pytest.mark.parametrize(
@@ -392,7 +395,7 @@ def test_the_router_offers_a_good_request_with_its_own_reply_target() -> None:
 
 
 async def test_a_router_routes_to_the_owner_it_knows() -> None:
-    router = Router("me:1", CONFIG, Counters(), {})
+    router = Router("me:1", CONFIG, Hooks(), {})
     with pytest.raises(EntityNotAssignedToRunner):
         router.route(envelope(1), Sink())
     router.assignment[ShardId("default", shard_index("a", SHARDS))] = "other:2"

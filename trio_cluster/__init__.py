@@ -10,6 +10,7 @@ from .core.hashing import ShardId
 from .core.retry import RetryPolicy
 from .entity import Entity, Implementation, Rpc
 from .errors import (
+    CLUSTER_ERRORS,
     AlreadyProcessingMessage,
     AnyClusterError,
     ClusterError,
@@ -24,7 +25,9 @@ from .errors import (
     SerializationError,
     Suspended,
 )
-from .runtime.calls import RequestInfo
+from .health import HealthConfig
+from .instrument import Instrument
+from .runtime.calls import Call, Handling, RequestInfo
 from .runtime.client import Client
 from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
@@ -35,8 +38,10 @@ from .storage import MemoryStorage
 from .transport.config import TransportConfig
 
 __all__ = [
+    "CLUSTER_ERRORS",
     "AlreadyProcessingMessage",
     "AnyClusterError",
+    "Call",
     "Client",
     "ClusterError",
     "ConfigError",
@@ -45,7 +50,10 @@ __all__ = [
     "EntityContext",
     "EntityNotAssignedToRunner",
     "EntityOptions",
+    "Handling",
+    "HealthConfig",
     "Implementation",
+    "Instrument",
     "MailboxFull",
     "MalformedMessage",
     "MemoryStorage",

@@ -199,20 +199,20 @@ AnyClusterError: TypeAlias = (
     | SerializationError
 )
 
-ERROR_TYPES: dict[str, type[ClusterError]] = {
-    cls.reason: cls
-    for cls in (
-        MailboxFull,
-        EntityNotAssignedToRunner,
-        AlreadyProcessingMessage,
-        MalformedMessage,
-        PersistenceError,
-        RunnerNotRegistered,
-        RunnerUnavailable,
-        SendTimeout,
-        Suspended,
-        RpcClientError,
-        SerializationError,
-    )
-}
+CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
+    MailboxFull,
+    EntityNotAssignedToRunner,
+    AlreadyProcessingMessage,
+    MalformedMessage,
+    PersistenceError,
+    RunnerNotRegistered,
+    RunnerUnavailable,
+    SendTimeout,
+    Suspended,
+    RpcClientError,
+    SerializationError,
+)
+"""Every ClusterError class, for ``except CLUSTER_ERRORS`` narrowed to the reasons."""
+
+ERROR_TYPES: dict[str, type[ClusterError]] = {cls.reason: cls for cls in CLUSTER_ERRORS}
 """Reason -> class, for rebuilding an error that crossed a process boundary."""

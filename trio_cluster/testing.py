@@ -18,7 +18,7 @@ reads only Trio's clock.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ import attrs
 from .config import EntityOptions, ShardingConfig
 from .core.retry import RetryPolicy
 from .entity import Entity, Implementation
+from .instrument import Instrument
 from .runtime.runner import Runner, open_runner
 from .storage.memory import MemoryStorage
 from .transport.network import TransportConfig
@@ -51,10 +52,13 @@ async def open_test_runner(
     *implementations: Implementation,
     config: ShardingConfig = TEST_CONFIG,
     storage: MemoryStorage | None = None,
+    instruments: Sequence[Instrument] = (),
 ) -> AsyncIterator[tuple[Runner, MemoryStorage]]:
     """A runner on memory storage, and that storage (pass one to share it between runners)."""
     storage = storage if storage is not None else MemoryStorage()
-    async with open_runner(*implementations, storage=storage, config=config) as runner:
+    async with open_runner(
+        *implementations, storage=storage, config=config, instruments=instruments
+    ) as runner:
         yield runner, storage
 
 
@@ -99,6 +103,7 @@ async def open_test_cluster(
     config: ShardingConfig = TEST_CONFIG,
     storage: MemoryStorage | None = None,
     transport: TransportConfig = LOOPBACK,
+    instruments: Sequence[Instrument] = (),
 ) -> AsyncIterator[TestCluster]:
     """Several runners in this process, over the real routing and socket transport.
 
@@ -109,7 +114,13 @@ async def open_test_cluster(
     async with contextlib.AsyncExitStack() as stack:
         started = [
             await stack.enter_async_context(
-                open_runner(*implementations, storage=storage, config=config, transport=transport)
+                open_runner(
+                    *implementations,
+                    storage=storage,
+                    config=config,
+                    transport=transport,
+                    instruments=instruments,
+                )
             )
             for _ in range(runners)
         ]

@@ -128,6 +128,23 @@ def misrouted(reply: bytes) -> bool:
     return error.reason == EntityNotAssignedToRunner.reason
 
 
+_SUCCESS_HEAD = bytes([0x92, ReplyKind.SUCCESS])
+
+
+def outcome(reply: bytes) -> str:
+    """What a reply says, as an instrument's outcome: ``"success"``, ``"error"`` (a
+    declared error) or the reason of a cluster error. A success is one comparison."""
+    if reply.startswith(_SUCCESS_HEAD):
+        return "success"
+    try:
+        outer = _reply_decoder.decode(reply)
+        if outer.kind is ReplyKind.CLUSTER_ERROR:
+            return _cluster_decoder.decode(outer.body).reason
+    except msgspec.MsgspecError:
+        return SerializationError.reason
+    return "success" if outer.kind is ReplyKind.SUCCESS else "error"
+
+
 def decode(
     reply: bytes,
     success_decoder: msgspec.msgpack.Decoder[Any],

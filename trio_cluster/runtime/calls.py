@@ -1,4 +1,5 @@
-"""The call a task is making or handling: the call chain, and the request being handled.
+"""The call a task is making or handling: the call chain, the request being handled, and
+what instruments see of both.
 
 Context variables set by the entity task for each request it takes, read by
 ``ask`` (the call chain, against deadlock) and by handlers (their request).
@@ -6,13 +7,19 @@ Context variables set by the entity task for each request it takes, read by
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ..core.envelope import Envelope
+from ..core.hashing import ShardId
+
+if TYPE_CHECKING:
+    from .context import EntityAddress
 
 call_chain: ContextVar[tuple[str, ...]] = ContextVar("trio_cluster_call_chain", default=())
 """Turn-based entities waiting, up the stack, on the code running now.
@@ -23,15 +30,95 @@ concurrency 1 can never be answered.
 """
 
 
+class Call:
+    """One ``ask`` or ``tell`` as its caller sends it: what an instrument sees of it.
+
+    ``headers`` may be added to in ``request_sent`` (they are sent with the
+    request); ``notes`` is the instruments' own scratch space for this call.
+    """
+
+    __slots__ = ("_notes", "envelope", "headers", "kind", "started")
+
+    def __init__(self, envelope: Envelope, kind: str) -> None:
+        self.envelope = envelope
+        self.kind = kind
+        """``"ask"`` or ``"tell"``."""
+        self.headers = dict(envelope.headers)
+        self.started = time.perf_counter()
+        """When the call began (``time.perf_counter()``)."""
+        self._notes: dict[object, object] | None = None
+
+    @property
+    def notes(self) -> dict[object, object]:
+        if self._notes is None:
+            self._notes = {}
+        return self._notes
+
+    @property
+    def request_id(self) -> int:
+        return self.envelope.request_id
+
+    @property
+    def entity_type(self) -> str:
+        return self.envelope.entity_type
+
+    @property
+    def entity_id(self) -> str:
+        return self.envelope.entity_id
+
+    @property
+    def rpc(self) -> str:
+        return self.envelope.rpc
+
+    @property
+    def shard(self) -> ShardId:
+        return ShardId(self.envelope.shard_group, self.envelope.shard_index)
+
+    @property
+    def persisted(self) -> bool:
+        return self.envelope.persisted
+
+
 class Handling:
-    """What the running task handles: one request, as delivered, and the attempt at it."""
+    """What the running task handles: one request, as delivered, and the attempt at it.
 
-    __slots__ = ("attempt", "envelope", "redelivered")
+    Also what instruments see of a request being handled (``notes`` is their
+    scratch space for it).
+    """
 
-    def __init__(self, envelope: Envelope, redelivered: bool) -> None:
+    __slots__ = ("_notes", "address", "attempt", "envelope", "redelivered", "started")
+
+    def __init__(self, envelope: Envelope, redelivered: bool, address: EntityAddress) -> None:
         self.envelope = envelope
         self.redelivered = redelivered
+        """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
+        self.address = address
         self.attempt = 1
+        self.started = time.perf_counter()
+        """When the handler was given the request (``time.perf_counter()``)."""
+        self._notes: dict[object, object] | None = None
+
+    @property
+    def notes(self) -> dict[object, object]:
+        if self._notes is None:
+            self._notes = {}
+        return self._notes
+
+    @property
+    def request_id(self) -> int:
+        return self.envelope.request_id
+
+    @property
+    def rpc(self) -> str:
+        return self.envelope.rpc
+
+    @property
+    def persisted(self) -> bool:
+        return self.envelope.persisted
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.envelope.headers
 
 
 current_request: ContextVar[Handling | None] = ContextVar(
@@ -72,9 +159,11 @@ class RequestInfo:
         )
 
 
-def handling(envelope: Envelope, redelivered: bool, chain: tuple[str, ...]) -> Handling:
+def handling(
+    envelope: Envelope, redelivered: bool, chain: tuple[str, ...], address: EntityAddress
+) -> Handling:
     """Enter the context of one request, in the task that is about to handle it."""
     call_chain.set(envelope.call_chain + chain)
-    current = Handling(envelope, redelivered)
+    current = Handling(envelope, redelivered, address)
     current_request.set(current)
     return current

@@ -16,11 +16,14 @@ with a NUL, a key too long) is MalformedMessage.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import trio
 
 from ..config import ShardingConfig
@@ -37,19 +40,22 @@ from ..core.snowflake import SnowflakeGenerator
 from ..entity import Rpc
 from ..errors import (
     AlreadyProcessingMessage,
+    ClusterError,
     EntityNotAssignedToRunner,
     MalformedMessage,
     RunnerUnavailable,
     SendTimeout,
 )
-from ..storage.base import LeaseSession, MessageStorage
-from .calls import call_chain
-from .metrics import Counters
+from ..storage.base import LeaseSession, MessageStorage, Saved
+from .calls import Call, call_chain
+from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
 
 if TYPE_CHECKING:
     from ..transport.link import PeerLink
+
+log = logging.getLogger("trio_cluster.client")
 
 P = TypeVar("P")
 S = TypeVar("S")
@@ -78,14 +84,14 @@ class Client:
         messages: MessageStorage,
         stored_replies: StoredReplies,
         session: LeaseSession,
-        metrics: Counters,
+        hooks: Hooks,
     ) -> None:
         self._config = config
         self._router = router
         self._messages = messages
         self._stored_replies = stored_replies
         self._session = session
-        self._metrics = metrics
+        self._hooks = hooks
         self._machine = session.machine_id
         self._ids = SnowflakeGenerator(self._machine % 1024)
 
@@ -134,24 +140,34 @@ class Client:
                 request_id=envelope.request_id,
             )
         limit = self._config.send_timeout if timeout is None else timeout
-        self._metrics.waiting_callers += 1
+        call = self._sending(envelope, "ask")
+        envelope = call.envelope
+        outcome = "cancelled"
         try:
             with trio.move_on_after(limit if limit > 0 else math.inf):
                 reply = await self._send(envelope)
-                return replies.decode(  # type: ignore[no-any-return]
+                result = replies.decode(
                     reply,
                     rpc.success_decoder,
                     rpc.errors_by_name,
                     entity_id=entity_id,
                     request_id=envelope.request_id,
                 )
+                outcome = "success"
+                return result  # type: ignore[no-any-return]
+            raise SendTimeout(
+                f"no reply from {target} to {rpc.name!r} within {limit} s",
+                entity_id=entity_id,
+                request_id=envelope.request_id,
+            )
+        except ClusterError as error:
+            outcome = error.reason
+            raise
+        except rpc.errors:
+            outcome = "error"
+            raise
         finally:
-            self._metrics.waiting_callers -= 1
-        raise SendTimeout(
-            f"no reply from {target} to {rpc.name!r} within {limit} s",
-            entity_id=entity_id,
-            request_id=envelope.request_id,
-        )
+            self._hooks.request_finished(call, outcome)
 
     async def tell(
         self,
@@ -173,14 +189,53 @@ class Client:
         envelope = self._envelope(
             rpc, entity_id, payload, chain=(), deliver_at=deliver_at, headers=headers
         )
-        if envelope.persisted:
+        call = self._sending(envelope, "tell")
+        envelope = call.envelope
+        outcome = "cancelled"
+        try:
+            if envelope.persisted:
+                saved = await self._save(envelope)
+                if not saved.duplicate:
+                    self._offer_here(envelope)
+            else:
+                await self._deliver(envelope, _DROPPED)
+            outcome = "success"
+        except ClusterError as error:
+            outcome = error.reason
+            raise
+        finally:
+            self._hooks.request_finished(call, outcome)
+
+    def _sending(self, envelope: Envelope, kind: str) -> Call:
+        """Tell the instruments a call starts; the call's envelope carries any headers
+        they added (trace context), once checked like the caller's own."""
+        call = Call(envelope, kind)
+        self._hooks.request_sent(call)
+        added = call.headers
+        if added != envelope.headers:
+            problem = headers_problem(added)
+            if problem is None:
+                call.envelope = msgspec.structs.replace(envelope, headers=added)
+            else:
+                log.error("headers added by an instrument are refused: %s", problem)
+        return call
+
+    async def _save(self, envelope: Envelope) -> Saved:
+        """Store a persisted request (the instruments hear how long it took)."""
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
             saved = await self._messages.save_request(
                 envelope, self._session.machine_id, announce=not self._serves(envelope)
             )
-            if not saved.duplicate:
-                self._offer_here(envelope)
-            return
-        await self._deliver(envelope, _DROPPED)
+        except ClusterError as error:
+            outcome = error.reason
+            raise
+        else:
+            outcome = "success"
+            return saved
+        finally:
+            self._hooks.storage_written("request", time.perf_counter() - started, outcome)
 
     def _envelope(
         self,
@@ -239,9 +294,7 @@ class Client:
         # request and announce its reply before the save returns here.
         slot = waiting.expect(envelope.request_id)
         try:
-            saved = await self._messages.save_request(
-                envelope, self._session.machine_id, announce=not self._serves(envelope)
-            )
+            saved = await self._save(envelope)
             if not saved.duplicate:
                 self._offer_here(envelope)
                 return await slot.wait()

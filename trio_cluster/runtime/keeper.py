@@ -21,9 +21,10 @@ import trio
 from ..config import ShardingConfig
 from ..core.assignment import assign
 from ..core.hashing import ShardId
+from ..core.lifecycle import ShardState
 from ..errors import ClusterError, PersistenceError
 from ..storage.base import Lease, LeaseSession, RunnerStorage
-from .metrics import Counters
+from .hooks import Hooks
 from .routing import Router
 from .shard import ShardRuntime
 from .supervision import RESTART
@@ -48,7 +49,7 @@ class ShardKeeper:
         session: LeaseSession,
         router: Router,
         shards: dict[ShardId, ShardRuntime],
-        metrics: Counters,
+        hooks: Hooks,
         new_shard: Callable[[Lease, Callable[[ShardRuntime], None]], ShardRuntime],
     ) -> None:
         self._address = address
@@ -58,7 +59,9 @@ class ShardKeeper:
         self._router = router
         self._shards = shards
         """The shards held now: written here alone, read by the router and the follower."""
-        self._metrics = metrics
+        self._hooks = hooks
+        self._live: frozenset[str] = frozenset()
+        """The live runners' addresses at the last look (what the instruments heard of)."""
         self._new_shard = new_shard
         self._wake = trio.Event()
         self._changed = trio.Event()
@@ -94,6 +97,9 @@ class ShardKeeper:
         if shards.get(shard.lease.shard) is shard:
             del shards[shard.lease.shard]
             self._note_changed()
+            state = shard.state
+            how = state.value if state in (ShardState.LOST, ShardState.FAILED) else "released"
+            self._hooks.shard_stopped(shard.lease.shard, how)
 
     # -- readiness ------------------------------------------------------------------
 
@@ -126,8 +132,8 @@ class ShardKeeper:
                 try:
                     waiting = await self._keep(shards)
                 except* Exception as failure:
-                    self._metrics.contained_failures += 1
                     log.exception("keeping shards failed; trying again", exc_info=failure)
+                    self._hooks.contained_failure("shard keeper", failure)
                     delay = next(failures)
                 else:
                     failures = RESTART.delays()
@@ -159,6 +165,9 @@ class ShardKeeper:
                 continue
             shard = self._new_shard(lease, self._shard_stopped)
             self._shards[shard_id] = shard
+            # Reported before it starts, so that its stop (even one during the
+            # start) always comes after: instruments keep gauges from the pair.
+            self._hooks.shard_acquired(shard_id, lease.epoch)
             await shards.start(shard.run)
             self._note_changed()
         return waiting
@@ -170,6 +179,7 @@ class ShardKeeper:
         except PersistenceError as error:
             log.warning("cannot read the live runners: %s", error)
             return
+        self._report_membership(frozenset(spec.address for spec in runners))
         per_group = self._config.shards_per_group
         groups = sorted({group for spec in runners for group in spec.groups})
         shard_ids = [ShardId(group, index) for group in groups for index in range(per_group)]
@@ -183,6 +193,13 @@ class ShardKeeper:
         if assignment != self._router.assignment:
             self._router.assignment = assignment
             self._note_changed()
+
+    def _report_membership(self, live: frozenset[str]) -> None:
+        before, self._live = self._live, live
+        for address in sorted(live - before):
+            self._hooks.runner_joined(address)
+        for address in sorted(before - live):
+            self._hooks.runner_left(address)
 
     async def shutdown(self) -> None:
         """Leave the cluster, then drain every shard within the termination timeout.

@@ -178,7 +178,9 @@ class ActiveEntity:
                 self.backlog = True
                 self.backlog_stale = True
                 return
-            self.shard.services.metrics.mailbox_full += 1
+            self.shard.services.hooks.request_refused(
+                envelope.entity_type, envelope.rpc, MailboxFull.reason
+            )
             raise MailboxFull(
                 f"mailbox of {self.address} is full ({self.options.mailbox_capacity} waiting)",
                 entity_id=self.address.entity_id,
@@ -232,10 +234,10 @@ class ActiveEntity:
                         workers.start_soon(self._handle_concurrently, delivery, self._limiter)
             await self._retire()
         except* Exception as bug:
-            self.shard.services.metrics.contained_failures += 1
             log.exception(
                 "entity %s failed outside any request; stopping it", self.address, exc_info=bug
             )
+            self.shard.services.hooks.contained_failure("entity", bug)
         finally:
             self._life.fire(EntityEvent.STOP)
             self.shard.forget(self)
@@ -311,40 +313,43 @@ class ActiveEntity:
     async def _handle(self, delivery: Delivery, chain: tuple[str, ...]) -> None:
         """Handle one request in the calling task: the entity's own, or a worker's."""
         envelope = delivery.envelope
-        answered = False
+        hooks = self.shard.services.hooks
+        current = handling(envelope, delivery.redelivered, chain, self.address)
+        hooks.handling_started(current)
+        outcome = "cancelled"
         try:
-            current = handling(envelope, delivery.redelivered, chain)
             reply = await self._reply_to(envelope, current)
-            answered = True
-            await self._finish(delivery, reply)
+            outcome = "unstored"
+            final = await self._finish(delivery, reply)
+            if final is not None:
+                outcome = replies.outcome(final)
         except StateUnreadable as error:
             # The entity cannot run at all: a typed error for volatile callers now;
             # persisted requests stay in storage, for when the state is readable.
-            answered = True
+            outcome = error.reason
             log.exception("%s: %s", self.address, error.message)
             delivery.fail_if_volatile(error)
             self.passivate()
         except Exception as bug:
             # Not the handler's (its exceptions are defects or declared errors,
             # answered in _reply_to): the runtime failed on this request.
-            self.shard.services.metrics.contained_failures += 1
             log.exception(
                 "internal error handling %s for %s", envelope.rpc, self.address, exc_info=bug
             )
+            hooks.contained_failure("request", bug)
             # A target takes its first reply only, so this cannot answer twice.
-            delivery.fail_if_volatile(
-                RpcClientError(
-                    f"{self.address} could not handle {envelope.rpc!r}: internal error",
-                    cause_type=type(bug).__name__,
-                    entity_id=self.address.entity_id,
-                )
+            failed = RpcClientError(
+                f"{self.address} could not handle {envelope.rpc!r}: internal error",
+                cause_type=type(bug).__name__,
+                entity_id=self.address.entity_id,
             )
-            answered = True
+            outcome = failed.reason
+            delivery.fail_if_volatile(failed)
         finally:
-            if not answered:
-                # Cancelled: the shard was released under this request. Tell a
-                # volatile caller now rather than at its timeout; a persisted
-                # request stays in storage for the next owner.
+            if outcome == "cancelled":
+                # The shard was released under this request. Tell a volatile
+                # caller now rather than at its timeout; a persisted request
+                # stays in storage for the next owner.
                 delivery.fail_if_volatile(
                     RunnerUnavailable(
                         f"{self.address} stopped while processing the request",
@@ -353,9 +358,14 @@ class ActiveEntity:
                 )
             self._done(envelope)
             self.last_active = trio.current_time()
+            hooks.handling_finished(current, outcome)
 
-    async def _finish(self, delivery: Delivery, reply: bytes) -> None:
-        """Make the reply final, with what the request changed in the entity's state."""
+    async def _finish(self, delivery: Delivery, reply: bytes) -> bytes | None:
+        """Make the reply final, with what the request changed in the entity's state.
+
+        Returns the reply its caller got, or None when a persisted one could
+        not be stored (the request stays unprocessed, to run again).
+        """
         envelope = delivery.envelope
         keeper = self._keeper
         change = None
@@ -371,18 +381,18 @@ class ActiveEntity:
             stored = await self.shard.complete(delivery, reply, write)
             if change is not None:
                 self._committed(stored, change[1])
-            return
+            return reply if stored else None
         if change is not None and self.options.state_save == "request":
             if not await self.shard.save_state(change[0]):
                 self._forget_state()
-                delivery.fail(
-                    RunnerUnavailable(
-                        f"{self.address} could not store its state: the request's effect "
-                        "was rolled back",
-                        entity_id=self.address.entity_id,
-                    )
+                rolled_back = RunnerUnavailable(
+                    f"{self.address} could not store its state: the request's effect "
+                    "was rolled back",
+                    entity_id=self.address.entity_id,
                 )
-                return
+                reply = self._error(rolled_back, envelope)
+                delivery.target.resolve(reply)
+                return reply
             self._committed(True, change[1])
         await self.shard.complete(delivery, reply)
         if (
@@ -391,6 +401,7 @@ class ActiveEntity:
             and trio.current_time() - self._last_saved >= self.options.state_save_interval
         ):
             await self._save_changes()
+        return reply
 
     def _committed(self, stored: bool, encoded: bytes) -> None:
         if stored:
@@ -486,7 +497,7 @@ class ActiveEntity:
                 # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
                 self._forget_state()
-                self.shard.services.metrics.defects += 1
+                self.shard.services.hooks.defect(current, defect)
                 delay = next(delays, None)
                 log.warning(
                     "defect in %s handling %s (retry in %s s)",

@@ -1,39 +1,116 @@
-"""Counters a runner keeps about itself.
+"""The counters a runner keeps about itself: an instrument like any other.
 
-Plain integers bumped on the hot path (an attribute increment costs
-nothing measurable); exporters read a :class:`Snapshot` when they scrape.
+Plain integers bumped by the events they count (an attribute increment
+costs nothing measurable); ``Runner.snapshot()`` reads them, with the
+gauges the runner knows directly, into a :class:`Snapshot`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
+
 import attrs
 
+from ..core.hashing import ShardId
+from ..instrument import Instrument, Outcome
+from .calls import Call, Handling
+from .context import EntityAddress
 
-@attrs.define
-class Counters:
-    processed: int = 0
-    defects: int = 0
-    mailbox_full: int = 0
-    activations: int = 0
-    passivations: int = 0
-    refused: int = 0
-    """Requests from peers refused before reaching a shard (malformed, not owned here)."""
-    contained_failures: int = 0
-    """Bugs of the runtime itself caught at a failure boundary (each is logged as an error)."""
-    waiting_callers: int = 0
+_NOT_ERRORS = frozenset({"success", "error", "cancelled"})
+_NOT_ANSWERED = frozenset({"cancelled", "unstored"})
+
+
+class Counters(Instrument):
+    def __init__(self) -> None:
+        self.processed = 0
+        self.defects = 0
+        self.mailbox_full = 0
+        self.activations = 0
+        self.passivations = 0
+        self.refused = 0
+        """Requests from peers refused before reaching a shard (malformed, not owned here)."""
+        self.contained_failures = 0
+        """Bugs of the runtime itself caught at a failure boundary (each is logged as an error)."""
+        self.waiting_callers = 0
+        self.redelivered = 0
+        self.lease_losses = 0
+        self.errors: Counter[str] = Counter()
+        """ClusterErrors raised to callers on this runner, by reason."""
+        self.live_runners: set[str] = set()
+
+    def request_sent(self, call: Call) -> None:
+        if call.kind == "ask":
+            self.waiting_callers += 1
+
+    def request_finished(self, call: Call, outcome: Outcome) -> None:
+        if call.kind == "ask":
+            self.waiting_callers -= 1
+        if outcome not in _NOT_ERRORS:
+            self.errors[outcome] += 1
+
+    def handling_started(self, handling: Handling) -> None:
+        if handling.redelivered:
+            self.redelivered += 1
+
+    def handling_finished(self, handling: Handling, outcome: Outcome) -> None:
+        if outcome not in _NOT_ANSWERED:
+            self.processed += 1
+
+    def defect(self, handling: Handling, error: Exception) -> None:
+        self.defects += 1
+
+    def request_refused(self, entity_type: str, rpc: str, reason: str) -> None:
+        if reason == "MailboxFull":
+            self.mailbox_full += 1
+        else:
+            self.refused += 1
+
+    def entity_activated(self, address: EntityAddress) -> None:
+        self.activations += 1
+
+    def entity_passivated(self, address: EntityAddress) -> None:
+        self.passivations += 1
+
+    def shard_stopped(self, shard: ShardId, how: str) -> None:
+        if how == "lost":
+            self.lease_losses += 1
+
+    def runner_joined(self, address: str) -> None:
+        self.live_runners.add(address)
+
+    def runner_left(self, address: str) -> None:
+        self.live_runners.discard(address)
+
+    def contained_failure(self, where: str, error: BaseException) -> None:
+        self.contained_failures += 1
 
 
 @attrs.frozen
 class Snapshot:
-    """One reading of a runner's counters and gauges, for a metrics exporter."""
+    """One reading of a runner's counters and gauges, for a metrics exporter or a test."""
 
     processed: int
+    """Requests whose reply was made final here."""
     defects: int
+    """Undeclared exceptions raised by handlers (each retry counts)."""
     mailbox_full: int
+    """Volatile requests refused because the entity's mailbox was full."""
     activations: int
     passivations: int
     refused: int
+    """Requests from peers refused before reaching a shard (malformed, not owned here)."""
     contained_failures: int
+    """Bugs of the runtime caught at a failure boundary (each is logged as an error)."""
     resident_entities: int
     owned_shards: int
     waiting_callers: int
+    """Asks made on this runner that are waiting for their reply now."""
+    redelivered: int
+    """Persisted requests handled after being read back by a redelivery scan."""
+    lease_losses: int
+    """Shards this runner stopped serving because their lease was lost."""
+    errors: Mapping[str, int]
+    """ClusterErrors raised to callers on this runner, by reason."""
+    live_runners: int
+    """Runners alive in the cluster, as this runner last saw the membership."""

@@ -16,7 +16,7 @@ import trio
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
 from ..storage.base import Gap, MembershipChanged, MessageStorage, Notice, Replied, Stored
-from .metrics import Counters
+from .hooks import Hooks
 from .replies import StoredReplies
 from .shard import ShardRuntime
 
@@ -35,14 +35,14 @@ class NoticeFollower:
         stored_replies: StoredReplies,
         machine_id: Callable[[], int],
         membership_changed: Callable[[], None],
-        metrics: Counters,
+        hooks: Hooks,
     ) -> None:
         self._messages = messages
         self._shards = shards
         self._stored_replies = stored_replies
         self._machine_id = machine_id
         self._membership_changed = membership_changed
-        self._metrics = metrics
+        self._hooks = hooks
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow notices for the runner's lifetime.
@@ -60,12 +60,12 @@ class NoticeFollower:
                         batch.append(notices.receive_nowait())
                 try:
                     await self._act_on(batch)
-                except Exception:
+                except Exception as bug:
                     # A bug: this batch is given up (storage stays the truth, and
                     # rescans and callers' timeouts bound what it delays), not the
                     # follower.
-                    self._metrics.contained_failures += 1
                     log.exception("acting on %s notices failed", len(batch))
+                    self._hooks.contained_failure("notice follower", bug)
 
     async def _act_on(self, batch: list[Notice]) -> None:
         me = self._machine_id()

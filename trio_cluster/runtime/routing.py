@@ -17,9 +17,9 @@ from ..config import ShardingConfig
 from ..core.envelope import Envelope, envelope_problem
 from ..core.hashing import ShardId
 from ..core.reply import ReplyTarget, failure
-from ..errors import ClusterError, EntityNotAssignedToRunner, MalformedMessage
+from ..errors import ClusterError, EntityNotAssignedToRunner, MailboxFull, MalformedMessage
 from .delivery import Delivery
-from .metrics import Counters
+from .hooks import Hooks
 
 if TYPE_CHECKING:
     from ..transport.link import LinkReply
@@ -37,12 +37,12 @@ class Router:
         self,
         address: str,
         config: ShardingConfig,
-        metrics: Counters,
+        hooks: Hooks,
         shards: Mapping[ShardId, ServedShard],
     ) -> None:
         self.address = address
         self._config = config
-        self._metrics = metrics
+        self._hooks = hooks
         self.assignment: dict[ShardId, str] = {}
         """Every shard's owner, as this runner computes it from the live runners."""
         self._shards = shards
@@ -86,5 +86,6 @@ class Router:
                 )
             shard.offer(Delivery(envelope, reply))
         except ClusterError as error:
-            self._metrics.refused += 1
+            if not isinstance(error, MailboxFull):  # the mailbox reports its own refusals
+                self._hooks.request_refused(envelope.entity_type, envelope.rpc, error.reason)
             reply.resolve(failure(error, envelope.request_id))

@@ -25,10 +25,11 @@ import contextvars
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Set
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from itertools import count
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -38,10 +39,13 @@ from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..entity import Entity, Implementation
+from ..health import HealthConfig, Readiness
+from ..instrument import Instrument
 from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..transport.network import Network, TransportConfig, open_listeners
 from .client import Client
+from .hooks import Hooks
 from .keeper import ShardKeeper
 from .metrics import Counters, Snapshot
 from .notices import NoticeFollower
@@ -51,6 +55,9 @@ from .routing import Router
 from .services import Hosted, Services
 from .shard import ShardRuntime
 from .supervision import keep_running
+
+if TYPE_CHECKING:
+    from .probes import HealthServer
 
 log = logging.getLogger("trio_cluster.runner")
 
@@ -76,6 +83,7 @@ class Runner(metaclass=NoPublicConstructor):
         keeper: ShardKeeper,
         residency: Residency,
         metrics: Counters,
+        hooks: Hooks,
         router: Router,
         states: StateStorage,
     ) -> None:
@@ -91,7 +99,10 @@ class Runner(metaclass=NoPublicConstructor):
         self._keeper = keeper
         self._residency = residency
         self._metrics = metrics
+        self._hooks = hooks
         self._states = states
+        self._phase = "starting"
+        self._health: HealthServer | None = None
 
     @property
     def machine_id(self) -> int:
@@ -112,6 +123,25 @@ class Runner(metaclass=NoPublicConstructor):
     def resident(self) -> Set[str]:
         """Keys (``Type/id``) of the entities resident on this runner now."""
         return self._residency.keys()
+
+    @property
+    def instruments(self) -> tuple[Instrument, ...]:
+        """The instruments given to :func:`open_runner` that are still installed (one
+        that raised was removed)."""
+        return self._hooks.instruments
+
+    def readiness(self) -> Readiness:
+        """Whether the runner should get work now, and why (the ``/readyz`` probe)."""
+        if self._phase != "serving":
+            return Readiness(False, self._phase)
+        if not self._keeper.owns_its_assignment():
+            return Readiness(False, "not serving every shard assigned to it")
+        return Readiness(True, "serving its shards")
+
+    @property
+    def health_address(self) -> tuple[str, int] | None:
+        """Where the health server listens (None without one)."""
+        return None if self._health is None else self._health.address
 
     def owns_its_assignment(self) -> bool:
         return self._keeper.owns_its_assignment()
@@ -148,13 +178,58 @@ class Runner(metaclass=NoPublicConstructor):
             resident_entities=len(self._residency),
             owned_shards=len(self._shards),
             waiting_callers=counters.waiting_callers,
+            redelivered=counters.redelivered,
+            lease_losses=counters.lease_losses,
+            errors=dict(counters.errors),
+            live_runners=len(counters.live_runners),
         )
 
     async def _shutdown(self) -> None:
+        self._phase = "leaving"  # not ready from the first moment of the handoff
         await self._keeper.shutdown()
         network = self._router.network
         if network is not None:
             await network.aclose("runner shutting down", grace=LINK_CLOSE_GRACE)
+
+
+def _check_frame_room(config: ShardingConfig, transport: TransportConfig | None) -> None:
+    if (
+        transport is not None
+        and config.max_message_size > transport.max_frame_size - FRAME_OVERHEAD
+    ):
+        raise ValueError(
+            f"ShardingConfig.max_message_size ({config.max_message_size}) must leave "
+            f"{FRAME_OVERHEAD} bytes of TransportConfig.max_frame_size ({transport.max_frame_size})"
+        )
+
+
+async def _start_probes(stack: contextlib.AsyncExitStack, server: HealthServer) -> None:
+    """Serve the probes in a nursery of their own, stopped when ``stack`` closes."""
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(nursery.cancel_scope.cancel)
+    await nursery.start(server.serve)
+
+
+@attrs.frozen
+class _Probes:
+    server: HealthServer | None = None
+    instruments: tuple[Instrument, ...] = ()
+    """Instruments the server brings: its metrics, unless the user gave theirs."""
+
+
+def _probes(health: HealthConfig | None, instruments: Sequence[Instrument]) -> _Probes:
+    """The health server, and its metrics. The extras are imported only when asked for."""
+    if health is None:
+        return _Probes()
+    from .probes import HealthServer  # noqa: PLC0415 - the health extra, only when asked for
+
+    if not health.metrics:
+        return _Probes(HealthServer(health, None))
+    from ..prometheus import PrometheusMetrics  # noqa: PLC0415 - the prometheus extra
+
+    given = next((i for i in instruments if isinstance(i, PrometheusMetrics)), None)
+    metrics = given or PrometheusMetrics()
+    return _Probes(HealthServer(health, metrics.exposition), () if given else (metrics,))
 
 
 def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -> dict[str, Hosted]:
@@ -178,6 +253,8 @@ async def open_runner(
     config: ShardingConfig | None = None,
     transport: TransportConfig | None = None,
     weight: float = 1.0,
+    instruments: Sequence[Instrument] = (),
+    health: HealthConfig | None = None,
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -188,17 +265,15 @@ async def open_runner(
     them (persisted ones travel through storage). A runner hosting no
     implementations owns no shards: a client. The block starts once the
     runner has taken its first shards; leaving it hands them off gracefully.
+    ``instruments`` hear what the runner does (see :mod:`trio_cluster.instrument`);
+    ``health`` serves the Kubernetes probes and ``/metrics`` (see :mod:`trio_cluster.health`).
     """
     config = config or ShardingConfig()
-    if (
-        transport is not None
-        and config.max_message_size > transport.max_frame_size - FRAME_OVERHEAD
-    ):
-        raise ValueError(
-            f"ShardingConfig.max_message_size ({config.max_message_size}) must leave "
-            f"{FRAME_OVERHEAD} bytes of TransportConfig.max_frame_size ({transport.max_frame_size})"
-        )
+    _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
+    counters = Counters()
+    probes = _probes(health, instruments)
+    hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
     storage = storage or MemoryStorage()
     # Entity tasks start from this context, never from an activating caller's.
     base_context = contextvars.copy_context()
@@ -212,6 +287,10 @@ async def open_runner(
     body_error: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
+            if probes.server is not None:
+                # Before anything else, so that liveness answers while the runner
+                # waits for the database and takes its shards, and until it is gone.
+                await _start_probes(stack, probes.server)
             listeners: list[trio.SocketListener] = []
             if transport is None:
                 # Unique even across containers where every runner is PID 1.
@@ -227,24 +306,23 @@ async def open_runner(
                 session=session,
                 hosted=hosted,
                 base_context=base_context,
+                hooks=hooks,
+                counters=counters,
             )
-            keeper = parts.keeper
-            router, residency, runner = parts.router, parts.residency, parts.runner
+            keeper, runner = parts.keeper, parts.runner
+            if probes.server is not None:
+                runner._health = probes.server
+                probes.server.readiness = runner.readiness
             async with trio.open_nursery() as nursery:
-                if transport is not None:
-                    router.network = Network(
-                        transport,
-                        address,
-                        nursery,
-                        on_request=router.on_remote_request,
-                        on_peer_lost=keeper.on_peer_lost,
-                    )
-                    await nursery.start(router.network.serve, listeners)
-                await nursery.start(parts.follower.run)
-                await nursery.start(keeper.run, nursery)
-                options = [entry.options for entry in hosted.values()]
-                sweep = functools.partial(residency.sweep_idle, options)
-                nursery.start_soon(keep_running, "idle sweeper", sweep, parts.metrics)
+                await _start_parts(
+                    nursery,
+                    parts,
+                    transport=transport,
+                    listeners=listeners,
+                    hosted=hosted,
+                    hooks=hooks,
+                )
+                runner._phase = "serving"
                 try:
                     yield runner
                 except BaseException as error:
@@ -262,6 +340,34 @@ async def open_runner(
         raise
 
 
+async def _start_parts(
+    nursery: trio.Nursery,
+    parts: _Parts,
+    *,
+    transport: TransportConfig | None,
+    listeners: list[trio.SocketListener],
+    hosted: Mapping[str, Hosted],
+    hooks: Hooks,
+) -> None:
+    """Start the network, the notice follower, the keeper (which takes the first
+    shards) and the idle sweeper, in that order."""
+    router, keeper = parts.router, parts.keeper
+    if transport is not None:
+        router.network = Network(
+            transport,
+            parts.runner.address,
+            nursery,
+            on_request=router.on_remote_request,
+            on_peer_lost=keeper.on_peer_lost,
+        )
+        await nursery.start(router.network.serve, listeners)
+    await nursery.start(parts.follower.run)
+    await nursery.start(keeper.run, nursery)
+    options = [entry.options for entry in hosted.values()]
+    sweep = functools.partial(parts.residency.sweep_idle, options)
+    nursery.start_soon(keep_running, "idle sweeper", sweep, hooks)
+
+
 @attrs.frozen
 class _Parts:
     runner: Runner
@@ -269,7 +375,6 @@ class _Parts:
     keeper: ShardKeeper
     follower: NoticeFollower
     residency: Residency
-    metrics: Counters
 
 
 def _assemble(
@@ -280,20 +385,21 @@ def _assemble(
     session: LeaseSession,
     hosted: Mapping[str, Hosted],
     base_context: contextvars.Context,
+    hooks: Hooks,
+    counters: Counters,
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
-    metrics = Counters()
     stored_replies = StoredReplies()
     residency = Residency(config.max_resident_entities)
     shards: dict[ShardId, ShardRuntime] = {}
-    router = Router(address, config, metrics, shards)
+    router = Router(address, config, hooks, shards)
     client = Client(
         config=config,
         router=router,
         messages=storage.messages,
         stored_replies=stored_replies,
         session=session,
-        metrics=metrics,
+        hooks=hooks,
     )
     services = Services(
         address=address,
@@ -301,7 +407,7 @@ def _assemble(
         messages=storage.messages,
         states=storage.states,
         stored_replies=stored_replies,
-        metrics=metrics,
+        hooks=hooks,
         residency=residency,
         hosted=hosted,
         client=client,
@@ -315,7 +421,7 @@ def _assemble(
         session=session,
         router=router,
         shards=shards,
-        metrics=metrics,
+        hooks=hooks,
         new_shard=functools.partial(ShardRuntime, services),
     )
     follower = NoticeFollower(
@@ -324,7 +430,7 @@ def _assemble(
         stored_replies=stored_replies,
         machine_id=lambda: session.machine_id,
         membership_changed=keeper.wake,
-        metrics=metrics,
+        hooks=hooks,
     )
     runner = Runner._create(
         address=address,
@@ -335,10 +441,11 @@ def _assemble(
         shards=shards,
         keeper=keeper,
         residency=residency,
-        metrics=metrics,
+        metrics=counters,
+        hooks=hooks,
         states=storage.states,
     )
-    return _Parts(runner, router, keeper, follower, residency, metrics)
+    return _Parts(runner, router, keeper, follower, residency)
 
 
 def _only(group: BaseExceptionGroup, error: BaseException) -> bool:

@@ -16,7 +16,7 @@ import attrs
 from ..config import EntityOptions, ShardingConfig
 from ..entity import Implementation
 from ..storage.base import Lease, MessageStorage, StateStorage
-from .metrics import Counters
+from .hooks import Hooks
 from .replies import StoredReplies
 from .residency import Residency
 
@@ -39,7 +39,7 @@ class Services:
     messages: MessageStorage
     states: StateStorage
     stored_replies: StoredReplies
-    metrics: Counters
+    hooks: Hooks
     residency: Residency
     hosted: Mapping[str, Hosted]
     client: Client

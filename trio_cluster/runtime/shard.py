@@ -144,8 +144,8 @@ class ShardRuntime:
                     for entity in list(self.entities.values()):
                         entity.close()
         except* Exception as bug:
-            self.services.metrics.contained_failures += 1
             log.exception("%s failed; releasing it to be taken again", self, exc_info=bug)
+            self.services.hooks.contained_failure("shard", bug)
             self._life.fire(ShardEvent.FAIL)
         finally:
             if not started:  # a start() caller must not wait for ever
@@ -271,7 +271,7 @@ class ShardRuntime:
         entity = ActiveEntity(self, hosted, envelope.entity_id, key)
         services.residency.admit(entity)
         self.entities[key] = entity
-        services.metrics.activations += 1
+        services.hooks.entity_activated(entity.address)
         # From the runner's base context, not the activating caller's.
         start = functools.partial(self._nursery.start_soon, entity.run, name=f"entity {key}")
         services.base_context.run(start)
@@ -281,11 +281,12 @@ class ShardRuntime:
         """Unmap an idle entity and close its mailbox; its task then ends."""
         self.forget(entity)
         entity.close()
-        self.services.metrics.passivations += 1
 
     def forget(self, entity: ActiveEntity) -> None:
+        """Unmap an entity (passivated, stopped with its shard, or failed), once."""
         if self.entities.get(entity.key) is entity:
             del self.entities[entity.key]
+            self.services.hooks.entity_passivated(entity.address)
         self.services.residency.forget(entity)
 
     # -- replies out ----------------------------------------------------------------
@@ -301,6 +302,7 @@ class ShardRuntime:
         envelope = delivery.envelope
         if envelope.persisted:
             stored = await self._fenced(
+                "reply",
                 f"the reply to {envelope.request_id}",
                 functools.partial(
                     self.services.messages.save_reply,
@@ -314,7 +316,6 @@ class ShardRuntime:
                 return False
         if self._readers:
             self._done_while_reading.add(envelope.request_id)
-        self.services.metrics.processed += 1
         delivery.target.resolve(reply)
         return True
 
@@ -322,6 +323,7 @@ class ShardRuntime:
         """Write an entity's state on its own under this shard's lease; False when that
         failed (fenced off, or storage down for longer than ``send_retry``)."""
         return await self._fenced(
+            "state",
             f"the state of {state.entity_type}/{state.entity_id}",
             functools.partial(self.services.states.save_state, self.lease, state),
         )
@@ -338,26 +340,36 @@ class ShardRuntime:
                 )
                 await trio.sleep(next(delays))
 
-    async def _fenced(self, what: str, write: Callable[[], Awaitable[None]]) -> bool:
+    async def _fenced(
+        self, operation: str, what: str, write: Callable[[], Awaitable[None]]
+    ) -> bool:
         """A write fenced by the lease, retrying storage outages; False when refused or given up."""
         delays = self.services.config.send_retry.delays()
-        while True:
-            try:
-                await write()
-            except EntityNotAssignedToRunner:
-                log.info("%s fenced off: %s is stale", what, self.lease)
-                return False
-            except PersistenceError:
-                delay = next(delays, None)
-                if delay is None:
-                    # What is not stored is still unprocessed in storage: a rescan
-                    # (which waits out the outage) offers it again, on this lease.
-                    log.exception("could not store %s; rescanning %s", what, self)
-                    self.rescan()
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            while True:
+                try:
+                    await write()
+                except EntityNotAssignedToRunner as refusal:
+                    log.info("%s fenced off: %s is stale", what, self.lease)
+                    outcome = refusal.reason
                     return False
-                await trio.sleep(delay)
-            else:
-                return True
+                except PersistenceError as error:
+                    delay = next(delays, None)
+                    if delay is None:
+                        # What is not stored is still unprocessed in storage: a rescan
+                        # (which waits out the outage) offers it again, on this lease.
+                        log.exception("could not store %s; rescanning %s", what, self)
+                        self.rescan()
+                        outcome = error.reason
+                        return False
+                    await trio.sleep(delay)
+                else:
+                    outcome = "success"
+                    return True
+        finally:
+            self.services.hooks.storage_written(operation, time.perf_counter() - started, outcome)
 
     # -- storage reads ----------------------------------------------------------------
 

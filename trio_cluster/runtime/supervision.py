@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..core.retry import RetryPolicy
-from .metrics import Counters
+from .hooks import Hooks
 
 log = logging.getLogger("trio_cluster.runtime")
 
@@ -24,17 +24,15 @@ RESTART = RetryPolicy(base_delay=0.05, max_delay=2.0, max_attempts=2**62, max_el
 """Backoff between restarts of a failed service: capped, never giving up."""
 
 
-async def keep_running(
-    name: str, service: Callable[[], Awaitable[None]], metrics: Counters
-) -> None:
+async def keep_running(name: str, service: Callable[[], Awaitable[None]], hooks: Hooks) -> None:
     """Run ``service`` until it returns; restart it, after a backoff, whenever it fails."""
     delays = RESTART.delays()
     while True:
         try:
             await service()
         except* Exception as failure:
-            metrics.contained_failures += 1
             log.exception("%s failed; restarting it", name, exc_info=failure)
+            hooks.contained_failure(name, failure)
         else:
             return
         await trio.sleep(next(delays))
