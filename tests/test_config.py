@@ -1,14 +1,27 @@
 """Configuration: validated in code, loaded strictly, errors named by field path."""
 
+import functools
 import pickle
+import re
+import ssl
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_cluster import TransportConfig
-from trio_cluster.config import ConfigError, EntityOptions, ShardingConfig
+from trio_cluster.config import (
+    ENV_PREFIX,
+    LEASE_ENV_PREFIX,
+    TRANSPORT_ENV_PREFIX,
+    ConfigError,
+    EntityOptions,
+    ShardingConfig,
+    env_variables,
+)
 from trio_cluster.core.retry import RetryPolicy
 from trio_cluster.postgres.leases import LeaseTiming
 
@@ -51,17 +64,50 @@ sharding_configs = st.builds(
 )
 
 
-def as_environ(data: dict[str, Any], prefix: str = "TRIO_CLUSTER_") -> dict[str, str]:
+names = st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True)
+transport_configs = st.builds(
+    TransportConfig,
+    host=names,
+    port=st.integers(min_value=0, max_value=65535),
+    advertise=st.none() | names,
+    cluster=names,
+    secret=st.none() | st.text(min_size=1).map(str.encode),
+    connect_timeout=positive,
+    handshake_timeout=positive,
+    ping_interval=positive,
+    max_frame_size=st.integers(min_value=4096, max_value=2**20),
+    max_unsent=st.integers(min_value=2**20, max_value=2**30),
+    max_inbound_connections=st.integers(min_value=1, max_value=10**4),
+    max_handshakes=st.integers(min_value=1, max_value=10**4),
+    max_requests_per_link=st.integers(min_value=1, max_value=10**6),
+)
+lease_timings = st.builds(
+    LeaseTiming,
+    heartbeat_interval=finite(0.001, 100),
+    liveness_timeout=positive,
+    keepalive_idle=st.integers(min_value=1, max_value=10**4),
+    keepalive_interval=st.integers(min_value=1, max_value=10**4),
+    keepalive_count=st.integers(min_value=1, max_value=100),
+    user_timeout_ms=st.integers(min_value=1, max_value=10**7),
+    idle_session_timeout_ms=st.just(0) | st.integers(min_value=100_001, max_value=10**7),
+)
+
+
+def as_environ(data: dict[str, Any], prefix: str = ENV_PREFIX) -> dict[str, str]:
     """Render ``to_mapping()`` output the way an operator would write it."""
     environ: dict[str, str] = {}
     for key, value in data.items():
         name = prefix + key.upper()
+        if value is None:
+            continue  # unset: the default
         if isinstance(value, dict):
             environ.update(as_environ(value, name + "__"))
         elif isinstance(value, list):
             environ[name] = ",".join(value)
         elif isinstance(value, bool):
             environ[name] = "true" if value else "false"
+        elif isinstance(value, bytes):
+            environ[name] = value.decode()
         else:
             environ[name] = str(value)  # str(float) round-trips exactly
     return environ
@@ -412,3 +458,195 @@ def test_transport_config_is_validated_when_built(
 def test_lease_timing_is_validated_when_built(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LeaseTiming(**changes)
+
+
+# --- transport and lease timing: loading ------------------------------------------------
+
+
+@given(transport_configs)
+def test_transport_mapping_and_env_round_trip(config: TransportConfig) -> None:
+    assert TransportConfig.from_mapping(config.to_mapping()) == config
+    environ = as_environ(config.to_mapping(), TRANSPORT_ENV_PREFIX)
+    assert TransportConfig.from_env(environ) == config
+
+
+@given(lease_timings)
+def test_lease_timing_mapping_and_env_round_trip(timing: LeaseTiming) -> None:
+    assert LeaseTiming.from_mapping(timing.to_mapping()) == timing
+    assert LeaseTiming.from_env(as_environ(timing.to_mapping(), LEASE_ENV_PREFIX)) == timing
+
+
+def test_transport_and_lease_from_env() -> None:
+    environ = {
+        "TRIO_CLUSTER_TRANSPORT_HOST": "0.0.0.0",
+        "TRIO_CLUSTER_TRANSPORT_PORT": "7000",
+        "TRIO_CLUSTER_TRANSPORT_ADVERTISE": "pod-0.runners",
+        "TRIO_CLUSTER_TRANSPORT_SECRET": " sésame ",
+        "TRIO_CLUSTER_LEASE_HEARTBEAT_INTERVAL": "0.5",
+        "TRIO_CLUSTER_LEASE_IDLE_SESSION_TIMEOUT_MS": "0",
+        "TRIO_CLUSTER_SHARDS_PER_GROUP": "5",
+    }
+    transport = TransportConfig.from_env(environ)
+    assert (transport.host, transport.port, transport.advertise) == (
+        "0.0.0.0",
+        7000,
+        "pod-0.runners",
+    )
+    assert transport.secret == " sésame ".encode()  # UTF-8, spaces kept: they are the secret's
+    timing = LeaseTiming.from_env(environ)
+    assert timing == LeaseTiming(heartbeat_interval=0.5, idle_session_timeout_ms=0)
+    # Each loader leaves the other sections' variables alone.
+    assert ShardingConfig.from_env(environ) == ShardingConfig(shards_per_group=5)
+    assert TransportConfig.from_env({}) == TransportConfig()
+    assert LeaseTiming.from_env({"TRIO_CLUSTER_SHARDS_PER_GROUP": "x"}) == LeaseTiming()
+
+
+def test_other_sections_typos_are_reported_by_their_loader() -> None:
+    environ = {"TRIO_CLUSTER_TRANSPORT_PROT": "7000", "TRIO_CLUSTER_LEASE_HEARTBEAT": "1"}
+    assert ShardingConfig.from_env(environ) == ShardingConfig()
+    assert config_error(TransportConfig.from_env, environ).fields == [
+        ("TRIO_CLUSTER_TRANSPORT_PROT", "unknown setting (no such field in TransportConfig)")
+    ]
+    assert config_error(LeaseTiming.from_env, environ).fields == [
+        ("TRIO_CLUSTER_LEASE_HEARTBEAT", "unknown setting (no such field in LeaseTiming)")
+    ]
+
+
+def test_custom_prefix_moves_every_section() -> None:
+    environ = {"APP_SHARDS_PER_GROUP": "7", "APP_TRANSPORT_PORT": "1", "APP_LEASE_X": "1"}
+    assert ShardingConfig.from_env(environ, prefix="APP_").shards_per_group == 7
+    assert TransportConfig.from_env(environ, prefix="APP_TRANSPORT_").port == 1
+
+
+def test_no_sharding_variable_falls_under_another_section() -> None:
+    # Such a field would be skipped by ShardingConfig.from_env and refused by the other.
+    for variable in env_variables(ShardingConfig, ENV_PREFIX):
+        assert not variable.startswith((TRANSPORT_ENV_PREFIX, LEASE_ENV_PREFIX)), variable
+
+
+def test_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\xffbinary key\n")  # the line break `echo` adds is not the secret's
+    config = TransportConfig.from_env({"TRIO_CLUSTER_TRANSPORT_SECRET_FILE": str(secret)})
+    assert config.secret == b"\xffbinary key"
+
+
+@pytest.mark.parametrize(
+    ("environ", "path", "message"),
+    [
+        (
+            {"TRIO_CLUSTER_TRANSPORT_SECRET": "a", "TRIO_CLUSTER_TRANSPORT_SECRET_FILE": "/x"},
+            "secret",
+            "set by both TRIO_CLUSTER_TRANSPORT_SECRET and TRIO_CLUSTER_TRANSPORT_SECRET_FILE",
+        ),
+        (
+            {"TRIO_CLUSTER_TRANSPORT_SECRET_FILE": "/nonexistent/secret"},
+            "secret",
+            "cannot read '/nonexistent/secret' (No such file or directory),"
+            " set by TRIO_CLUSTER_TRANSPORT_SECRET_FILE",
+        ),
+        (
+            {"TRIO_CLUSTER_TRANSPORT_SECRET": ""},
+            "secret",
+            "must be non-empty (or None for no authentication),"
+            " set by TRIO_CLUSTER_TRANSPORT_SECRET",
+        ),
+        ({"TRIO_CLUSTER_TRANSPORT_SECRET": "\udcff"}, "secret", "expected UTF-8 text, set by"),
+        (
+            {"TRIO_CLUSTER_TRANSPORT_TLS_SERVER": "/etc/cert.pem"},
+            "tls_server",
+            "cannot be set from the environment, only in code (TRIO_CLUSTER_TRANSPORT_TLS_SERVER)",
+        ),
+        (
+            {"TRIO_CLUSTER_TRANSPORT_MAX_UNSENT": "4096"},
+            "max_unsent",
+            "must be at least max_frame_size (16777216)",
+        ),
+        ({"TRIO_CLUSTER_TRANSPORT_PORT": "http"}, "port", "expected an integer (got 'http')"),
+        ({"TRIO_CLUSTER_TRANSPORT_ADVERTISE": ""}, "advertise", "must not be empty, set by"),
+        (
+            {"TRIO_CLUSTER_LEASE_IDLE_SESSION_TIMEOUT_MS": "500"},
+            "idle_session_timeout_ms",
+            "must exceed heartbeat_interval",
+        ),
+        ({"TRIO_CLUSTER_LEASE_KEEPALIVE_COUNT": "0"}, "keepalive_count", "must be >= 1 (got 0)"),
+    ],
+)
+def test_transport_and_lease_env_errors(environ: dict[str, str], path: str, message: str) -> None:
+    loader = (
+        LeaseTiming.from_env if path in attrs.fields_dict(LeaseTiming) else TransportConfig.from_env
+    )
+    [(error_path, error_message)] = config_error(loader, environ).fields
+    assert (error_path, error_message[: len(message)]) == (path, message)
+
+
+def test_secret_is_never_echoed() -> None:
+    error = config_error(TransportConfig.from_mapping, {"secret": "hunter2"})
+    assert error.fields == [("secret", "expected bytes (got str)")]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        ({"secret": 3}, "secret", "expected bytes (got int)"),  # not bytes(3)
+        ({"tls_server": "cert.pem"}, "tls_server", "expected an ssl.SSLContext, built in code"),
+        ({"port": "80"}, "port", "expected an integer (got '80')"),
+        ({"ports": 80}, "ports", "unknown field"),
+        ({"advertise": ""}, "advertise", "must not be empty"),
+    ],
+)
+def test_transport_mapping_errors(data: dict[str, Any], path: str, message: str) -> None:
+    [(error_path, error_message)] = config_error(TransportConfig.from_mapping, data).fields
+    assert (error_path, error_message[: len(message)]) == (path, message)
+
+
+def test_tls_contexts_pass_through_a_mapping() -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    client = ssl.create_default_context()
+    config = TransportConfig.from_mapping({"tls_server": server, "tls_client": client})
+    assert (config.tls_server, config.tls_client) == (server, client)
+    assert config_error(TransportConfig.from_mapping, {"tls_server": server}).fields == [
+        ("", "TLS needs both tls_server and tls_client: a runner accepts and dials")
+    ]
+
+
+# --- the documented variables -----------------------------------------------------------
+
+SECTIONS: list[tuple[type, str]] = [
+    (ShardingConfig, ENV_PREFIX),
+    (TransportConfig, TRANSPORT_ENV_PREFIX),
+    (LeaseTiming, LEASE_ENV_PREFIX),
+]
+OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+
+
+def documented_variables() -> dict[str, str]:
+    """Variable -> its default cell, from the table under "### Environment variables"."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    section = text.split("\n### Environment variables\n", 1)[1]
+    section = re.split(r"^#", section, maxsplit=1, flags=re.MULTILINE)[0]
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", section, re.MULTILINE)
+    assert len(rows) == len(dict(rows)), "a variable is listed twice"
+    return {name: default.strip().strip("`") for name, default in rows}
+
+
+def env_text(value: Any) -> str:
+    """A default as an operator would write it in the variable, "unset" for None."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def test_docs_list_exactly_the_accepted_variables_with_their_defaults() -> None:
+    expected: dict[str, str] = {}
+    for cls, prefix in SECTIONS:
+        defaults = cls()
+        for variable, path in env_variables(cls, prefix).items():
+            expected[variable] = env_text(functools.reduce(getattr, path.split("."), defaults))
+    assert documented_variables() == expected

@@ -8,12 +8,19 @@ quietly ignored is worse than a crash at startup.  Problems are reported togethe
 one :class:`ConfigError` naming each field by its full path: every bad type and
 unknown key at once, but only the first out-of-range value of each section, since
 range checks run in the section's ``__init__``.
+
+The settings classes of other modules (``TransportConfig``, ``LeaseTiming``) load through
+the same :func:`load_mapping` and :func:`load_env`, so every section follows one set of
+rules, and one environment scheme: ``ShardingConfig`` reads ``TRIO_CLUSTER_<FIELD>``, the
+others ``TRIO_CLUSTER_<SECTION>_<FIELD>``, and :func:`env_variables` lists them.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import ssl
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Self, TypeVar
@@ -27,9 +34,27 @@ from trio_cluster.core.retry import RetryPolicy
 from trio_cluster.core.validation import Validator as _Validator
 from trio_cluster.core.validation import number
 
-__all__ = ["ConfigError", "EntityOptions", "RetryPolicy", "ShardingConfig"]
+__all__ = [
+    "ENV_PREFIX",
+    "LEASE_ENV_PREFIX",
+    "TRANSPORT_ENV_PREFIX",
+    "ConfigError",
+    "EntityOptions",
+    "RetryPolicy",
+    "ShardingConfig",
+    "env_variables",
+]
 
 _T = TypeVar("_T")
+
+ENV_PREFIX = "TRIO_CLUSTER_"
+"""``ShardingConfig``'s variables; the other sections' live under it, named below."""
+_TRANSPORT_SECTION = "TRANSPORT_"
+_LEASE_SECTION = "LEASE_"
+TRANSPORT_ENV_PREFIX = ENV_PREFIX + _TRANSPORT_SECTION
+"""``TransportConfig.from_env``'s variables: ``TRIO_CLUSTER_TRANSPORT_PORT``..."""
+LEASE_ENV_PREFIX = ENV_PREFIX + _LEASE_SECTION
+"""``LeaseTiming.from_env``'s variables: ``TRIO_CLUSTER_LEASE_HEARTBEAT_INTERVAL``..."""
 
 
 class ConfigError(ValueError):
@@ -138,11 +163,11 @@ class EntityOptions:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:
         """Load per-entity-type overrides; same rules as ``ShardingConfig.from_mapping``."""
-        return _load(cls, data)
+        return load_mapping(cls, data)
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers) that ``from_mapping`` accepts back."""
-        return _unstructure(self)
+        return unstructure(self)
 
 
 @attrs.frozen
@@ -191,25 +216,26 @@ class ShardingConfig:
 
         Missing keys take their defaults, nested sections included.
         """
-        return _load(cls, data)
+        return load_mapping(cls, data)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, prefix: str = "TRIO_CLUSTER_"
-    ) -> Self:
+    def from_env(cls, environ: Mapping[str, str] | None = None, prefix: str = ENV_PREFIX) -> Self:
         """Load from environment variables, e.g. ``TRIO_CLUSTER_SHARDS_PER_GROUP=50``.
 
         Nested fields use a double underscore (``TRIO_CLUSTER_SEND_RETRY__MAX_ATTEMPTS``),
         tuples are comma-separated (``TRIO_CLUSTER_SHARD_GROUPS=a,b``), booleans accept
         true/false, yes/no, on/off and 1/0.  Any other variable with the prefix is an
         error: with no schema to catch typos, a silently ignored variable is the most
-        likely way to misconfigure a deployment.
+        likely way to misconfigure a deployment.  The exceptions are ``<prefix>TRANSPORT_*``
+        and ``<prefix>LEASE_*``, which belong to ``TransportConfig.from_env`` and
+        ``LeaseTiming.from_env`` (and are checked there).
         """
-        return _load_env(cls, os.environ if environ is None else environ, prefix)
+        others = (prefix + _TRANSPORT_SECTION, prefix + _LEASE_SECTION)
+        return load_env(cls, environ, prefix, others=others)
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers) that ``from_mapping`` accepts back."""
-        return _unstructure(self)
+        return unstructure(self)
 
 
 # --- loading from a mapping ----------------------------------------------------------
@@ -246,6 +272,23 @@ def _structure_str(value: Any, _: Any) -> str:
     return value
 
 
+def _structure_bytes(value: Any, _: Any) -> bytes:
+    # cattrs would call bytes(value): bytes(3) is three zero bytes.  The value may be a
+    # secret, so the message names its type only.
+    if not isinstance(value, bytes):
+        raise _InvalidValueError(f"expected bytes (got {type(value).__name__})")
+    return value
+
+
+def _structure_ssl_context(value: Any, _: Any) -> ssl.SSLContext:
+    # Plain data cannot describe one: a context is built in code and passed through.
+    if not isinstance(value, ssl.SSLContext):
+        raise _InvalidValueError(
+            f"expected an ssl.SSLContext, built in code (got {type(value).__name__})"
+        )
+    return value
+
+
 def _structure_str_tuple(value: Any, _: Any) -> tuple[str, ...]:
     # A bare string is iterable, so cattrs would happily split "ab" into ("a", "b").
     if isinstance(value, str) or not isinstance(value, list | tuple):
@@ -266,6 +309,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _structure_float)
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(bytes, _structure_bytes)
+    converter.register_structure_hook(ssl.SSLContext, _structure_ssl_context)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
     # A choice is a string here; the class's own validator names the choices.
     converter.register_structure_hook_func(_is_literal, _structure_str)
@@ -309,12 +354,18 @@ def _overlay(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str,
 _CONVERTER = _make_converter()
 
 
-def _unstructure(instance: object) -> dict[str, Any]:
+def unstructure(instance: object) -> dict[str, Any]:
+    """A settings instance as the nested data ``load_mapping`` accepts back.
+
+    Plain data, except the values only code can build (bytes, ``ssl.SSLContext``),
+    which are returned as they are.
+    """
     data: dict[str, Any] = _CONVERTER.unstructure(instance)
     return data
 
 
-def _load(cls: type[_T], data: object) -> _T:
+def load_mapping(cls: type[_T], data: object) -> _T:
+    """Structure ``data`` into the attrs class ``cls``, or raise one ConfigError."""
     try:
         return _CONVERTER.structure(data, cls)
     except (ClassValidationError, _InvalidValueError) as exc:
@@ -357,10 +408,70 @@ def _problems(exc: BaseException, path: str, cls: Any) -> Iterator[tuple[str, st
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+_FILE_SUFFIX = "_FILE"
+"""A bytes field (a secret) can also be read from a file: a mounted secret, rather than
+a value that shows in ``ps e``, ``/proc/<pid>/environ`` and crash reports."""
+
+_EnvKind = Literal["value", "file", "section", "code"]
 
 
-class _UnknownSettingError(Exception):
-    pass
+@attrs.frozen
+class _EnvEntry:
+    path: tuple[str, ...]
+    field_type: Any  # without "| None": an unset variable is what gives the None default
+    kind: _EnvKind
+
+
+def _without_none(field_type: Any) -> Any:
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        kept = [arg for arg in typing.get_args(field_type) if arg is not type(None)]
+        if len(kept) == 1:
+            return kept[0]
+    return field_type
+
+
+def _has_env_syntax(field_type: Any) -> bool:
+    return (
+        field_type in (bool, int, float, str, bytes)
+        or field_type == tuple[str, ...]
+        or _is_literal(field_type)
+    )
+
+
+def _env_entries(
+    cls: type, prefix: str, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, _EnvEntry]]:
+    """Every variable name ``cls`` knows under ``prefix``, sections and code-only ones included.
+
+    One walk of the attrs fields serves both the loader and :func:`env_variables`, so
+    the documented list cannot differ from what is accepted.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in attrs.fields(cls):
+        variable = prefix + field.name.upper()
+        field_path = (*path, field.name)
+        field_type = _without_none(hints[field.name])
+        if attrs.has(field_type):
+            yield variable, _EnvEntry(field_path, field_type, "section")
+            yield from _env_entries(field_type, variable + "__", field_path)
+        elif not _has_env_syntax(field_type):
+            yield variable, _EnvEntry(field_path, field_type, "code")
+        else:
+            yield variable, _EnvEntry(field_path, field_type, "value")
+            if field_type is bytes:
+                yield variable + _FILE_SUFFIX, _EnvEntry(field_path, field_type, "file")
+
+
+def env_variables(cls: type, prefix: str) -> dict[str, str]:
+    """The variables ``cls.from_env(prefix=prefix)`` accepts, each to its field's dotted path.
+
+    A bytes field has two (``..._SECRET`` and ``..._SECRET_FILE``), both to one path.
+    """
+    return {
+        variable: ".".join(entry.path)
+        for variable, entry in _env_entries(cls, prefix)
+        if entry.kind in ("value", "file")
+    }
 
 
 def _parse_env_value(field_type: Any, raw: str) -> Any:
@@ -379,57 +490,80 @@ def _parse_env_value(field_type: Any, raw: str) -> Any:
             raise _InvalidValueError(f"expected {kind} (got {raw!r})") from None
     if field_type is str:
         return raw
+    if field_type is bytes:
+        # Taken as it is, unstripped: a secret's spaces are part of it.  Never echoed.
+        try:
+            return raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _InvalidValueError("expected UTF-8 text") from None
     if field_type == tuple[str, ...]:
         return tuple(item.strip() for item in text.split(",")) if text else ()
-    if _is_literal(field_type):
-        return text
-    raise TypeError(f"no environment syntax for fields of type {field_type!r}")
+    # A Literal: _has_env_syntax admits nothing else.
+    return text
 
 
-def _resolve_env(cls: type, key: str) -> tuple[list[str], Any]:
-    """Map ``SEND_RETRY__MAX_ATTEMPTS`` to ``(["send_retry", "max_attempts"], int)``."""
-    parts = key.lower().split("__")
-    section: type = cls
-    for depth, part in enumerate(parts):
-        if part not in attrs.fields_dict(section):
-            break
-        field_type = typing.get_type_hints(section)[part]
-        if depth == len(parts) - 1:
-            return parts, field_type
-        if not attrs.has(field_type):
-            break
-        section = field_type
-    raise _UnknownSettingError
+def _read_env_file(path: str) -> bytes:
+    """The file's bytes, less trailing line breaks (which ``echo`` and editors add)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read().rstrip(b"\r\n")
+    except OSError as exc:
+        raise _InvalidValueError(f"cannot read {path!r} ({exc.strerror})") from None
 
 
-def _load_env(cls: type[_T], environ: Mapping[str, str], prefix: str) -> _T:
+def load_env(
+    cls: type[_T],
+    environ: Mapping[str, str] | None,
+    prefix: str,
+    *,
+    others: Sequence[str] = (),
+) -> _T:
+    """Load ``cls`` from the variables starting with ``prefix`` (``os.environ`` if None).
+
+    Variables starting with one of ``others`` belong to another section and are
+    skipped; any other variable with the prefix must name a field.
+    """
+    entries = dict(_env_entries(cls, prefix))
     data: dict[str, Any] = {}
     variable_of: dict[str, str] = {}  # field path -> the variable that set it
     problems: list[tuple[str, str]] = []
-    for variable, raw in sorted(environ.items()):
+    for variable, raw in sorted((os.environ if environ is None else environ).items()):
         if not variable.startswith(prefix):
             continue
-        try:
-            path, field_type = _resolve_env(cls, variable.removeprefix(prefix))
-        except _UnknownSettingError:
+        name = prefix + variable.removeprefix(prefix).upper()
+        if name.startswith(tuple(others)):
+            continue
+        entry = entries.get(name)
+        if entry is None:
             problems.append((variable, f"unknown setting (no such field in {cls.__name__})"))
             continue
-        dotted = ".".join(path)
-        if attrs.has(field_type):
+        dotted = ".".join(entry.path)
+        if entry.kind == "section":
             problems.append((dotted, f"is a section: set its fields, as in {variable}__<FIELD>"))
             continue
+        if entry.kind == "code":
+            problems.append(
+                (dotted, f"cannot be set from the environment, only in code ({variable})")
+            )
+            continue
+        if dotted in variable_of:
+            problems.append((dotted, f"set by both {variable_of[dotted]} and {variable}: use one"))
+            continue
         try:
-            value = _parse_env_value(field_type, raw)
+            if entry.kind == "file":
+                value = _read_env_file(raw)
+            else:
+                value = _parse_env_value(entry.field_type, raw)
         except _InvalidValueError as exc:
             problems.append((dotted, f"{exc}, set by {variable}"))
             continue
         section = data
-        for part in path[:-1]:
+        for part in entry.path[:-1]:
             section = section.setdefault(part, {})
-        section[path[-1]] = value
+        section[entry.path[-1]] = value
         variable_of[dotted] = variable
     try:
-        config = _load(cls, data)
+        config = load_mapping(cls, data)
     except ConfigError as exc:
         for field_path, message in exc.fields:
             source = variable_of.get(field_path)

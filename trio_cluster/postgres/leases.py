@@ -24,12 +24,14 @@ completing a message is fenced by the shard's epoch (see ``messages``).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any, Self
 
 import attrs
 import trio
 
+from ..config import LEASE_ENV_PREFIX, load_env, load_mapping, unstructure
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.retry import RetryPolicy
@@ -86,6 +88,22 @@ class LeaseTiming:
                 "idle_session_timeout_ms: must exceed heartbeat_interval, or the server ends"
                 f" the lock session between two heartbeats (got {self.idle_session_timeout_ms})"
             )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """Load from plain data; same rules as ``ShardingConfig.from_mapping``."""
+        return load_mapping(cls, data)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, prefix: str = LEASE_ENV_PREFIX
+    ) -> Self:
+        """Load from ``TRIO_CLUSTER_LEASE_<FIELD>`` variables; rules of ``ShardingConfig``."""
+        return load_env(cls, environ, prefix)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain data that ``from_mapping`` accepts back."""
+        return unstructure(self)
 
 
 class PgLeaseSession:

@@ -1,7 +1,8 @@
 """The PostgreSQL storage: both storage protocols over one database.
 
-``open_postgres_storage`` migrates the schema, opens the pool for message
-traffic, and gives each runner session its own dedicated lock connection.
+``open_postgres_storage`` waits for the server (see ``startup``), migrates the
+schema, opens the pool for message traffic, and gives each runner session its own
+dedicated lock connection.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
 from .boundary import translated
-from .connection import open_connection
 from .errors import PgError
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
 from .pool import Pool, open_pool
 from .schema import check_prefix, lock_namespace, migrate
+from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
 
 
@@ -101,16 +102,23 @@ async def open_postgres_storage(
     prefix: str = "trio_cluster_",
     pool_size: int = 10,
     timing: LeaseTiming | None = None,
+    connect_deadline: float | None = DEFAULT_CONNECT_DEADLINE,
 ) -> AsyncIterator[PostgresStorage]:
     """Storage for runners sharing the database at ``dsn``.
 
     Tables are named with ``prefix``, so clusters with different prefixes
     share a database without meeting. The schema is created or upgraded
     here, before any runner can use it.
+
+    A server that is not up yet is waited for, up to ``connect_deadline``
+    seconds (30 by default; ``None``: until cancelled; ``0``: fail at once),
+    logging each failed attempt; past it, ``PersistenceError``.
     """
     check_prefix(prefix)
     try:
-        async with open_connection(dsn, application_name="trio_cluster migrate") as conn:
+        async with open_first_connection(
+            dsn, deadline=connect_deadline, application_name="trio_cluster migrate"
+        ) as conn:
             await migrate(conn, prefix)
     except (PgError, OSError) as error:
         raise PersistenceError(f"cannot prepare the schema: {error}") from error

@@ -2,16 +2,20 @@
 
 A bad value fails here, at start-up, naming the field, rather than at the
 first connection (an empty secret, a ``str`` secret) or silently (a zero ping
-interval closes every link at once).
+interval closes every link at once). It loads from a mapping or the environment
+by the rules of ``trio_cluster.config``, except its TLS contexts, which only code
+can build.
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 import attrs
 
+from ..config import TRANSPORT_ENV_PREFIX, load_env, load_mapping, unstructure
 from ..core.frames import DEFAULT_MAX_FRAME_SIZE
 from ..core.protocol import DEFAULT_MAX_UNSENT, PRE_AUTH_MAX_FRAME_SIZE
 from ..core.validation import number
@@ -118,6 +122,33 @@ class TransportConfig:
                 f"max_unsent: must be at least max_frame_size ({self.max_frame_size}),"
                 f" or a full frame could never be queued (got {self.max_unsent})"
             )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """Load from nested plain data; same rules as ``ShardingConfig.from_mapping``.
+
+        ``secret`` must be bytes here as in code (TOML and JSON have none: take it from
+        the environment), and ``tls_server`` / ``tls_client`` ``ssl.SSLContext``s.
+        """
+        return load_mapping(cls, data)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, prefix: str = TRANSPORT_ENV_PREFIX
+    ) -> Self:
+        """Load from ``TRIO_CLUSTER_TRANSPORT_<FIELD>`` variables (``..._PORT=7000``).
+
+        Same rules as ``ShardingConfig.from_env``. The secret is
+        ``TRIO_CLUSTER_TRANSPORT_SECRET``, its UTF-8 bytes, or the bytes of the file
+        named by ``TRIO_CLUSTER_TRANSPORT_SECRET_FILE`` less trailing line breaks (a
+        mounted secret stays out of the process environment); not both. TLS is
+        code-only: ``attrs.evolve(config, tls_server=..., tls_client=...)``.
+        """
+        return load_env(cls, environ, prefix)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The fields as ``from_mapping`` accepts them back (the secret as bytes)."""
+        return unstructure(self)
 
     @property
     def mutual_tls(self) -> bool:
