@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import make_conninfo
 
-from trio_cluster import PersistenceError
+from trio_cluster import PersistenceError, open_runner
 from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.startup import DEFAULT_CONNECT_DEADLINE, describe_server
 from trio_cluster.postgres.storage import open_postgres_storage
@@ -176,3 +176,31 @@ def test_describe_server_shows_host_and_port_only(host: str, port: int, password
 def test_describe_server_defaults() -> None:
     assert describe_server("dbname=app") == "the local socket:5432"
     assert describe_server("postgresql:///app?host=/run/postgresql") == "/run/postgresql:5432"
+
+
+async def test_a_runner_waits_to_register_while_the_server_is_down(
+    own_pg_server: ThrowawayPostgres,
+) -> None:
+    waiting = Warnings()
+    logger = logging.getLogger("trio_cluster.postgres.leases")
+    logger.addHandler(waiting)
+    try:
+        async with open_postgres_storage(own_pg_server.dsn, prefix=prefix()) as storage:
+            await trio.to_thread.run_sync(functools.partial(own_pg_server.stop, keep_data=True))
+
+            async def start_server_once_waited_for() -> None:
+                await waiting.first.wait()
+                await trio.to_thread.run_sync(own_pg_server.start)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start_server_once_waited_for)
+                with trio.fail_after(120):
+                    async with open_runner(storage=storage) as runner:
+                        assert runner.machine_id >= 0
+    finally:
+        logger.removeHandler(waiting)
+        if not own_pg_server.running:
+            own_pg_server.start()
+    assert (
+        waiting.records[0].getMessage().startswith(f"cannot register runner {runner.address} yet")
+    )

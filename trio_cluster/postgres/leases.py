@@ -24,6 +24,7 @@ completing a message is fenced by the shard's epoch (see ``messages``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -118,6 +119,7 @@ class PgLeaseSession:
         on_lease_lost: Callable[[ShardId], None],
         timing: LeaseTiming,
         channel: str,
+        register_deadline: float | None = 0,
     ) -> None:
         self._dsn = dsn
         self._prefix = prefix
@@ -125,6 +127,7 @@ class PgLeaseSession:
         self._channel = channel
         self._on_lease_lost = on_lease_lost
         self._timing = timing
+        self._register_deadline = register_deadline
         self._conn: Connection | None = None
         self._machine_id = -1
         self._held: dict[ShardId, Lease] = {}
@@ -156,6 +159,8 @@ class PgLeaseSession:
         """
         delays = RECONNECT.delays()
         first = True
+        deadline = self._register_deadline
+        give_up_at = math.inf if deadline is None else trio.current_time() + deadline
         while True:
             failure: BaseException | None = None
             try:
@@ -173,7 +178,10 @@ class PgLeaseSession:
                         nursery.cancel_scope.cancel()
             except* (PgError, OSError, ClusterError) as lost:
                 failure = lost.exceptions[0]
-                log.warning("lock connection of runner %s failed: %s", self._machine_id, failure)
+                if not first:
+                    log.warning(
+                        "lock connection of runner %s failed: %s", self._machine_id, failure
+                    )
             except* Exception as bug:
                 failure = bug
                 log.exception("lock session of runner %s failed", self._machine_id, exc_info=bug)
@@ -182,9 +190,21 @@ class PgLeaseSession:
                 if self._registered.is_set():
                     self._registered = trio.Event()
                 self._lose_all()
+            delay = next(delays)
             if first and failure is not None:
-                raise PersistenceError(f"cannot register runner: {failure}") from failure
-            await trio.sleep(next(delays))
+                # Not registered yet: wait for the database up to the storage's
+                # connect deadline; a bug is not waited on.
+                if not isinstance(failure, PgError | OSError | ClusterError) or (
+                    trio.current_time() + delay > give_up_at
+                ):
+                    raise PersistenceError(f"cannot register runner: {failure}") from failure
+                log.warning(
+                    "cannot register runner %s yet: %s; retrying in %.1f s",
+                    self._spec.address,
+                    " ".join(str(failure).split()),
+                    delay,
+                )
+            await trio.sleep(delay)
 
     @asynccontextmanager
     async def _connect(self) -> AsyncIterator[Connection]:

@@ -27,7 +27,14 @@ from .states import PgStateStorage
 
 class PostgresStorage:
     def __init__(
-        self, dsn: str, prefix: str, pool: Pool, messages: PgMessageStorage, timing: LeaseTiming
+        self,
+        dsn: str,
+        prefix: str,
+        pool: Pool,
+        messages: PgMessageStorage,
+        timing: LeaseTiming,
+        *,
+        connect_deadline: float | None = DEFAULT_CONNECT_DEADLINE,
     ) -> None:
         self._dsn = dsn
         self._prefix = prefix
@@ -35,6 +42,7 @@ class PostgresStorage:
         self._messages = messages
         self._states = PgStateStorage(pool, prefix)
         self._timing = timing
+        self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
 
     @property
@@ -84,6 +92,7 @@ class PostgresStorage:
             on_lease_lost=on_lease_lost,
             timing=self._timing,
             channel=self._messages.channel,
+            register_deadline=self._connect_deadline,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
@@ -112,7 +121,8 @@ async def open_postgres_storage(
 
     A server that is not up yet is waited for, up to ``connect_deadline``
     seconds (30 by default; ``None``: until cancelled; ``0``: fail at once),
-    logging each failed attempt; past it, ``PersistenceError``.
+    logging each failed attempt; past it, ``PersistenceError``. A runner's lock session
+    waits as long for its first registration (``open_runner`` then waits too).
     """
     check_prefix(prefix)
     try:
@@ -124,4 +134,6 @@ async def open_postgres_storage(
         raise PersistenceError(f"cannot prepare the schema: {error}") from error
     async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
         messages = PgMessageStorage(pool, dsn, prefix)
-        yield PostgresStorage(dsn, prefix, pool, messages, timing or LeaseTiming())
+        yield PostgresStorage(
+            dsn, prefix, pool, messages, timing or LeaseTiming(), connect_deadline=connect_deadline
+        )
