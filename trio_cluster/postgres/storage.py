@@ -14,6 +14,7 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
+from ..storage.status import ClusterStatus
 from .boundary import translated
 from .connection import open_connection
 from .errors import PgError
@@ -22,6 +23,7 @@ from .messages import PgMessageStorage
 from .pool import Pool, open_pool
 from .schema import check_prefix, lock_namespace, migrate
 from .states import PgStateStorage
+from .status import read_status
 
 
 class PostgresStorage:
@@ -92,6 +94,12 @@ class PostgresStorage:
                 with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                     await session.unregister()
                 nursery.cancel_scope.cancel()
+
+    async def read_status(self, *, shards_per_group: int | None = None) -> ClusterStatus:
+        """The status view's snapshot (see :mod:`.status`), read on a pooled connection."""
+        with translated("read the cluster's status"):
+            async with self._pool.connection() as conn:
+                return await read_status(conn, self._prefix, shards_per_group=shards_per_group)
 
 
 @asynccontextmanager
