@@ -2,7 +2,9 @@
 
 :func:`run_demo` is ``python -m trio_cluster.demo`` once PostgreSQL is known
 to be available (see ``__main__``): the server, three runner processes, a
-client in this process, traffic, a SIGKILL and its takeover.
+client in this process, traffic, a SIGKILL and its takeover, and the status
+view (``python -m trio_cluster status``) once the cluster is up and again
+after the takeover.
 
 :class:`Child` and :class:`Children` (also used by the cluster benchmark)
 start processes, read their lines, signal and reap them.
@@ -27,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -48,7 +51,8 @@ from trio_cluster import (
 )
 from trio_cluster.postgres import open_connection
 from trio_cluster.postgres.server import ThrowawayPostgres
-from trio_cluster.postgres.storage import open_postgres_storage
+from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
+from trio_cluster.status_view import render_text
 
 from .bank import Account, AccountState, Balance, Deposit, balance, deposit
 
@@ -417,8 +421,9 @@ class Demo:
                     await client.changed()
                 await self.wait_until_served(client, set(client.assignment))
             say(f"every shard answers; shard map: {self.shard_map(client)}")
+            await self.show_status(storage, "with the cluster up")
             await self.show_idempotency(client)
-            traffic = await self.traffic(client)
+            traffic = await self.traffic(client, storage)
         await self.stop_nodes()
         await self.summary(traffic)
 
@@ -431,7 +436,16 @@ class Demo:
             f"transfer again is answered from storage ({again}), not re-run: balance {now}"
         )
 
-    async def traffic(self, client: Runner) -> Traffic:
+    async def show_status(self, storage: PostgresStorage, when: str) -> None:
+        """The status view an operator gets from ``python -m trio_cluster status``."""
+        status = await storage.read_status(shards_per_group=self.args.shards)
+        say(
+            f"\nstatus view {when} (python -m trio_cluster status --dsn {self.dsn}"
+            f" --prefix {PREFIX}); the client is a runner too, hosting no group:"
+        )
+        say(textwrap.indent(render_text(status), "  ") + "\n")
+
+    async def traffic(self, client: Runner, storage: PostgresStorage) -> Traffic:
         args = self.args
         traffic = Traffic()
         say(
@@ -442,7 +456,7 @@ class Demo:
         async with trio.open_nursery() as nursery:
             for n in range(args.senders):
                 nursery.start_soon(traffic.customer, client, n, args.accounts)
-            nursery.start_soon(self.kill_one_later, client, traffic)
+            nursery.start_soon(self.kill_one_later, client, storage, traffic)
             started = trio.current_time()
             for second in range(1, math.ceil(args.seconds) + 1):
                 await trio.sleep_until(started + second)
@@ -458,7 +472,9 @@ class Demo:
             nursery.cancel_scope.deadline = trio.current_time() + client.config.send_timeout + 1
         return traffic
 
-    async def kill_one_later(self, client: Runner, traffic: Traffic) -> None:
+    async def kill_one_later(
+        self, client: Runner, storage: PostgresStorage, traffic: Traffic
+    ) -> None:
         with trio.move_on_after(self.args.kill_after):
             await traffic.stop.wait()
         if traffic.stop.is_set():
@@ -495,6 +511,7 @@ class Demo:
                 f"{victim.name} answer again (the first after {min(answered):.2f} s): "
                 "taken over by the survivors"
             )
+            await self.show_status(storage, "after the takeover")
 
     async def stop_nodes(self) -> None:
         alive = [node for node in self.nodes if node.child.alive]

@@ -15,6 +15,7 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
+from ..storage.status import ClusterStatus
 from .boundary import translated
 from .errors import PgError
 from .leases import LeaseTiming, PgLeaseSession
@@ -23,6 +24,7 @@ from .pool import Pool, open_pool
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
+from .status import read_status
 
 
 class PostgresStorage:
@@ -102,6 +104,12 @@ class PostgresStorage:
                 with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                     await session.unregister()
                 nursery.cancel_scope.cancel()
+
+    async def read_status(self, *, shards_per_group: int | None = None) -> ClusterStatus:
+        """The status view's snapshot (see :mod:`.status`), read on a pooled connection."""
+        with translated("read the cluster's status"):
+            async with self._pool.connection() as conn:
+                return await read_status(conn, self._prefix, shards_per_group=shards_per_group)
 
 
 @asynccontextmanager

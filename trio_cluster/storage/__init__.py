@@ -17,6 +17,7 @@ from .base import (
     Saved,
     StateStorage,
     StateWrite,
+    StatusStorage,
     Storage,
     Stored,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Saved",
     "StateStorage",
     "StateWrite",
+    "StatusStorage",
     "Storage",
     "Stored",
 ]

@@ -22,6 +22,7 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
+from .status import ClusterStatus
 
 
 @attrs.frozen
@@ -216,6 +217,23 @@ class StateStorage(Protocol):
 
     async def state_ids(self, entity_type: str, *, after: str = "", limit: int = 1000) -> list[str]:
         """Ids of entities of ``entity_type`` with stored state, in order, after ``after``."""
+        ...
+
+
+class StatusStorage(Protocol):
+    """What the status view reads; the runtime itself never needs it.
+
+    Apart from :class:`Storage` so a storage written for the runtime alone
+    still type-checks as one.
+    """
+
+    async def read_status(self, *, shards_per_group: int | None = None) -> ClusterStatus:
+        """A snapshot of runners, shard leases and backlog, read without taking any lock.
+
+        Given ``shards_per_group`` (the cluster's layout, which storage does
+        not keep), every shard of every known group is listed, unowned ones
+        included; without it, the shards storage knows of.
+        """
         ...
 
 

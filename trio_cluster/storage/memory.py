@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from itertools import count
 
 import attrs
@@ -22,6 +23,7 @@ from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
 from .base import Lease, MembershipChanged, Notice, Replied, Saved, StateWrite, Stored
 from .notices import Follower, open_follower
+from .status import ClusterStatus, RunnerStatus, shard_map
 
 
 @attrs.define
@@ -34,6 +36,7 @@ class _Holder:
 @attrs.define
 class _Stored:
     envelope: Envelope
+    stored_at: datetime
     reply: bytes | None = None
 
 
@@ -49,6 +52,7 @@ class MemoryStorage:
         self.available = True
         self._machine_ids = count(1)
         self._live: dict[int, RunnerSpec] = {}
+        self._registered_at: dict[int, datetime] = {}
         self._holders: dict[ShardId, _Holder] = {}
         self._epochs: dict[ShardId, int] = {}
         self._requests: dict[int, _Stored] = {}
@@ -89,11 +93,13 @@ class MemoryStorage:
         await self._enter()
         machine_id = next(self._machine_ids)
         self._live[machine_id] = spec
+        self._registered_at[machine_id] = datetime.now(UTC)
         self._announce(MembershipChanged())
         try:
             yield _MemorySession(self, machine_id, on_lease_lost)
         finally:
             self._live.pop(machine_id, None)
+            self._registered_at.pop(machine_id, None)
             for shard, holder in list(self._holders.items()):
                 if holder.machine_id == machine_id:
                     del self._holders[shard]
@@ -155,7 +161,7 @@ class MemoryStorage:
             if original is not None:
                 return Saved(original, duplicate=True, reply=self._requests[original].reply)
             self._by_dedup_key[key] = envelope.request_id
-        self._requests[envelope.request_id] = _Stored(envelope)
+        self._requests[envelope.request_id] = _Stored(envelope, datetime.now(UTC))
         shard = ShardId(envelope.shard_group, envelope.shard_index)
         self._pending.setdefault(shard, {})[envelope.request_id] = None
         if announce:
@@ -247,6 +253,44 @@ class MemoryStorage:
                 if len(found) >= limit:
                     break
         return found
+
+    # -- the status view --------------------------------------------------------
+
+    async def read_status(self, *, shards_per_group: int | None = None) -> ClusterStatus:
+        """Registered runners, held leases and pending requests, at this instant.
+
+        A runner is alive while registered: within one process it has no other
+        liveness to lose. Nothing beats here, so no runner has a heartbeat.
+        """
+        await self._enter()
+        now = datetime.now(UTC)
+        runners = tuple(
+            RunnerStatus(
+                machine_id=machine_id,
+                address=spec.address,
+                alive=True,
+                weight=spec.weight,
+                groups=tuple(sorted(spec.groups)),
+                registered_at=self._registered_at.get(machine_id),
+                heartbeat_at=None,
+            )
+            for machine_id, spec in sorted(self._live.items())
+        )
+        backlog = {
+            shard: (len(ids), (now - self._requests[next(iter(ids))].stored_at).total_seconds())
+            for shard, ids in self._pending.items()
+            if ids
+        }
+        groups = shard_map(
+            groups=(group for spec in self._live.values() for group in spec.groups),
+            shards_per_group=shards_per_group,
+            owners={shard: holder.machine_id for shard, holder in self._holders.items()},
+            epochs=self._epochs,
+            backlog=backlog,
+        )
+        return ClusterStatus(
+            read_at=now, shards_per_group=shards_per_group, runners=runners, groups=groups
+        )
 
 
 @attrs.frozen
