@@ -37,12 +37,14 @@ class Call:
     request); ``notes`` is the instruments' own scratch space for this call.
     """
 
-    __slots__ = ("_notes", "envelope", "headers", "kind", "started")
+    __slots__ = ("_notes", "envelope", "headers", "kind", "runner", "started")
 
-    def __init__(self, envelope: Envelope, kind: str) -> None:
+    def __init__(self, envelope: Envelope, kind: str, runner: str) -> None:
         self.envelope = envelope
         self.kind = kind
         """``"ask"`` or ``"tell"``."""
+        self.runner = runner
+        """The address of the runner sending it."""
         self.headers = dict(envelope.headers)
         self.started = time.perf_counter()
         """When the call began (``time.perf_counter()``)."""
@@ -86,13 +88,17 @@ class Handling:
     scratch space for it).
     """
 
-    __slots__ = ("_notes", "address", "attempt", "envelope", "redelivered", "started")
+    __slots__ = ("_notes", "address", "attempt", "envelope", "redelivered", "runner", "started")
 
-    def __init__(self, envelope: Envelope, redelivered: bool, address: EntityAddress) -> None:
+    def __init__(
+        self, envelope: Envelope, redelivered: bool, address: EntityAddress, runner: str
+    ) -> None:
         self.envelope = envelope
         self.redelivered = redelivered
         """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
         self.address = address
+        self.runner = runner
+        """The address of the runner handling it."""
         self.attempt = 1
         self.started = time.perf_counter()
         """When the handler was given the request (``time.perf_counter()``)."""
@@ -160,10 +166,14 @@ class RequestInfo:
 
 
 def handling(
-    envelope: Envelope, redelivered: bool, chain: tuple[str, ...], address: EntityAddress
+    envelope: Envelope,
+    redelivered: bool,
+    chain: tuple[str, ...],
+    address: EntityAddress,
+    runner: str,
 ) -> Handling:
     """Enter the context of one request, in the task that is about to handle it."""
     call_chain.set(envelope.call_chain + chain)
-    current = Handling(envelope, redelivered, address)
+    current = Handling(envelope, redelivered, address, runner)
     current_request.set(current)
     return current

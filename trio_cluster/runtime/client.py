@@ -209,7 +209,7 @@ class Client:
     def _sending(self, envelope: Envelope, kind: str) -> Call:
         """Tell the instruments a call starts; the call's envelope carries any headers
         they added (trace context), once checked like the caller's own."""
-        call = Call(envelope, kind)
+        call = Call(envelope, kind, self._router.address)
         self._hooks.request_sent(call)
         added = call.headers
         if added != envelope.headers:

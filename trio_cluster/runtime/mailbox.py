@@ -314,7 +314,9 @@ class ActiveEntity:
         """Handle one request in the calling task: the entity's own, or a worker's."""
         envelope = delivery.envelope
         hooks = self.shard.services.hooks
-        current = handling(envelope, delivery.redelivered, chain, self.address)
+        current = handling(
+            envelope, delivery.redelivered, chain, self.address, self.shard.services.address
+        )
         hooks.handling_started(current)
         outcome = "cancelled"
         try:
