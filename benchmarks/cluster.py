@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.cluster [--quick] [--repeats N] [--json PATH] [--markdown PATH]
 
-It starts a throwaway PostgreSQL server (``trio_cluster.postgres.server``,
+It starts a throwaway PostgreSQL server (``trio_cluster.pgdriver.server``,
 fsync and synchronous_commit off, as the tests run it), then in every repeat
 (5 by default, 3 with ``--quick``), on fresh tables:
 
@@ -82,8 +82,8 @@ from trio_cluster import (
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.frames import FrameDecoder, Reply, Request, encode_into
 from trio_cluster.demo.orchestrate import Child, Children, python_module
-from trio_cluster.postgres import open_connection
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver import open_connection
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .bench_node import Bench, Payload, echo, persist

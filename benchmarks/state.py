@@ -62,7 +62,7 @@ from trio_cluster import (
     TransportConfig,
     open_runner,
 )
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.storage import StateWrite
 

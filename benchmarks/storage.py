@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.storage [--quick] [--repeats N] [--json PATH] [--durable]
 
-It starts a throwaway PostgreSQL server (``trio_cluster.postgres.server``;
+It starts a throwaway PostgreSQL server (``trio_cluster.pgdriver.server``;
 by default with fsync and synchronous_commit off, as the tests run it;
 ``--durable`` turns them on, so every commit waits for its WAL flush) and
 measures, each repeated (5 times by default, 3 with ``--quick``), on fresh
@@ -65,8 +65,8 @@ from trio_cluster import (
 from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.snowflake import SnowflakeGenerator
-from trio_cluster.postgres import Connection, open_connection, open_pool
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver import Connection, open_connection, open_pool
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 
 from .common import (

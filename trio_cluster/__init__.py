@@ -34,7 +34,16 @@ from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
 from .state import State
-from .storage import MemoryStorage
+from .storage import (
+    Lease,
+    LeaseSession,
+    MemoryStorage,
+    MessageStorage,
+    RunnerStorage,
+    StateStorage,
+    StatusStorage,
+    Storage,
+)
 from .transport.config import TransportConfig
 
 __all__ = [
@@ -54,9 +63,12 @@ __all__ = [
     "HealthConfig",
     "Implementation",
     "Instrument",
+    "Lease",
+    "LeaseSession",
     "MailboxFull",
     "MalformedMessage",
     "MemoryStorage",
+    "MessageStorage",
     "PersistenceError",
     "RequestInfo",
     "RetryPolicy",
@@ -64,6 +76,7 @@ __all__ = [
     "RpcClientError",
     "Runner",
     "RunnerNotRegistered",
+    "RunnerStorage",
     "RunnerUnavailable",
     "SendTimeout",
     "SerializationError",
@@ -71,6 +84,9 @@ __all__ = [
     "ShardingConfig",
     "Snapshot",
     "State",
+    "StateStorage",
+    "StatusStorage",
+    "Storage",
     "Suspended",
     "TransportConfig",
     "open_runner",

@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 
 async def status(args: argparse.Namespace) -> None:
     """Read and print the status, once or every ``args.watch`` seconds, on one connection."""
-    from .postgres import PgError, open_connection  # noqa: PLC0415 - needs the postgres extra
+    from .pgdriver import PgError, open_connection  # noqa: PLC0415 - needs the postgres extra
     from .postgres.status import read_status  # noqa: PLC0415
 
     clear = args.watch is not None and not args.json and sys.stdout.isatty()

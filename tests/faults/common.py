@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from trio_cluster import Entity, EntityOptions, ShardingConfig, TransportConfig
-from trio_cluster.postgres import Connection
+from trio_cluster.pgdriver import Connection
 from trio_cluster.postgres.leases import LeaseTiming
 
 SHARDS = 12

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,9 @@ import attrs
 import trio
 
 from trio_cluster.core import reply as replies
-from trio_cluster.postgres import Connection, PgError, open_connection
+from trio_cluster.pgdriver import Connection, PgError, open_connection
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.schema import migrate
-from trio_cluster.postgres.server import ThrowawayPostgres
 
 from . import invariants as inv
 from .client_app import PROBE_BOUND_S

@@ -33,7 +33,7 @@ import trio
 
 from trio_cluster import EntityContext, open_runner, wait_for_termination
 from trio_cluster.core.retry import RetryPolicy
-from trio_cluster.postgres import PgError, Pool, open_pool
+from trio_cluster.pgdriver import PgError, Pool, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .common import (

@@ -27,8 +27,8 @@ from typing import Any
 
 import trio
 
-from trio_cluster.postgres import PgError
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver import PgError
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 
 from . import invariants as inv
 from .harness import HarnessError, Result, run_schedule, socket_kill_supported

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 
 from . import invariants as inv
 from .common import SERVER_FREES_S, Outcome
@@ -216,11 +216,11 @@ def test_a_crash_signature_names_the_raise_and_the_escape() -> None:
     +-+---------------- 1 ----------------
       | Traceback (most recent call last):
       |   File "/x/trio_cluster/postgres/leases.py", line 210, in _heartbeat
-      |   File "/x/trio_cluster/postgres/connection.py", line 402, in _collect_results
-      | trio_cluster.postgres.errors.ConnectionLost: terminating connection [57P01]
+      |   File "/x/trio_cluster/pgdriver/connection.py", line 402, in _collect_results
+      | trio_cluster.pgdriver.errors.ConnectionLost: terminating connection [57P01]
 """
     assert crash_signature(tail) == (
-        "postgres/connection.py:402 in _collect_results: trio_cluster.postgres.errors."
+        "pgdriver/connection.py:402 in _collect_results: trio_cluster.pgdriver.errors."
         "ConnectionLost: terminating connection [57P01] (escaped via postgres/leases.py:131 in run)"
     )
 

@@ -37,7 +37,7 @@ from trio_cluster import (
     open_runner,
     wait_for_termination,
 )
-from trio_cluster.postgres import Connection, Pool, open_pool
+from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 
 

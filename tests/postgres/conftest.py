@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 
 _HERE = Path(__file__).parent
 

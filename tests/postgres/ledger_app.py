@@ -34,7 +34,7 @@ import msgspec
 import trio
 
 from trio_cluster import Entity, EntityContext, EntityOptions, ShardingConfig, open_runner
-from trio_cluster.postgres import Connection, Pool, open_connection, open_pool
+from trio_cluster.pgdriver import Connection, Pool, open_connection, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 
 

@@ -38,7 +38,7 @@ from trio_cluster import (
     open_runner,
     wait_for_termination,
 )
-from trio_cluster.postgres import Pool, open_connection, open_pool
+from trio_cluster.pgdriver import Pool, open_connection, open_pool
 from trio_cluster.postgres.leases import LeaseTiming
 from trio_cluster.postgres.storage import open_postgres_storage
 

@@ -39,7 +39,7 @@ import attrs
 import trio
 
 from trio_cluster import ClusterError, Runner, SendTimeout, ShardId, open_runner
-from trio_cluster.postgres import Connection, open_connection
+from trio_cluster.pgdriver import Connection, open_connection
 from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from trio_cluster import open_runner
-from trio_cluster.postgres import Connection, open_connection
+from trio_cluster.pgdriver import Connection, open_connection
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .ledger_app import (

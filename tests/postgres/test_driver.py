@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_cluster.postgres import (
+from trio_cluster.pgdriver import (
     Connection,
     ConnectionLost,
     DeadlockDetected,
@@ -31,8 +31,8 @@ from trio_cluster.postgres import (
     open_connection,
     open_pool,
 )
-from trio_cluster.postgres.errors import error_class_for
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.errors import error_class_for
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 
 WAIT_S = 5.0
 """Bound for waits that normally take milliseconds (generous for loaded CI machines)."""

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from psycopg.conninfo import make_conninfo
 
 from trio_cluster import PersistenceError, open_runner
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.startup import DEFAULT_CONNECT_DEADLINE, describe_server
 from trio_cluster.postgres.storage import open_postgres_storage
 

@@ -31,7 +31,7 @@ from trio_cluster import (
     State,
     open_runner,
 )
-from trio_cluster.postgres import open_connection
+from trio_cluster.pgdriver import open_connection
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.storage import StateWrite, Storage
 from trio_cluster.testing import TEST_CONFIG

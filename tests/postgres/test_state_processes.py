@@ -25,7 +25,7 @@ import msgspec
 import trio
 
 from trio_cluster import ClusterError, Runner, SendTimeout, TransportConfig, open_runner
-from trio_cluster.postgres import Connection, open_connection
+from trio_cluster.pgdriver import Connection, open_connection
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 
 from .state_app import (

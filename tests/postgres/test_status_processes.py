@@ -26,7 +26,7 @@ import trio
 
 from trio_cluster import Entity, ShardId, open_runner
 from trio_cluster.core.assignment import RunnerSpec, assign
-from trio_cluster.postgres import Connection, open_connection
+from trio_cluster.pgdriver import Connection, open_connection
 from trio_cluster.postgres.status import read_status
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.storage.status import ClusterStatus, Totals

@@ -22,9 +22,9 @@ from trio_cluster import (
 from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
-from trio_cluster.postgres import open_connection
+from trio_cluster.pgdriver import open_connection
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.leases import LeaseTiming
-from trio_cluster.postgres.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
 

@@ -49,8 +49,8 @@ from trio_cluster import (
     TransportConfig,
     open_runner,
 )
-from trio_cluster.postgres import open_connection
-from trio_cluster.postgres.server import ThrowawayPostgres
+from trio_cluster.pgdriver import open_connection
+from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 from trio_cluster.status_view import render_text
 

@@ -1,42 +1,13 @@
-"""Trio access to PostgreSQL: a small driver over libpq (``psycopg.pq``).
+"""The PostgreSQL storage: runners, leases, messages and entity state in one database.
 
-No maintained Trio-native PostgreSQL driver exists, so this package drives libpq's
-non-blocking API with Trio's socket waits. See `connection` for the concurrency design,
-`codec` for type mapping, `errors` for the SQLSTATE-based exceptions and `server` for a
-throwaway server for tests.
+``open_postgres_storage(dsn)`` is what an application needs; ``LeaseTiming``
+tunes how fast a lost lock connection is given up. The SQL lives here, one
+module per concern (``leases``, ``messages``, ``states``, ``schema``,
+``status``); the wire protocol is :mod:`trio_cluster.pgdriver`'s.
 """
 
-from trio_cluster.postgres.codec import Param
-from trio_cluster.postgres.connection import (
-    Connection,
-    ConnectOptions,
-    Notification,
-    open_connection,
-)
-from trio_cluster.postgres.errors import (
-    ConnectionLost,
-    DeadlockDetected,
-    LockNotAvailable,
-    PgError,
-    QueryCanceled,
-    SerializationFailure,
-    UniqueViolation,
-)
-from trio_cluster.postgres.pool import Pool, open_pool
+from .leases import LeaseTiming
+from .startup import DEFAULT_CONNECT_DEADLINE
+from .storage import PostgresStorage, open_postgres_storage
 
-__all__ = [
-    "ConnectOptions",
-    "Connection",
-    "ConnectionLost",
-    "DeadlockDetected",
-    "LockNotAvailable",
-    "Notification",
-    "Param",
-    "PgError",
-    "Pool",
-    "QueryCanceled",
-    "SerializationFailure",
-    "UniqueViolation",
-    "open_connection",
-    "open_pool",
-]
+__all__ = ["DEFAULT_CONNECT_DEADLINE", "LeaseTiming", "PostgresStorage", "open_postgres_storage"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from ..errors import PersistenceError, SerializationError
-from .errors import PgError
+from ..pgdriver.errors import PgError
 
 
 class translated:  # noqa: N801 - used like a function: ``with translated(...)``

@@ -38,10 +38,10 @@ from ..core.hashing import ShardId
 from ..core.retry import RetryPolicy
 from ..core.validation import number
 from ..errors import ClusterError, PersistenceError
+from ..pgdriver.connection import Connection, open_connection
+from ..pgdriver.errors import PgError
 from ..storage.base import Lease
 from .boundary import translated
-from .connection import Connection, open_connection
-from .errors import PgError
 from .schema import lock_namespace
 
 log = logging.getLogger("trio_cluster.postgres.leases")

@@ -22,6 +22,9 @@ import trio
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError
+from ..pgdriver.connection import open_connection
+from ..pgdriver.errors import PgError
+from ..pgdriver.pool import Pool
 from ..storage.base import (
     Gap,
     Lease,
@@ -34,10 +37,7 @@ from ..storage.base import (
 )
 from ..storage.notices import open_follower
 from .boundary import translated
-from .connection import open_connection
-from .errors import PgError
 from .leases import RECONNECT
-from .pool import Pool
 from .states import state_writes
 
 log = logging.getLogger("trio_cluster.postgres.messages")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .connection import Connection
+from ..pgdriver.connection import Connection
 
 PREFIX_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,30}")
 NAMESPACES_TABLE = "trio_cluster_lock_namespaces"

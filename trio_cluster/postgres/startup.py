@@ -20,8 +20,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..core.retry import RetryPolicy
 from ..errors import PersistenceError
-from .connection import Connection, ConnectOptions, _connect
-from .errors import ConnectionLost
+from ..pgdriver.connection import Connection, ConnectOptions, _connect
+from ..pgdriver.errors import ConnectionLost
 
 __all__ = ["DEFAULT_CONNECT_DEADLINE", "STARTUP_RETRY", "describe_server", "open_first_connection"]
 

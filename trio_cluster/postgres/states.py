@@ -11,9 +11,9 @@ refused either way.
 from __future__ import annotations
 
 from ..errors import EntityNotAssignedToRunner
+from ..pgdriver.pool import Pool
 from ..storage.base import Lease, StateWrite
 from .boundary import translated
-from .pool import Pool
 
 
 def state_writes(prefix: str, guard: str, first: int) -> str:

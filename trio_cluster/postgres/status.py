@@ -20,8 +20,8 @@ from typing import Any
 
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
+from ..pgdriver.connection import Connection
 from ..storage.status import ClusterStatus, RunnerStatus, shard_map
-from .connection import Connection
 from .schema import NAMESPACES_TABLE
 
 

@@ -15,12 +15,12 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
+from ..pgdriver.errors import PgError
+from ..pgdriver.pool import Pool, open_pool
 from ..storage.status import ClusterStatus
 from .boundary import translated
-from .errors import PgError
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
-from .pool import Pool, open_pool
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage

@@ -8,8 +8,8 @@ from typing import Any, Unpack
 
 import trio
 
-from trio_cluster.postgres.codec import Param
-from trio_cluster.postgres.connection import Connection, ConnectOptions, _connect
+from trio_cluster.pgdriver.codec import Param
+from trio_cluster.pgdriver.connection import Connection, ConnectOptions, _connect
 
 __all__ = ["Pool", "open_pool"]
 

@@ -25,12 +25,12 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from trio_cluster.postgres.codec import Param, decode_rows, encode_params
-from trio_cluster.postgres.errors import ConnectionLost, PgError, error_class_for
+from trio_cluster.pgdriver.codec import Param, decode_rows, encode_params
+from trio_cluster.pgdriver.errors import ConnectionLost, PgError, error_class_for
 
 __all__ = ["ConnectOptions", "Connection", "Notification", "open_connection"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger("trio_cluster.pgdriver")
 
 _CANCEL_RETRY_S = 0.25
 """A cancel request that arrives before the server starts the statement is ignored, so
@@ -422,7 +422,7 @@ class Connection:
             try:
                 pgconn.get_cancel().cancel()
             except psycopg.Error as exc:
-                logger.debug("cancel request failed: %s", exc)
+                log.debug("cancel request failed: %s", exc)
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -437,10 +437,10 @@ class Connection:
                 elif status == pq.PollingStatus.WRITING:
                     await trio.lowlevel.wait_writable(cancel.socket)
                 else:
-                    logger.debug("cancel request failed: %s", cancel.get_error_message())
+                    log.debug("cancel request failed: %s", cancel.get_error_message())
                     return
         except psycopg.Error as exc:
-            logger.debug("cancel request failed: %s", exc)
+            log.debug("cancel request failed: %s", exc)
         finally:
             cancel.finish()
 
@@ -509,7 +509,7 @@ class Connection:
             self._fatal_notice = self._error_from_result(result, ConnectionLost)
         else:
             level = logging.WARNING if severity == b"WARNING" else logging.DEBUG
-            logger.log(level, "server says: %s", result.get_error_message().strip())
+            log.log(level, "server says: %s", result.get_error_message().strip())
 
     # -- errors and shutdown --------------------------------------------------------
 

@@ -289,7 +289,7 @@ class ThrowawayPostgres:
 
 
 def main() -> None:
-    """``python -m trio_cluster.postgres.server``: run a server until Ctrl-C or SIGTERM."""
+    """``python -m trio_cluster.pgdriver.server``: run a server until Ctrl-C or SIGTERM."""
 
     def exit_on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwinds through the with-block, which stops the server
