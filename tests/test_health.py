@@ -23,6 +23,7 @@ from trio_cluster import (
     open_runner,
 )
 from trio_cluster.health import Readiness, respond
+from trio_cluster.prometheus import PrometheusMetrics
 from trio_cluster.storage.memory import MemoryStorage
 from trio_cluster.testing import TEST_CONFIG
 
@@ -30,6 +31,7 @@ from .entities import (
     Add,
     Block,
     Boom,
+    Get,
     Negative,
     Probe,
     add,
@@ -39,6 +41,7 @@ from .entities import (
     counter,
     slow_add,
 )
+from .entities import get as get_total
 from .probe_client import get, sample
 from .test_runtime import ids_on_distinct_shards, shard_of
 
@@ -289,3 +292,28 @@ async def test_metrics_move_as_the_traffic_and_faults_predict() -> None:
     assert sample(after, "trio_cluster_entities", entity_type="Counter") == resident
     assert activated - let_go == resident
     assert sample(after, "trio_cluster_waiting_callers") == 0
+
+
+async def test_mailbox_depth_and_backlog_are_sampled_when_scraped() -> None:
+    impl, probe = counter()
+    metrics = PrometheusMetrics(backlog_interval=0.0)  # read the backlog at every scrape
+    async with open_runner(impl, config=TEST_CONFIG, health=LOCAL, instruments=[metrics]) as runner:
+        port = health_port(runner)
+        await runner.tell(block, "d", Block())
+        await probe.started.wait()
+        await runner.tell(add, "d", Add(1))
+        for amount in (1, 2, 3):
+            await runner.tell(slow_add, "p", Add(amount))
+        await probe.wait_until(lambda: probe.runs["slow_add entered"] == 1)
+        shard = shard_of("p")
+        labels = {"group": shard.group, "shard": str(shard.index)}
+        _, busy = await get(port, "/metrics")
+        assert sample(busy, "trio_cluster_mailbox_depth") == runner.mailbox_depth() == 3
+        assert sample(busy, "trio_cluster_backlog", **labels) == 3
+        assert sample(busy, "trio_cluster_backlog_oldest_seconds", **labels) >= 0
+        probe.release.set()
+        await probe.wait_until(lambda: probe.runs["p/slow_add/"] == 3)
+        await runner.ask(get_total, "p", Get())  # after the three replies are stored
+        _, idle = await get(port, "/metrics")
+        assert sample(idle, "trio_cluster_mailbox_depth") == 0
+        assert sample(idle, "trio_cluster_backlog", **labels) == 0

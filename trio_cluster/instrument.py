@@ -42,6 +42,7 @@ from .core.hashing import ShardId
 if TYPE_CHECKING:
     from .runtime.calls import Call, Handling
     from .runtime.context import EntityAddress
+    from .runtime.runner import Runner
 
 __all__ = ["Call", "Handling", "Instrument", "Outcome"]
 
@@ -51,6 +52,10 @@ Outcome = str
 
 class Instrument:
     """Base class of instruments: every method does nothing until overridden."""
+
+    def runner_opened(self, runner: Runner) -> None:
+        """The runner serves (its ``open_runner`` block begins): an instrument that
+        samples gauges (mailbox depth, backlog) may keep it. Reported once."""
 
     # -- sending, in the caller's task ----------------------------------------------
 

@@ -5,8 +5,12 @@ the health server make one (``HealthConfig(metrics=True)``, the default):
 ``/metrics`` then serves it. Each instance has its own registry unless you
 pass one, so runners sharing a process do not add into each other's figures.
 
-Every figure is kept from the runner's events, none is polled: gauges move
-when entities activate, shards are taken, runners join. Labels are bounded:
+Figures are kept from the runner's events (gauges move when entities
+activate, shards are taken, runners join), except two sampled when scraped:
+the mailbox depth (read from the runner, free) and the persisted backlog
+per shard (one status read of the storage, at most every
+``backlog_interval`` seconds, so frequent scrapes cost the database
+nothing more). Labels are bounded:
 entity type, RPC, outcome, error reason, storage operation; never an entity
 id. An RPC name reaches a label only once a handler ran it or this runner's
 own code sent it, so a hostile peer cannot mint label values. See
@@ -15,8 +19,12 @@ docs/operations.md for every name.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import TYPE_CHECKING
+
+import trio
 
 try:
     import prometheus_client as prom
@@ -25,14 +33,18 @@ except ImportError as error:  # pragma: no cover - exercised without the extra o
         "trio_cluster.prometheus needs the prometheus extra: pip install 'trio-cluster[prometheus]'"
     ) from error
 
+from .errors import ClusterError
 from .instrument import Instrument, Outcome
 
 if TYPE_CHECKING:
     from .core.hashing import ShardId
     from .runtime.calls import Call, Handling
     from .runtime.context import EntityAddress
+    from .runtime.runner import Runner
 
 __all__ = ["LATENCY_BUCKETS", "PrometheusMetrics"]
+
+log = logging.getLogger("trio_cluster.prometheus")
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -61,8 +73,13 @@ _NOT_ERRORS = frozenset({"success", "error", "cancelled"})
 class PrometheusMetrics(Instrument):
     """The seeds' metrics and latency histograms, as a Prometheus registry."""
 
-    def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: prom.CollectorRegistry | None = None, *, backlog_interval: float = 10.0
+    ) -> None:
         self.registry = registry if registry is not None else prom.CollectorRegistry()
+        self._runner: Runner | None = None
+        self._backlog_interval = backlog_interval
+        self._backlog_read_at = -math.inf
         r = self.registry
         self.entities = prom.Gauge(
             "trio_cluster_entities",
@@ -80,6 +97,23 @@ class PrometheusMetrics(Instrument):
         )
         self.waiting_callers = prom.Gauge(
             "trio_cluster_waiting_callers", "Asks made here waiting for their reply.", registry=r
+        )
+        self.mailbox_depth = prom.Gauge(
+            "trio_cluster_mailbox_depth",
+            "Requests waiting in the mailboxes of the entities resident here.",
+            registry=r,
+        )
+        self.backlog = prom.Gauge(
+            "trio_cluster_backlog",
+            "Persisted requests without a final reply, per shard served here.",
+            ["group", "shard"],
+            registry=r,
+        )
+        self.backlog_age = prom.Gauge(
+            "trio_cluster_backlog_oldest_seconds",
+            "Age of the oldest persisted request waiting, per shard served here.",
+            ["group", "shard"],
+            registry=r,
         )
         self.requests = prom.Histogram(
             "trio_cluster_request_seconds",
@@ -155,7 +189,36 @@ class PrometheusMetrics(Instrument):
         """The registry in the Prometheus text format, for a ``/metrics`` response."""
         return prom.generate_latest(self.registry)
 
+    async def scrape(self) -> bytes:
+        """The exposition, with the backlog read again if it is older than its interval."""
+        await self.refresh_backlog()
+        return self.exposition()
+
+    async def refresh_backlog(self) -> None:
+        """Read the backlog of the runner's shards (see ``backlog_interval``). A storage
+        that cannot be read leaves the last figures, and a warning in the log."""
+        runner, now = self._runner, trio.current_time()
+        if runner is None or now - self._backlog_read_at < self._backlog_interval:
+            return
+        self._backlog_read_at = now
+        try:
+            shards = await runner.backlog()
+        except ClusterError as error:
+            log.warning("cannot read the backlog for the metrics: %s", error)
+            return
+        self.backlog.clear()
+        self.backlog_age.clear()
+        for shard_id, shard in shards.items():
+            labels = (shard_id.group, str(shard_id.index))
+            self.backlog.labels(*labels).set(shard.backlog)
+            if shard.oldest_age is not None:
+                self.backlog_age.labels(*labels).set(shard.oldest_age)
+
     # -- events -------------------------------------------------------------------
+
+    def runner_opened(self, runner: Runner) -> None:
+        self._runner = runner
+        self.mailbox_depth.set_function(runner.mailbox_depth)
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":

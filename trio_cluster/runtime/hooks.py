@@ -31,6 +31,7 @@ class Hooks:
 
     # The events are attributes named as Instrument's methods, so that call
     # sites read ``hooks.request_sent(call)``; they are set in _rebuild().
+    runner_opened: Callable[..., None]
     request_sent: Callable[..., None]
     request_finished: Callable[..., None]
     handling_started: Callable[..., None]

@@ -158,6 +158,11 @@ class ActiveEntity:
     def idle(self) -> bool:
         return not self._busy and not self.backlog
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the mailbox now (not the one being handled)."""
+        return self._receive.statistics().current_buffer_used
+
     def offer(self, delivery: Delivery) -> None:
         """Queue a request without waiting; the caller's error says why not.
 

@@ -10,7 +10,7 @@ for long. What to answer is decided by :func:`trio_cluster.health.respond`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -32,7 +32,9 @@ MAX_REQUEST_HEAD = 8 * 1024
 class HealthServer:
     """Serves the probes of one runner; ``address`` is set once it listens."""
 
-    def __init__(self, config: HealthConfig, metrics: Callable[[], bytes] | None) -> None:
+    def __init__(
+        self, config: HealthConfig, metrics: Callable[[], Awaitable[bytes]] | None
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self.readiness: Callable[[], Readiness] = _starting
@@ -73,9 +75,8 @@ class HealthServer:
         if request is None:
             return
         target = request.target.decode("ascii", "replace")
-        exposition = (
-            self._metrics() if self._metrics is not None and wants_metrics(target) else None
-        )
+        scrape = self._metrics if wants_metrics(target) else None
+        exposition = None if scrape is None else await scrape()
         answer = respond(
             request.method.decode("ascii", "replace"), target, self.readiness(), exposition
         )

@@ -39,6 +39,9 @@ class Resident(Protocol):
     @property
     def last_active(self) -> float: ...
 
+    @property
+    def queued(self) -> int: ...
+
     def passivate(self) -> None: ...
 
 
@@ -53,6 +56,10 @@ class Residency:
 
     def keys(self) -> KeysView[str]:
         return self._resident.keys()
+
+    def queued(self) -> int:
+        """Requests waiting in the mailboxes of every resident entity now."""
+        return sum(resident.queued for resident in self._resident.values())
 
     def admit(self, entity: Resident) -> None:
         """Make room under the cap, then count ``entity`` as resident."""

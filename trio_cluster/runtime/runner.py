@@ -25,7 +25,7 @@ import contextvars
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from itertools import count
 from types import MappingProxyType
@@ -43,6 +43,7 @@ from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
 from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
+from ..storage.status import ClusterStatus, ShardStatus
 from ..transport.network import Network, TransportConfig, open_listeners
 from .client import Client
 from .hooks import Hooks
@@ -86,6 +87,7 @@ class Runner(metaclass=NoPublicConstructor):
         hooks: Hooks,
         router: Router,
         states: StateStorage,
+        read_status: Callable[..., Awaitable[ClusterStatus]] | None,
     ) -> None:
         self.address = address
         self.config = config
@@ -101,6 +103,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._metrics = metrics
         self._hooks = hooks
         self._states = states
+        self._read_status = read_status
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -142,6 +145,25 @@ class Runner(metaclass=NoPublicConstructor):
     def health_address(self) -> tuple[str, int] | None:
         """Where the health server listens (None without one)."""
         return None if self._health is None else self._health.address
+
+    def mailbox_depth(self) -> int:
+        """Requests waiting in the mailboxes of the entities resident here now."""
+        return self._residency.queued()
+
+    async def backlog(self) -> dict[ShardId, ShardStatus]:
+        """The persisted requests waiting in each shard this runner serves, from one
+        status read of the storage (for metrics at scrape time, not a hot path).
+        Empty for a storage that cannot report its status."""
+        if self._read_status is None:
+            return {}
+        status = await self._read_status(shards_per_group=self.config.shards_per_group)
+        me = self.machine_id
+        return {
+            ShardId(group.name, shard.index): shard
+            for group in status.groups
+            for shard in group.shards
+            if shard.owner == me
+        }
 
     def owns_its_assignment(self) -> bool:
         return self._keeper.owns_its_assignment()
@@ -229,7 +251,7 @@ def _probes(health: HealthConfig | None, instruments: Sequence[Instrument]) -> _
 
     given = next((i for i in instruments if isinstance(i, PrometheusMetrics)), None)
     metrics = given or PrometheusMetrics()
-    return _Probes(HealthServer(health, metrics.exposition), () if given else (metrics,))
+    return _Probes(HealthServer(health, metrics.scrape), () if given else (metrics,))
 
 
 def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -> dict[str, Hosted]:
@@ -323,6 +345,7 @@ async def open_runner(
                     hooks=hooks,
                 )
                 runner._phase = "serving"
+                hooks.runner_opened(runner)
                 try:
                     yield runner
                 except BaseException as error:
@@ -444,6 +467,7 @@ def _assemble(
         metrics=counters,
         hooks=hooks,
         states=storage.states,
+        read_status=getattr(storage, "read_status", None),
     )
     return _Parts(runner, router, keeper, follower, residency)
 
