@@ -188,6 +188,24 @@ class PgMessageStorage:
                 request_id=request_id,
             )
 
+    async def purge(self, lease: Lease, window: float, limit: int) -> int:
+        """Delete up to *limit* of the shard's processed requests replied over *window* s ago.
+
+        Only the shard's owner calls this (see `trio_cluster.storage.retention`),
+        and the window is measured on the server's clock, the one that stamped
+        ``replied_at``.
+        """
+        p = self._prefix
+        with translated("purge processed requests of %s", lease.shard):
+            return await self._pool.execute(
+                f"DELETE FROM {p}messages WHERE request_id IN (SELECT request_id"
+                f" FROM {p}messages WHERE shard_group = $1 AND shard_index = $2 AND processed"
+                " AND replied_at <= now() - make_interval(secs => $3) ORDER BY replied_at"
+                " LIMIT $4)",
+                [lease.shard.group, lease.shard.index, float(window), limit],
+                prepare=True,
+            )
+
     async def reply_for(self, request_id: int) -> bytes | None:
         with translated("read reply to %s", request_id):
             reply = await self._pool.fetchval(
