@@ -3,9 +3,13 @@
 Run from the repository root::
 
     python -m benchmarks.cluster [--quick] [--repeats N] [--json PATH] [--markdown PATH]
+                                 [--no-durability]
 
-It starts a throwaway PostgreSQL server (``trio_cluster.pgdriver.server``,
-fsync and synchronous_commit off, as the tests run it), then in every repeat
+It starts a throwaway PostgreSQL server (``trio_cluster.pgdriver.server``)
+with stock durability (fsync, synchronous_commit and full_page_writes on:
+what users run; ``--no-durability`` turns them off, as the tests run it,
+and the report's header says which), with pg_stat_statements loaded, then
+in every repeat
 (5 by default, 3 with ``--quick``), on fresh tables:
 
 * two runner processes (``benchmarks/bench_node.py``) hosting a small entity
@@ -35,7 +39,9 @@ What it measures, each repeat:
   time per message: each runner's ``time.process_time()`` (asked for over
   its stdin) divided by the messages it processed, this process's for the
   client, and the PostgreSQL server's (``/proc``, every process of that
-  server) divided by the messages;
+  server) divided by the messages; for persisted messages also the
+  statements, plans, transactions and WAL flushes PostgreSQL counted
+  (``benchmarks/pgstats.py``), per message;
 * failover: SIGKILL one runner, then the time until the client's
   assignment no longer names it, until every one of its shards answers a
   volatile ask again (one probe entity per shard, re-asked every few
@@ -106,6 +112,7 @@ from .common import (
     write_json,
 )
 from .common import concurrently as _concurrently_among
+from .pgstats import SERVER_SETTINGS, SETTLE_S, enable_statements, server_cpu, snapshot
 from .plot import write_latency_plot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -178,30 +185,6 @@ def start_node(children: Children, dsn: str, prefix: str) -> Node:
         stdin=True,
     )
     return Node(child)
-
-
-def server_cpu(server: ThrowawayPostgres) -> float | None:
-    """CPU seconds used so far by the server's postmaster and its live children (Linux)."""
-    if server.directory is None:
-        return None
-    try:
-        postmaster = int((server.directory / "data" / "postmaster.pid").read_text().split()[0])
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # fields[1] is the ppid; utime and stime are fields 14 and 15 of stat.
-            if int(entry.name) == postmaster or int(fields[1]) == postmaster:
-                total += int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total / ticks
 
 
 # -- the raw baseline: the cluster's frames over a bare Trio TCP connection ---------
@@ -366,6 +349,8 @@ class Cluster:
     client: Runner
     nodes: list[Node] = field(default_factory=list)
     failed_asks: int = 0
+    statements: bool = False
+    """Whether the server counts statements (pg_stat_statements is loaded)."""
 
     def owner(self, entity_id: str) -> str | None:
         return self.client.assignment.get(Bench.shard_of(entity_id, SHARDS))
@@ -419,7 +404,9 @@ async def open_cluster(
             storage=storage, config=CONFIG, transport=TransportConfig(cluster=prefix)
         ) as client,
     ):
-        cluster = Cluster(children, server, dsn, prefix, client, nodes)
+        async with open_connection(dsn) as conn:
+            statements = await enable_statements(conn)
+        cluster = Cluster(children, server, dsn, prefix, client, nodes, statements=statements)
         await cluster.settled()
         try:
             yield cluster
@@ -467,14 +454,24 @@ async def throughput(cluster: Cluster, sizes: Sizes, record: Record, *, persiste
             if await cluster.ask(rpc, entities[(i + j) % SENDERS], Payload(1, f"{name}{i}-{j}")):
                 latencies.append(clock() - start)
 
-    before = await cluster.statuses()
-    client_before = time.process_time()
-    server_before = server_cpu(cluster.server)
-    elapsed = await concurrently(sender)
-    client_cpu = time.process_time() - client_before
-    server_after = server_cpu(cluster.server)
-    after = await cluster.statuses()
+    async with open_connection(cluster.dsn) as stats:
+        if persisted:
+            await trio.sleep(SETTLE_S)
+        counters_before = await snapshot(stats, statements=cluster.statements)
+        before = await cluster.statuses()
+        client_before = time.process_time()
+        server_before = server_cpu(cluster.server)
+        elapsed = await concurrently(sender)
+        client_cpu = time.process_time() - client_before
+        server_after = server_cpu(cluster.server)
+        after = await cluster.statuses()
+        if persisted:
+            await trio.sleep(SETTLE_S)
+        counters_after = await snapshot(stats, statements=cluster.statements)
     messages = per_sender * SENDERS
+    if persisted:
+        for key, value in counters_after.per_message(counters_before, messages).items():
+            record(f"pg.{name}.{key}", value)
     processed = sum(a.processed - b.processed for a, b in zip(after, before, strict=True))
     runner_cpu = sum(a.cpu - b.cpu for a, b in zip(after, before, strict=True))
     latencies.sort()
@@ -639,6 +636,12 @@ METRICS: Final = (
     Metric("cpu.persisted.client", "Client CPU per persisted message", "µs",
            baseline="raw.cpu_client"),
     Metric("cpu.persisted.server", "PostgreSQL CPU per persisted message", "µs"),
+    Metric("pg.persisted.statements", "PostgreSQL statements per persisted message", "count"),
+    Metric("pg.persisted.plans", "PostgreSQL plans made per persisted message", "count"),
+    Metric("pg.persisted.transactions", "PostgreSQL transactions per persisted message",
+           "count"),
+    Metric("pg.persisted.wal_flushes", "PostgreSQL WAL flushes per persisted message",
+           "count"),
     Metric("failover.assignment", "Failover: client's assignment drops the killed runner",
            "ms"),
     Metric("failover.all_shards", "Failover: all its shards serve again", "ms"),
@@ -667,6 +670,13 @@ TARGETS: Final = (
     Target("Volatile p50 within 2x raw round trip", "volatile.p50", "<=", 2.0, "x", True),
     Target("Volatile p99 < 0.5 ms", "volatile.p99", "<", 500, "µs"),
     Target("Persisted p99 < 4 ms", "persisted.p99", "<", 4000, "µs"),
+    Target("Persisted p99 <= 3 ms (issue 11)", "persisted.p99", "<=", 3000, "µs"),
+    Target("Persisted p99 at saturation <= 50 ms (issue 11)", "load.persisted.p99", "<=",
+           50_000, "µs"),
+    Target("PostgreSQL CPU per persisted message <= 300 µs (issue 11)",
+           "cpu.persisted.server", "<=", 300, "µs"),
+    Target("WAL flushes per persisted message <= 0.3 (issue 11)", "pg.persisted.wal_flushes",
+           "<=", 0.3, "count"),
     Target(">= 30,000 msg/s volatile", "throughput.volatile", ">=", 30_000, "msg/s"),
     Target(">= 5,000 msg/s persisted", "throughput.persisted", ">=", 5_000, "msg/s"),
     Target("< 0.1 ms CPU per volatile message, each runner", "cpu.volatile.runner_max", "<",
@@ -682,7 +692,7 @@ SLA_LIMIT_US: Final = 100_000
 
 
 def _format(value: float, unit: str) -> str:
-    if unit == "s":
+    if unit in ("s", "count"):
         return f"{value:,.2f}"
     if unit in ("µs", "ms") and value < 100:
         return f"{value:,.1f}"
@@ -798,6 +808,13 @@ def report_json(
     }
 
 
+def durability_label(durable: bool) -> str:
+    """How the report names the server's durability: every figure depends on it."""
+    if durable:
+        return "stock durability: fsync, synchronous_commit, full_page_writes on"
+    return "durability OFF: fsync, synchronous_commit, full_page_writes off"
+
+
 async def server_version(dsn: str) -> str:
     async with open_connection(dsn) as conn:
         return str(await conn.fetchval("SHOW server_version"))
@@ -842,21 +859,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--plot", type=Path, metavar="PATH", help="also draw the latency distributions (PNG)"
     )
+    parser.add_argument(
+        "--no-durability",
+        action="store_true",
+        help="run PostgreSQL with fsync, synchronous_commit and full_page_writes off"
+        " (the default is stock durability, as users run it)",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     repeats = repeats_of(parser, args)
+    durable = not args.no_durability
 
     started = clock()
     # Children exit first: every runner is gone before the server stops.
-    with ThrowawayPostgres() as server, Children() as children:
+    server = ThrowawayPostgres(durable=durable, settings=SERVER_SETTINGS)
+    with server, Children() as children:
         version = trio.run(server_version, server.dsn)
         distributions: dict[str, list[int]] = {}
         values, failed = trio.run(measure_all, children, server, sizes, repeats, distributions)
     elapsed_s = (clock() - started) / 1e9
-    env = environment(version)
+    env = environment(version) | {"durability": durability_label(durable)}
     header = (
         f"trio_cluster cross-runner benchmark: Python {env['python']}, {env['cpus']} CPUs, "
-        f"PostgreSQL {version}, 2 runner processes + client-only runner in the benchmark "
+        f"PostgreSQL {version} ({env['durability']}), 2 runner processes + client-only "
+        "runner in the benchmark "
         f"process, {repeats} repeats, median (min, max); {elapsed_s:.0f} s; "
         f"failed asks: {failed}"
     )

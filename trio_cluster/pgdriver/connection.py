@@ -7,6 +7,13 @@ for their whole round trip. Idle readers (`Connection.wait_notification`,
 statement that wants the lock cancels the idle reader's wait, runs, and the idle reader
 resumes afterwards. So a lease holder can watch its lock connection for loss *and* run
 statements on it, without either blocking the other.
+
+Statements run with ``prepare=True`` are prepared once per connection (named, in a
+bounded `StatementCache`) and then only bound and executed: the server skips parsing
+and planning them again. A new connection (a reconnect) starts with an empty cache; a
+plan the server lost or invalidated (SQLSTATE 26000, 0A000) is prepared again, and the
+statement retried once when no transaction is open (inside one, the error aborted the
+transaction, so it is raised as the unnamed path would).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypedDict, Unpack
 
 import psycopg
@@ -27,6 +35,7 @@ from psycopg.pq.abc import PGconn, PGresult
 
 from trio_cluster.pgdriver.codec import Param, decode_rows, encode_params
 from trio_cluster.pgdriver.errors import ConnectionLost, PgError, error_class_for
+from trio_cluster.pgdriver.statements import StatementCache, StatementKey
 
 __all__ = ["ConnectOptions", "Connection", "Notification", "open_connection"]
 
@@ -42,8 +51,14 @@ _NONBLOCKING_CANCEL = pq.version() >= 170000
 _OK = pq.ExecStatus.COMMAND_OK
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _EMPTY_QUERY = pq.ExecStatus.EMPTY_QUERY
+_SUCCESS = frozenset({_OK, _TUPLES_OK, _EMPTY_QUERY})
 _COPY_STATES = frozenset({pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH})
 _TX_IDLE = pq.TransactionStatus.IDLE
+_TX_INERROR = pq.TransactionStatus.INERROR
+_PLAN_GONE = frozenset({b"26000", b"0A000"})
+"""invalid_sql_statement_name (DEALLOCATE ALL, a pooler) and feature_not_supported
+("cached plan must not change result type": the schema changed under the plan)."""
+_NO_SUCH_STATEMENT = b"26000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +161,28 @@ async def _finish_connecting(pgconn: PGconn) -> None:
             raise ConnectionLost(f"cannot connect: {pgconn.get_error_message()}")
 
 
+def _send_prepared(
+    name: bytes, values: list[bytes | None], formats: list[int] | None, pgconn: PGconn
+) -> None:
+    pgconn.send_query_prepared(name, values, formats)
+
+
+def _send_prepare(name: bytes, command: bytes, oids: list[int], pgconn: PGconn) -> None:
+    pgconn.send_prepare(name, command, oids)
+
+
+def _send_simple(command: bytes, pgconn: PGconn) -> None:
+    pgconn.send_query(command)
+
+
+def _sqlstate(results: list[PGresult]) -> bytes | None:
+    """The SQLSTATE of the first failed result, None if none failed."""
+    for result in results:
+        if result.status not in _SUCCESS:
+            return result.error_field(pq.DiagnosticField.SQLSTATE) or b""
+    return None
+
+
 class Connection:
     """A connection to PostgreSQL.
 
@@ -168,6 +205,7 @@ class Connection:
         self._listening = False
         self._fatal_notice: PgError | None = None
         self._lost_reason = "the connection was lost"
+        self._statements = StatementCache()
         pgconn.notice_handler = self._on_notice
 
     def __repr__(self) -> str:
@@ -207,23 +245,35 @@ class Connection:
 
     # -- statements -----------------------------------------------------------------
 
-    async def fetch(self, sql: str, params: Sequence[Param] = ()) -> list[tuple[Any, ...]]:
-        """All result rows; parameters are ``$1``, ``$2``... (extended protocol)."""
-        return decode_rows(await self._query(sql, params))
+    async def fetch(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """All result rows; parameters are ``$1``, ``$2``... (extended protocol).
 
-    async def fetchrow(self, sql: str, params: Sequence[Param] = ()) -> tuple[Any, ...] | None:
+        With *prepare*, the statement is prepared on first use and reused after (see
+        the module docstring): for the hot statements, not for one-off texts.
+        """
+        return decode_rows(await self._query(sql, params, prepare=prepare))
+
+    async def fetchrow(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> tuple[Any, ...] | None:
         """The first row, or None when there are no rows."""
-        rows = decode_rows(await self._query(sql, params))
+        rows = decode_rows(await self._query(sql, params, prepare=prepare))
         return rows[0] if rows else None
 
-    async def fetchval(self, sql: str, params: Sequence[Param] = ()) -> Any:
+    async def fetchval(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> Any:
         """The first column of the first row, or None when there are no rows."""
-        rows = decode_rows(await self._query(sql, params))
+        rows = decode_rows(await self._query(sql, params, prepare=prepare))
         return rows[0][0] if rows and rows[0] else None
 
-    async def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+    async def execute(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> int:
         """Run one statement; the number of rows it affected (0 when not applicable)."""
-        result = await self._query(sql, params)
+        result = await self._query(sql, params, prepare=prepare)
         return result.command_tuples or 0
 
     async def execute_script(self, sql: str) -> None:
@@ -348,39 +398,92 @@ class Connection:
         finally:
             self._lock.release()
 
-    async def _query(self, sql: str, params: Sequence[Param]) -> PGresult:
+    async def _query(self, sql: str, params: Sequence[Param], *, prepare: bool = False) -> PGresult:
         values, oids, formats = encode_params(params)
         command = sql.encode()
+        # In a failed transaction every statement fails alike: no point preparing.
+        if prepare and self._pgconn.transaction_status != _TX_INERROR:
+            return await self._query_prepared((command, tuple(oids)), values, formats)
 
         def send(pgconn: PGconn) -> None:
             pgconn.send_query_params(command, values, oids, formats)
 
-        results = await self._run(send)
+        return self._single(await self._run(send))
+
+    def _single(self, results: list[PGresult]) -> PGresult:
         self._raise_first_error(results)
         if len(results) != 1:
             raise PgError(f"expected one result, got {len(results)}; use execute_script")
         return results[0]
 
-    async def _run(self, send: Callable[[PGconn], None]) -> list[PGresult]:
-        """Send a statement and collect its results; the one place statements wait."""
+    async def _query_prepared(
+        self, key: StatementKey, values: list[bytes | None], formats: list[int] | None
+    ) -> PGresult:
+        """Execute the statement prepared for *key*, preparing it first if needed.
+
+        The whole exchange holds the connection, so two tasks never prepare the same
+        statement twice.
+        """
         async with self._exclusive() as pgconn:
-            try:
-                send(pgconn)
-            except psycopg.Error as exc:
-                if pgconn.status == pq.ConnStatus.BAD:
-                    raise self._lose(f"cannot send: {exc}") from None
-                raise PgError(f"cannot send: {exc}") from None
-            try:
-                results = await self._collect_results(pgconn)
-            except ConnectionLost:
-                raise
-            except BaseException:
-                # Cancelled (or worse) mid-statement: get the connection back in sync.
-                await self._abandon_statement(pgconn)
-                raise
+            retried = False
+            while True:
+                name = self._statements.get(key)
+                if name is None:
+                    name = await self._prepare(pgconn, key)
+                results = await self._round_trip(
+                    pgconn, partial(_send_prepared, name, values, formats)
+                )
+                sqlstate = _sqlstate(results)
+                if sqlstate in _PLAN_GONE:
+                    self._statements.discard(key, deallocate=sqlstate != _NO_SUCH_STATEMENT)
+                    if not retried and pgconn.transaction_status == _TX_IDLE:
+                        retried = True
+                        continue
+                return self._single(results)
+
+    async def _prepare(self, pgconn: PGconn, key: StatementKey) -> bytes:
+        if pgconn.transaction_status == _TX_IDLE:
+            # DEALLOCATE is refused in a failed transaction; outside one it is harmless.
+            for retired in self._statements.take_retired():
+                results = await self._round_trip(
+                    pgconn, partial(_send_simple, b"DEALLOCATE " + retired)
+                )
+                if _sqlstate(results) not in {None, _NO_SUCH_STATEMENT}:
+                    self._raise_first_error(results)
+        name = self._statements.new_name()
+        command, oids = key
+        results = await self._round_trip(pgconn, partial(_send_prepare, name, command, list(oids)))
+        self._raise_first_error(results)
+        self._statements.add(key, name)
+        return name
+
+    async def _run(self, send: Callable[[PGconn], None]) -> list[PGresult]:
+        """Send a statement and collect its results on the exclusively held connection."""
+        async with self._exclusive() as pgconn:
+            return await self._round_trip(pgconn, send)
+
+    async def _round_trip(self, pgconn: PGconn, send: Callable[[PGconn], None]) -> list[PGresult]:
+        """Send one statement and collect its results; the one place statements wait.
+
+        The caller holds `_exclusive`.
+        """
+        try:
+            send(pgconn)
+        except psycopg.Error as exc:
             if pgconn.status == pq.ConnStatus.BAD:
-                raise self._lose_after(results, "the connection was lost")
-            return results
+                raise self._lose(f"cannot send: {exc}") from None
+            raise PgError(f"cannot send: {exc}") from None
+        try:
+            results = await self._collect_results(pgconn)
+        except ConnectionLost:
+            raise
+        except BaseException:
+            # Cancelled (or worse) mid-statement: get the connection back in sync.
+            await self._abandon_statement(pgconn)
+            raise
+        if pgconn.status == pq.ConnStatus.BAD:
+            raise self._lose_after(results, "the connection was lost")
+        return results
 
     async def _collect_results(self, pgconn: PGconn) -> list[PGresult]:
         while self._flush(pgconn):
@@ -515,7 +618,7 @@ class Connection:
 
     def _raise_first_error(self, results: list[PGresult]) -> None:
         for result in results:
-            if result.status not in {_OK, _TUPLES_OK, _EMPTY_QUERY}:
+            if result.status not in _SUCCESS:
                 error = self._error_from_result(result, None)
                 if isinstance(error, ConnectionLost):
                     self._shut(broken=True)

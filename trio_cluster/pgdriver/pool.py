@@ -36,7 +36,8 @@ class Pool:
     A returned connection is reused only if it is healthy, outside a transaction and
     not LISTENing; otherwise it is closed and a new one is opened on demand. Session
     state (SET, temporary tables, session advisory locks) survives reuse, so keep it
-    off pooled connections.
+    off pooled connections. Prepared statements (``prepare=True``) are such state on
+    purpose: each connection keeps its own, and a replaced connection starts afresh.
     """
 
     def __init__(self, dsn: str, size: int, connect_options: ConnectOptions) -> None:
@@ -77,25 +78,33 @@ class Pool:
             finally:
                 self._give_back(conn)
 
-    async def fetch(self, sql: str, params: Sequence[Param] = ()) -> list[tuple[Any, ...]]:
+    async def fetch(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
         """`Connection.fetch` on a borrowed connection."""
         async with self.connection() as conn:
-            return await conn.fetch(sql, params)
+            return await conn.fetch(sql, params, prepare=prepare)
 
-    async def fetchrow(self, sql: str, params: Sequence[Param] = ()) -> tuple[Any, ...] | None:
+    async def fetchrow(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> tuple[Any, ...] | None:
         """`Connection.fetchrow` on a borrowed connection."""
         async with self.connection() as conn:
-            return await conn.fetchrow(sql, params)
+            return await conn.fetchrow(sql, params, prepare=prepare)
 
-    async def fetchval(self, sql: str, params: Sequence[Param] = ()) -> Any:
+    async def fetchval(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> Any:
         """`Connection.fetchval` on a borrowed connection."""
         async with self.connection() as conn:
-            return await conn.fetchval(sql, params)
+            return await conn.fetchval(sql, params, prepare=prepare)
 
-    async def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+    async def execute(
+        self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
+    ) -> int:
         """`Connection.execute` on a borrowed connection."""
         async with self.connection() as conn:
-            return await conn.execute(sql, params)
+            return await conn.execute(sql, params, prepare=prepare)
 
     def close(self) -> None:
         """Close idle connections now and borrowed ones when they come back."""

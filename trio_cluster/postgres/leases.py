@@ -142,6 +142,10 @@ class PgLeaseSession:
         """Return once the lock connection is up and the runner registered on it."""
         await self._registered.wait()
 
+    def held(self) -> list[Lease]:
+        """The leases held now (the shards whose processed requests this runner purges)."""
+        return list(self._held.values())
+
     @property
     def backend_pid(self) -> int | None:
         """The lock connection's server process, for operators and tests."""

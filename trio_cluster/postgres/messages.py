@@ -7,6 +7,10 @@ that can strand a request). Completing a request is fenced: the reply is
 written only while the shard's epoch is still the writer's, checked under
 a share lock on the shard row so that a new owner's epoch bump and a stale
 owner's reply are strictly ordered.
+
+Every statement here runs once or more per persisted message, so each is
+prepared on its connection (``prepare=True``): the server plans it once per
+connection instead of once per call.
 """
 
 from __future__ import annotations
@@ -133,11 +137,14 @@ class PgMessageStorage:
                     notice,
                     announce,
                 ],
+                prepare=True,
             )
             if inserted is not None:
                 return Saved(envelope.request_id)
             row = await self._pool.fetchrow(
-                f"SELECT request_id, reply FROM {p}messages WHERE dedup_key = $1", [dedup_key]
+                f"SELECT request_id, reply FROM {p}messages WHERE dedup_key = $1",
+                [dedup_key],
+                prepare=True,
             )
         if row is None:
             raise PersistenceError(f"request with key {dedup_key!r} vanished while storing")
@@ -173,6 +180,7 @@ class PgMessageStorage:
                 " sent AS (SELECT pg_notify($6, 'r:' || $7::text || ':' || request_id) FROM done)"
                 " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)",
                 params,
+                prepare=True,
             )
         if row is None or not row[0]:
             raise EntityNotAssignedToRunner(
@@ -180,10 +188,30 @@ class PgMessageStorage:
                 request_id=request_id,
             )
 
+    async def purge(self, lease: Lease, window: float, limit: int) -> int:
+        """Delete up to *limit* of the shard's processed requests replied over *window* s ago.
+
+        Only the shard's owner calls this (see `trio_cluster.storage.retention`),
+        and the window is measured on the server's clock, the one that stamped
+        ``replied_at``.
+        """
+        p = self._prefix
+        with translated("purge processed requests of %s", lease.shard):
+            return await self._pool.execute(
+                f"DELETE FROM {p}messages WHERE request_id IN (SELECT request_id"
+                f" FROM {p}messages WHERE shard_group = $1 AND shard_index = $2 AND processed"
+                " AND replied_at <= now() - make_interval(secs => $3) ORDER BY replied_at"
+                " LIMIT $4)",
+                [lease.shard.group, lease.shard.index, float(window), limit],
+                prepare=True,
+            )
+
     async def reply_for(self, request_id: int) -> bytes | None:
         with translated("read reply to %s", request_id):
             reply = await self._pool.fetchval(
-                f"SELECT reply FROM {self._prefix}messages WHERE request_id = $1", [request_id]
+                f"SELECT reply FROM {self._prefix}messages WHERE request_id = $1",
+                [request_id],
+                prepare=True,
             )
         return None if reply is None else bytes(reply)
 
@@ -221,7 +249,7 @@ class PgMessageStorage:
 
     async def _read(self, sql: str, params: Sequence[Any], shard: ShardId) -> list[Envelope]:
         with translated("read requests of %s", shard):
-            rows = await self._pool.fetch(sql, params)
+            rows = await self._pool.fetch(sql, params, prepare=True)
         return [_envelope(row) for row in rows]
 
     @asynccontextmanager

@@ -84,6 +84,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (entity_type, entity_id)
     );
     """,
+    # 4: what retention deletes, per shard, oldest reply first.
+    """
+    CREATE INDEX {p}messages_processed
+        ON {p}messages (shard_group, shard_index, replied_at) WHERE processed;
+    """,
 )
 
 

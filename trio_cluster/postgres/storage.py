@@ -17,6 +17,7 @@ from ..core.hashing import ShardId
 from ..errors import PersistenceError
 from ..pgdriver.errors import PgError
 from ..pgdriver.pool import Pool, open_pool
+from ..storage.retention import Retention, sweep_forever
 from ..storage.status import ClusterStatus
 from .boundary import translated
 from .leases import LeaseTiming, PgLeaseSession
@@ -37,8 +38,10 @@ class PostgresStorage:
         timing: LeaseTiming,
         *,
         connect_deadline: float | None = DEFAULT_CONNECT_DEADLINE,
+        retention: Retention | None = None,
     ) -> None:
         self._dsn = dsn
+        self._retention = retention
         self._prefix = prefix
         self._pool = pool
         self._messages = messages
@@ -86,7 +89,11 @@ class PostgresStorage:
     async def session(
         self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AsyncIterator[PgLeaseSession]:
-        """Register a runner on a dedicated lock connection, supervised by its own task."""
+        """Register a runner on a dedicated lock connection, supervised by its own task.
+
+        With a retention, the runner also purges the shards it holds (see
+        `trio_cluster.storage.retention`).
+        """
         session = PgLeaseSession(
             self._dsn,
             self._prefix,
@@ -98,6 +105,10 @@ class PostgresStorage:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
+            if self._retention is not None:
+                nursery.start_soon(
+                    sweep_forever, self._retention, session.held, self._messages.purge
+                )
             try:
                 yield session
             finally:
@@ -120,6 +131,7 @@ async def open_postgres_storage(
     pool_size: int = 10,
     timing: LeaseTiming | None = None,
     connect_deadline: float | None = DEFAULT_CONNECT_DEADLINE,
+    retention: Retention | None = Retention(),  # noqa: B008 - frozen, so shared safely
 ) -> AsyncIterator[PostgresStorage]:
     """Storage for runners sharing the database at ``dsn``.
 
@@ -131,6 +143,11 @@ async def open_postgres_storage(
     seconds (30 by default; ``None``: until cancelled; ``0``: fail at once),
     logging each failed attempt; past it, ``PersistenceError``. A runner's lock session
     waits as long for its first registration (``open_runner`` then waits too).
+
+    Processed requests and their replies are deleted ``retention.window`` seconds
+    (a day by default) after their reply, by the runner owning their shard; a retry
+    with the same primary key is deduplicated only within that window. ``None``
+    keeps every request forever.
     """
     check_prefix(prefix)
     try:
@@ -143,5 +160,11 @@ async def open_postgres_storage(
     async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
         messages = PgMessageStorage(pool, dsn, prefix)
         yield PostgresStorage(
-            dsn, prefix, pool, messages, timing or LeaseTiming(), connect_deadline=connect_deadline
+            dsn,
+            prefix,
+            pool,
+            messages,
+            timing or LeaseTiming(),
+            connect_deadline=connect_deadline,
+            retention=retention,
         )

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from itertools import count
+from functools import partial
+from itertools import count, islice
 
 import attrs
 import trio
@@ -23,6 +24,7 @@ from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
 from .base import Lease, MembershipChanged, Notice, Replied, Saved, StateWrite, Stored
 from .notices import Follower, open_follower
+from .retention import Retention, sweep_forever
 from .status import ClusterStatus, RunnerStatus, shard_map
 
 
@@ -45,11 +47,17 @@ class MemoryStorage:
 
     Set :attr:`available` to False to simulate an outage: every call then
     raises PersistenceError, as the PostgreSQL storage does when its server
-    is unreachable.
+    is unreachable. Processed requests are purged after ``retention`` as in
+    PostgreSQL (see :mod:`.retention`), timed on Trio's clock; ``None`` keeps them.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        retention: Retention | None = Retention(),  # noqa: B008 - frozen, so shared safely
+    ) -> None:
         self.available = True
+        self._retention = retention
         self._machine_ids = count(1)
         self._live: dict[int, RunnerSpec] = {}
         self._registered_at: dict[int, datetime] = {}
@@ -60,6 +68,9 @@ class MemoryStorage:
         # Per shard, the ids of requests without a final reply, oldest first
         # (a dict is an ordered set).
         self._pending: dict[ShardId, dict[int, None]] = {}
+        # Per shard, the ids of processed requests with their reply's Trio time,
+        # oldest first: what retention deletes.
+        self._replied: dict[ShardId, dict[int, float]] = {}
         self._states: dict[tuple[str, str], bytes] = {}
         self._followers: list[Follower] = []
 
@@ -96,7 +107,12 @@ class MemoryStorage:
         self._registered_at[machine_id] = datetime.now(UTC)
         self._announce(MembershipChanged())
         try:
-            yield _MemorySession(self, machine_id, on_lease_lost)
+            async with trio.open_nursery() as nursery:
+                if self._retention is not None:
+                    held = partial(self._held_by, machine_id)
+                    nursery.start_soon(sweep_forever, self._retention, held, self.purge)
+                yield _MemorySession(self, machine_id, on_lease_lost)
+                nursery.cancel_scope.cancel()
         finally:
             self._live.pop(machine_id, None)
             self._registered_at.pop(machine_id, None)
@@ -104,6 +120,13 @@ class MemoryStorage:
                 if holder.machine_id == machine_id:
                     del self._holders[shard]
             self._announce(MembershipChanged())
+
+    def _held_by(self, machine_id: int) -> list[Lease]:
+        return [
+            Lease(shard, machine_id, holder.epoch)
+            for shard, holder in self._holders.items()
+            if holder.machine_id == machine_id
+        ]
 
     def _announce(self, notice: Notice) -> None:
         for follower in self._followers:
@@ -201,7 +224,21 @@ class MemoryStorage:
         if state is not None:
             self._write_state(state)
         self._pending.get(lease.shard, {}).pop(request_id, None)
+        self._replied.setdefault(lease.shard, {})[request_id] = trio.current_time()
         self._announce(Replied(request_id, lease.machine_id))
+
+    async def purge(self, lease: Lease, window: float, limit: int) -> int:
+        """Forget up to *limit* of the shard's requests replied over *window* seconds ago."""
+        await self._enter()
+        replied = self._replied.get(lease.shard, {})
+        cutoff = trio.current_time() - window
+        doomed = [i for i, at in islice(replied.items(), limit) if at <= cutoff]
+        for request_id in doomed:
+            del replied[request_id]
+            stored = self._requests.pop(request_id)
+            if stored.envelope.dedup_key is not None:
+                self._by_dedup_key.pop(stored.envelope.dedup_key, None)
+        return len(doomed)
 
     # -- entity state -----------------------------------------------------------
 
