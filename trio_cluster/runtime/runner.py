@@ -86,6 +86,7 @@ class Runner(metaclass=NoPublicConstructor):
         hooks: Hooks,
         router: Router,
         states: StateStorage,
+        hosted: frozenset[str],
     ) -> None:
         self.address = address
         self.config = config
@@ -101,6 +102,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._metrics = metrics
         self._hooks = hooks
         self._states = states
+        self._hosted = hosted
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -145,6 +147,20 @@ class Runner(metaclass=NoPublicConstructor):
 
     def owns_its_assignment(self) -> bool:
         return self._keeper.owns_its_assignment()
+
+    def is_local(self, entity: Entity, entity_id: str) -> bool:
+        """Whether the entity would run here now: its type is hosted here and its
+        shard is served here, taking requests.
+
+        False while the shard drains for a handoff (it takes nothing new
+        then) and once its lease is lost. A hint for placing work near its
+        data, never a lock: the shard may move the next moment, so act on
+        it only where a wrong guess costs time, not correctness.
+        """
+        if entity.name not in self._hosted:
+            return False
+        shard = self._shards.get(entity.shard_of(entity_id, self.config.shards_per_group))
+        return shard is not None and shard.accepting
 
     async def stored_state_ids(
         self, entity: Entity, *, after: str = "", limit: int = 1000
@@ -444,6 +460,7 @@ def _assemble(
         metrics=counters,
         hooks=hooks,
         states=storage.states,
+        hosted=frozenset(hosted),
     )
     return _Parts(runner, router, keeper, follower, residency)
 
