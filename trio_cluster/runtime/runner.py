@@ -9,7 +9,9 @@ parent still gets a clean handoff.
 The parts, each with one job and each a failure boundary of its own:
 
 - :class:`~.routing.Router`: where a request goes; requests from peers;
-- :class:`~.keeper.ShardKeeper`: the assignment, acquiring and handing off shards;
+- :class:`~.keeper.ShardKeeper`: the assignment, acquiring and handing off shards
+  and singleton leases;
+- :class:`~.singletons.SingletonRuntime`: one singleton held here, its function supervised;
 - :class:`~.residency.Residency`: which entities stay resident (idle passivation, the cap);
 - :class:`~.notices.NoticeFollower`: acting on storage notices;
 - :class:`~.client.Client`: ``ask`` and ``tell``;
@@ -25,7 +27,7 @@ import contextvars
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Set
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from itertools import count
 from types import MappingProxyType
@@ -38,9 +40,11 @@ from .._util import NoPublicConstructor
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
+from ..core.reserved import singleton_shard
 from ..entity import Entity, Implementation
 from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
+from ..singleton import Singleton
 from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..transport.network import Network, TransportConfig, open_listeners
@@ -54,6 +58,7 @@ from .residency import Residency
 from .routing import Router
 from .services import Hosted, Services
 from .shard import ShardRuntime
+from .singletons import SingletonRuntime, SingletonServices
 from .supervision import keep_running
 
 if TYPE_CHECKING:
@@ -120,6 +125,16 @@ class Runner(metaclass=NoPublicConstructor):
     def shards(self) -> Mapping[ShardId, Lease]:
         """The shards this runner holds now (draining ones included), with their leases."""
         return {shard_id: shard.lease for shard_id, shard in self._shards.items()}
+
+    @property
+    def singletons(self) -> Set[str]:
+        """Names of the singletons whose lease this runner holds now (running or restarting)."""
+        return frozenset(self._keeper.singletons)
+
+    @property
+    def singleton_owners(self) -> Mapping[str, str]:
+        """Each declared singleton's runner address, as this runner sees the cluster now."""
+        return MappingProxyType(self._keeper.singleton_owners)
 
     @property
     def resident(self) -> Set[str]:
@@ -198,6 +213,8 @@ class Runner(metaclass=NoPublicConstructor):
             lease_losses=counters.lease_losses,
             errors=dict(counters.errors),
             live_runners=len(counters.live_runners),
+            singletons_running=counters.singletons_running,
+            singleton_failures=counters.singleton_failures,
         )
 
     async def _shutdown(self) -> None:
@@ -248,6 +265,19 @@ def _probes(health: HealthConfig | None, instruments: Sequence[Instrument]) -> _
     return _Probes(HealthServer(health, metrics.exposition), () if given else (metrics,))
 
 
+def _singletons(singletons: Sequence[Singleton]) -> dict[ShardId, Singleton]:
+    """The declared singletons by lease key; one name declared twice is a mistake."""
+    declared: dict[ShardId, Singleton] = {}
+    for singleton in singletons:
+        if not isinstance(singleton, Singleton):
+            raise TypeError(f"singletons must be Singleton instances (got {singleton!r})")
+        key = singleton_shard(singleton.name)
+        if key in declared:
+            raise ValueError(f"singleton {singleton.name!r} is declared twice")
+        declared[key] = singleton
+    return declared
+
+
 def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -> dict[str, Hosted]:
     hosted: dict[str, Hosted] = {}
     for implementation in implementations:
@@ -271,6 +301,7 @@ async def open_runner(
     weight: float = 1.0,
     instruments: Sequence[Instrument] = (),
     health: HealthConfig | None = None,
+    singletons: Sequence[Singleton] = (),
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -283,10 +314,13 @@ async def open_runner(
     runner has taken its first shards; leaving it hands them off gracefully.
     ``instruments`` hear what the runner does (see :mod:`trio_cluster.instrument`);
     ``health`` serves the Kubernetes probes and ``/metrics`` (see :mod:`trio_cluster.health`).
+    ``singletons`` may run here: each runs on one runner among those declaring it
+    (see :mod:`trio_cluster.singleton`).
     """
     config = config or ShardingConfig()
     _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
+    declared = _singletons(singletons)
     counters = Counters()
     probes = _probes(health, instruments)
     hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
@@ -299,7 +333,10 @@ async def open_runner(
         if keeper is not None:
             keeper.on_lease_lost(shard_id)
 
-    groups = frozenset(implementation.entity.shard_group for implementation in implementations)
+    groups = frozenset(
+        {implementation.entity.shard_group for implementation in implementations}
+        | {shard.group for shard in declared}
+    )
     body_error: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -324,6 +361,7 @@ async def open_runner(
                 base_context=base_context,
                 hooks=hooks,
                 counters=counters,
+                singletons=declared,
             )
             keeper, runner = parts.keeper, parts.runner
             if probes.server is not None:
@@ -403,6 +441,7 @@ def _assemble(
     base_context: contextvars.Context,
     hooks: Hooks,
     counters: Counters,
+    singletons: Mapping[ShardId, Singleton],
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
@@ -430,6 +469,16 @@ def _assemble(
         release=session.release,
         base_context=base_context,
     )
+    singleton_services = SingletonServices(address, client, hooks, session.release)
+
+    def new_singleton(
+        lease: Lease, on_stopped: Callable[[SingletonRuntime], None]
+    ) -> SingletonRuntime | None:
+        singleton = singletons.get(lease.shard)
+        if singleton is None:
+            return None
+        return SingletonRuntime(singleton, singleton_services, lease, on_stopped)
+
     keeper = ShardKeeper(
         address=address,
         config=config,
@@ -439,6 +488,7 @@ def _assemble(
         shards=shards,
         hooks=hooks,
         new_shard=functools.partial(ShardRuntime, services),
+        new_singleton=new_singleton,
     )
     follower = NoticeFollower(
         messages=storage.messages,
