@@ -13,6 +13,7 @@ from trio_cluster.core.lifecycle import (
     ENTITY_LIFECYCLE,
     LINK_LIFECYCLE,
     SHARD_LIFECYCLE,
+    SINGLETON_LIFECYCLE,
     EntityEvent,
     EntityState,
     Lifecycle,
@@ -21,6 +22,8 @@ from trio_cluster.core.lifecycle import (
     LinkState,
     ShardEvent,
     ShardState,
+    SingletonEvent,
+    SingletonState,
     Table,
 )
 
@@ -29,11 +32,13 @@ TABLES: list[tuple[str, AnyTable, type[enum.Enum], type[enum.Enum], enum.Enum]] 
     ("shard", SHARD_LIFECYCLE, ShardState, ShardEvent, ShardState.STARTING),  # type: ignore[list-item]
     ("entity", ENTITY_LIFECYCLE, EntityState, EntityEvent, EntityState.ACTIVE),  # type: ignore[list-item]
     ("link", LINK_LIFECYCLE, LinkState, LinkEvent, LinkState.HANDSHAKING),  # type: ignore[list-item]
+    ("singleton", SINGLETON_LIFECYCLE, SingletonState, SingletonEvent, SingletonState.STARTING),  # type: ignore[list-item]
 ]
 TERMINAL: dict[str, set[enum.Enum]] = {
     "shard": {ShardState.RELEASED, ShardState.LOST, ShardState.FAILED},
     "entity": {EntityState.STOPPED},
     "link": {LinkState.CLOSED},
+    "singleton": {SingletonState.RELEASED, SingletonState.LOST},
 }
 
 
@@ -96,3 +101,10 @@ def test_a_lease_lost_while_draining_ends_lost_not_released() -> None:
     life.fire(ShardEvent.LOSE)
     assert life.state is ShardState.LOST
     assert life.fire(ShardEvent.DRAIN) is ShardState.LOST
+
+
+def test_a_singleton_is_released_only_after_stopping() -> None:
+    """The lease goes back only from STOPPING: once the function has exited."""
+    for state, events in SINGLETON_LIFECYCLE.items():
+        if SingletonEvent.STOPPED in events:
+            assert state is SingletonState.STOPPING

@@ -40,6 +40,7 @@ from .entities import (
     Caller,
     CallerHandler,
     Circle,
+    Counter,
     Get,
     Negative,
     Park,
@@ -457,6 +458,32 @@ async def test_unfinished_persisted_work_is_handed_to_the_next_runner(
     async with open_test_runner(impl, storage=storage) as (runner, _):
         await probe.wait_until(lambda: probe.runs["a/slow_add/"] == 1)
         assert await runner.ask(get, "a", Get()) == 9
+
+
+async def test_is_local_is_false_while_a_shard_drains_and_true_on_its_new_owner() -> None:
+    impl, probe = counter()
+    ids = ids_on_distinct_shards(TEST_CONFIG.shards_per_group)
+    async with open_test_runner(impl) as (first, storage), trio.open_nursery() as nursery:
+        for entity_id in ids:  # one busy entity per shard, so each handoff must wait
+            nursery.start_soon(first.ask, block, entity_id, Block())
+        await probe.wait_until(lambda: probe.running == len(ids))
+        assert all(first.is_local(Counter, entity_id) for entity_id in ids)
+        assert not first.is_local(Caller, ids[0])  # not hosted here: never local
+        async with open_test_runner(impl, storage=storage) as (second, _):
+            while second.address not in first.assignment.values():
+                await first.changed()
+            await trio.testing.wait_all_tasks_blocked()
+            moving = [i for i in ids if first.assignment[shard_of(i)] == second.address]
+            assert moving
+            for entity_id in ids:
+                held_here = shard_of(entity_id) in first.shards
+                assert held_here  # the moving ones are still draining their busy entity
+                assert first.is_local(Counter, entity_id) == (entity_id not in moving)
+                assert not second.is_local(Counter, entity_id)
+            probe.release.set()
+            with trio.fail_after(5):
+                await second.settled()
+            assert [i for i in ids if second.is_local(Counter, i)] == moving
 
 
 async def test_runner_releases_everything_when_its_body_raises() -> None:

@@ -33,6 +33,7 @@ from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
+from .singleton import Singleton, SingletonContext
 from .state import State
 from .storage import (
     Lease,
@@ -82,6 +83,8 @@ __all__ = [
     "SerializationError",
     "ShardId",
     "ShardingConfig",
+    "Singleton",
+    "SingletonContext",
     "Snapshot",
     "State",
     "StateStorage",

@@ -31,6 +31,7 @@ import attrs
 import msgspec
 
 from .core.hashing import ShardId, shard_index
+from .core.reserved import RESERVED_PREFIX
 from .state import State, StateCodec
 
 if TYPE_CHECKING:
@@ -106,6 +107,11 @@ class Entity:
     def __attrs_post_init__(self) -> None:
         _check_name("entity", self.name)
         _check_name("shard group", self.shard_group)
+        if self.shard_group.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"shard group names starting with {RESERVED_PREFIX!r} are reserved for the "
+                f"cluster's own services: {self.shard_group!r}"
+            )
 
     def __repr__(self) -> str:
         return f"<Entity {self.name}>"

@@ -109,6 +109,18 @@ class Instrument:
     def runner_left(self, address: str) -> None:
         """A runner left the live runners: it unregistered, or its lock session ended."""
 
+    # -- services -----------------------------------------------------------------------
+
+    def singleton_started(self, name: str, epoch: int) -> None:
+        """This runner took the singleton's lease (under ``epoch``) and runs its function."""
+
+    def singleton_stopped(self, name: str, how: str) -> None:
+        """This runner stopped running the singleton: ``how`` is ``"released"`` (handed
+        off, its function exited) or ``"lost"`` (its lease was lost: cancelled at once)."""
+
+    def singleton_failed(self, name: str, error: BaseException) -> None:
+        """The singleton's function raised: it is logged and runs again after a backoff."""
+
     def contained_failure(self, where: str, error: BaseException) -> None:
         """A bug of the runtime was caught at a failure boundary (and logged) and the
         runner went on: ``where`` names the boundary."""

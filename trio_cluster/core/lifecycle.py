@@ -23,10 +23,23 @@ Drawn::
                   |                        |                                     ^
                   +---------close----------+-------------lost--------------------+
 
+    singleton: STARTING --started--> RUNNING <--restart-- WAITING
+                   |                  |  +-----ended-------^  |
+                   |                  |                        |
+                   +------stop--------+--------stop------------+--> STOPPING --stopped--> RELEASED
+                   +------lose--------+--------lose------------+--------+-----lose----> LOST
+
 A shard is RELEASED after a graceful drain (its lease handed back), LOST when
 its lease went first (nothing released, nothing drained), FAILED when its own
 supervision caught a bug (the lease is released so that it can be taken
 again). Nothing leaves a terminal state.
+
+A singleton holds its lease from STARTING on; its function runs while
+RUNNING, and after it returned or raised the singleton is WAITING out a
+backoff before it runs again. STOPPING is a graceful handoff (the function
+is asked to stop, then cancelled); the lease is RELEASED only once the
+function has exited, so the next holder never overlaps it. LOST: the lease
+went first and the function was cancelled at once.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ __all__ = [
     "ENTITY_LIFECYCLE",
     "LINK_LIFECYCLE",
     "SHARD_LIFECYCLE",
+    "SINGLETON_LIFECYCLE",
     "EntityEvent",
     "EntityState",
     "Lifecycle",
@@ -47,6 +61,8 @@ __all__ = [
     "LinkState",
     "ShardEvent",
     "ShardState",
+    "SingletonEvent",
+    "SingletonState",
     "Table",
 ]
 
@@ -108,6 +124,28 @@ class LinkEvent(enum.Enum):
     LOST = "lost"
 
 
+class SingletonState(enum.Enum):
+    STARTING = "starting"
+    """The lease is held; the function has not started yet."""
+    RUNNING = "running"
+    """The function runs."""
+    WAITING = "waiting"
+    """The function returned or raised: it runs again after a backoff."""
+    STOPPING = "stopping"
+    """A graceful handoff: the function is asked to stop, then cancelled."""
+    RELEASED = "released"
+    LOST = "lost"
+
+
+class SingletonEvent(enum.Enum):
+    STARTED = "started"
+    ENDED = "ended"
+    RESTART = "restart"
+    STOP = "stop"
+    STOPPED = "stopped"
+    LOSE = "lose"
+
+
 Table = Mapping[S, Mapping[E, S]]
 
 _Sh, _Se = ShardState, ShardEvent
@@ -144,6 +182,18 @@ LINK_LIFECYCLE: Final[Table[LinkState, LinkEvent]] = {
     _Li.OPEN: {_Le.CLOSE: _Li.CLOSING, _Le.LOST: _Li.CLOSED},
     _Li.CLOSING: {_Le.CLOSE: _Li.CLOSING, _Le.FINISHED: _Li.CLOSED, _Le.LOST: _Li.CLOSED},
     _Li.CLOSED: {_Le.CLOSE: _Li.CLOSED, _Le.FINISHED: _Li.CLOSED, _Le.LOST: _Li.CLOSED},
+}
+
+
+_Si, _Sv = SingletonState, SingletonEvent
+SINGLETON_LIFECYCLE: Final[Table[SingletonState, SingletonEvent]] = {
+    _Si.STARTING: {_Sv.STARTED: _Si.RUNNING, _Sv.STOP: _Si.STOPPING, _Sv.LOSE: _Si.LOST},
+    _Si.RUNNING: {_Sv.ENDED: _Si.WAITING, _Sv.STOP: _Si.STOPPING, _Sv.LOSE: _Si.LOST},
+    _Si.WAITING: {_Sv.RESTART: _Si.RUNNING, _Sv.STOP: _Si.STOPPING, _Sv.LOSE: _Si.LOST},
+    _Si.STOPPING: {_Sv.STOP: _Si.STOPPING, _Sv.STOPPED: _Si.RELEASED, _Sv.LOSE: _Si.LOST},
+    # Races with an end that already happened change nothing.
+    _Si.RELEASED: {_Sv.STOP: _Si.RELEASED, _Sv.LOSE: _Si.RELEASED},
+    _Si.LOST: {_Sv.STOP: _Si.LOST, _Sv.LOSE: _Si.LOST},
 }
 
 

@@ -45,6 +45,9 @@ class Hooks:
     shard_stopped: Callable[..., None]
     runner_joined: Callable[..., None]
     runner_left: Callable[..., None]
+    singleton_started: Callable[..., None]
+    singleton_stopped: Callable[..., None]
+    singleton_failed: Callable[..., None]
     contained_failure: Callable[..., None]
 
     def __init__(

@@ -7,6 +7,12 @@ assigned here as soon as their previous owner lets go. It runs again on a
 membership notice, a lost lease, a lost link to an owner, or every
 ``MEMBERSHIP_INTERVAL`` (how a runner that died without a word is noticed).
 
+Singletons are kept the same way: each is the one shard of a reserved group
+(see :mod:`trio_cluster.core.reserved`), assigned among the runners that
+declare it, acquired and handed off like any shard, and run by a
+:class:`~.singletons.SingletonRuntime` instead of a shard runtime. They
+stay out of the routing table: no request is ever routed to them.
+
 A failure inside one pass (a storage outage, a bug) ends that pass, not the
 keeper: the next pass comes after a backoff.
 """
@@ -14,7 +20,8 @@ keeper: the next pass comes after a backoff.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import trio
 
@@ -22,11 +29,13 @@ from ..config import ShardingConfig
 from ..core.assignment import assign
 from ..core.hashing import ShardId
 from ..core.lifecycle import ShardState
+from ..core.reserved import group_indices, singleton_name
 from ..errors import ClusterError, PersistenceError
 from ..storage.base import Lease, LeaseSession, RunnerStorage
 from .hooks import Hooks
 from .routing import Router
 from .shard import ShardRuntime
+from .singletons import SingletonRuntime
 from .supervision import RESTART
 
 log = logging.getLogger("trio_cluster.runner")
@@ -37,6 +46,28 @@ HANDOFF_RETRY = 0.05
 """How soon to try again for a shard whose previous owner still holds it."""
 PEER_LOST_WATCH = 0.5
 """After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
+
+
+class Held(Protocol):
+    """What the keeper needs of anything it holds a lease for: a shard or a singleton."""
+
+    @property
+    def lease(self) -> Lease: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    def lose(self) -> None: ...
+
+
+NewSingleton = Callable[[Lease, Callable[[SingletonRuntime], None]], SingletonRuntime | None]
+"""Make the runtime of the singleton whose lease this is (None: not declared here)."""
+
+
+def _no_singletons(lease: Lease, on_stopped: Callable[[SingletonRuntime], None]) -> None:
+    return None
 
 
 class ShardKeeper:
@@ -51,6 +82,7 @@ class ShardKeeper:
         shards: dict[ShardId, ShardRuntime],
         hooks: Hooks,
         new_shard: Callable[[Lease, Callable[[ShardRuntime], None]], ShardRuntime],
+        new_singleton: NewSingleton = _no_singletons,
     ) -> None:
         self._address = address
         self._config = config
@@ -63,6 +95,13 @@ class ShardKeeper:
         self._live: frozenset[str] = frozenset()
         """The live runners' addresses at the last look (what the instruments heard of)."""
         self._new_shard = new_shard
+        self._new_singleton = new_singleton
+        self._singletons: dict[ShardId, SingletonRuntime] = {}
+        """The singletons held here now (never routed to, so apart from the shards)."""
+        self.singleton_owners: dict[str, str] = {}
+        """Each singleton's runner, by name, as this runner computes the assignment."""
+        self._singleton_shards: dict[ShardId, str] = {}
+        """The singletons' lease keys and the runner each is assigned to."""
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._watch_closely_until = 0.0
@@ -90,7 +129,21 @@ class ShardKeeper:
         if shard is not None:
             log.warning("lease of %s lost: stopping its entities", shard_id)
             shard.lose()
+        singleton = self._singletons.get(shard_id)
+        if singleton is not None:
+            log.warning("lease of singleton %s lost: cancelling it", singleton.singleton.name)
+            singleton.lose()
         self._wake.set()
+
+    @property
+    def singletons(self) -> Mapping[str, SingletonRuntime]:
+        """The singletons held here now, by name."""
+        return {runtime.singleton.name: runtime for runtime in self._singletons.values()}
+
+    def _singleton_stopped(self, singleton: SingletonRuntime) -> None:
+        if self._singletons.get(singleton.lease.shard) is singleton:
+            del self._singletons[singleton.lease.shard]
+            self._note_changed()
 
     def _shard_stopped(self, shard: ShardRuntime) -> None:
         shards = self._shards
@@ -104,8 +157,16 @@ class ShardKeeper:
     # -- readiness ------------------------------------------------------------------
 
     def owns_its_assignment(self) -> bool:
-        mine = {s for s, owner in self._router.assignment.items() if owner == self._address}
-        return mine == {s for s, shard in self._shards.items() if shard.accepting}
+        held = {s for s, h in self._held().items() if h.accepting}
+        return self._mine() == held
+
+    def _mine(self) -> set[ShardId]:
+        """The shards and singleton leases the assignment gives this runner."""
+        assigned = (*self._router.assignment.items(), *self._singleton_shards.items())
+        return {shard for shard, owner in assigned if owner == self._address}
+
+    def _held(self) -> dict[ShardId, Held]:
+        return {**self._shards, **self._singletons}
 
     async def settled(self) -> None:
         while not self.owns_its_assignment():
@@ -148,13 +209,13 @@ class ShardKeeper:
     async def _keep(self, shards: trio.Nursery) -> bool:
         """One pass; True when a shard assigned here could not be taken yet."""
         await self._refresh_assignment()
-        router = self._router
-        mine = {s for s, owner in router.assignment.items() if owner == self._address}
-        for shard in list(self._shards.values()):
-            if shard.lease.shard not in mine and shard.accepting:
-                shards.start_soon(shard.stop, self._config.entity_termination_timeout)
+        mine = self._mine()
+        held = self._held()
+        for holding in held.values():
+            if holding.lease.shard not in mine and holding.accepting:
+                shards.start_soon(holding.stop, self._config.entity_termination_timeout)
         waiting = False
-        for shard_id in sorted(mine - self._shards.keys()):
+        for shard_id in sorted(mine - held.keys()):
             try:
                 lease = await self._session.acquire(shard_id)
             except ClusterError as error:
@@ -162,6 +223,9 @@ class ShardKeeper:
                 return True
             if lease is None:
                 waiting = True  # its previous owner is still handing it off
+                continue
+            if shard_id in self._singleton_shards:
+                await self._start_singleton(shards, lease)
                 continue
             shard = self._new_shard(lease, self._shard_stopped)
             self._shards[shard_id] = shard
@@ -171,6 +235,15 @@ class ShardKeeper:
             await shards.start(shard.run)
             self._note_changed()
         return waiting
+
+    async def _start_singleton(self, nursery: trio.Nursery, lease: Lease) -> None:
+        singleton = self._new_singleton(lease, self._singleton_stopped)
+        if singleton is None:  # assigned here, yet not declared here: a bug, let go
+            await self._session.release(lease)
+            return
+        self._singletons[lease.shard] = singleton
+        await nursery.start(singleton.run)
+        self._note_changed()
 
     async def _refresh_assignment(self) -> None:
         """Recompute who owns what from the live runners; keep the last answer on an outage."""
@@ -182,16 +255,27 @@ class ShardKeeper:
         self._report_membership(frozenset(spec.address for spec in runners))
         per_group = self._config.shards_per_group
         groups = sorted({group for spec in runners for group in spec.groups})
-        shard_ids = [ShardId(group, index) for group in groups for index in range(per_group)]
+        shard_ids = [
+            ShardId(group, index) for group in groups for index in group_indices(group, per_group)
+        ]
         try:
-            assignment = assign(shard_ids, runners)
+            everything = assign(shard_ids, runners)
         except ValueError:
             # Two runners claiming one address: a deployment mistake to
             # shout about, not a reason to stop serving what we own.
             log.exception("cannot compute the assignment")
             return
-        if assignment != self._router.assignment:
+        assignment: dict[ShardId, str] = {}
+        singletons: dict[ShardId, str] = {}
+        for shard_id, owner in everything.items():
+            is_singleton = singleton_name(shard_id.group) is not None
+            (singletons if is_singleton else assignment)[shard_id] = owner
+        if assignment != self._router.assignment or singletons != self._singleton_shards:
             self._router.assignment = assignment
+            self._singleton_shards = singletons
+            self.singleton_owners = {
+                str(singleton_name(shard_id.group)): owner for shard_id, owner in singletons.items()
+            }
             self._note_changed()
 
     def _report_membership(self, live: frozenset[str]) -> None:
@@ -214,5 +298,5 @@ class ShardKeeper:
             log.warning("could not announce leaving: %s", error)
         timeout = self._config.entity_termination_timeout
         async with trio.open_nursery() as nursery:
-            for shard in list(self._shards.values()):
-                nursery.start_soon(shard.stop, timeout)
+            for holding in list(self._held().values()):
+                nursery.start_soon(holding.stop, timeout)

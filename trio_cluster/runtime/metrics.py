@@ -38,6 +38,8 @@ class Counters(Instrument):
         self.errors: Counter[str] = Counter()
         """ClusterErrors raised to callers on this runner, by reason."""
         self.live_runners: set[str] = set()
+        self.singletons_running = 0
+        self.singleton_failures = 0
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":
@@ -82,6 +84,15 @@ class Counters(Instrument):
     def runner_left(self, address: str) -> None:
         self.live_runners.discard(address)
 
+    def singleton_started(self, name: str, epoch: int) -> None:
+        self.singletons_running += 1
+
+    def singleton_stopped(self, name: str, how: str) -> None:
+        self.singletons_running -= 1
+
+    def singleton_failed(self, name: str, error: BaseException) -> None:
+        self.singleton_failures += 1
+
     def contained_failure(self, where: str, error: BaseException) -> None:
         self.contained_failures += 1
 
@@ -114,3 +125,7 @@ class Snapshot:
     """ClusterErrors raised to callers on this runner, by reason."""
     live_runners: int
     """Runners alive in the cluster, as this runner last saw the membership."""
+    singletons_running: int = 0
+    """Singletons whose lease this runner holds now (their function running or restarting)."""
+    singleton_failures: int = 0
+    """Times a singleton's function raised here (each is logged, then it runs again)."""

@@ -9,7 +9,9 @@ parent still gets a clean handoff.
 The parts, each with one job and each a failure boundary of its own:
 
 - :class:`~.routing.Router`: where a request goes; requests from peers;
-- :class:`~.keeper.ShardKeeper`: the assignment, acquiring and handing off shards;
+- :class:`~.keeper.ShardKeeper`: the assignment, acquiring and handing off shards
+  and singleton leases;
+- :class:`~.singletons.SingletonRuntime`: one singleton held here, its function supervised;
 - :class:`~.residency.Residency`: which entities stay resident (idle passivation, the cap);
 - :class:`~.notices.NoticeFollower`: acting on storage notices;
 - :class:`~.client.Client`: ``ask`` and ``tell``;
@@ -38,9 +40,11 @@ from .._util import NoPublicConstructor
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
+from ..core.reserved import singleton_shard
 from ..entity import Entity, Implementation
 from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
+from ..singleton import Singleton
 from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..storage.status import ClusterStatus, ShardStatus
@@ -55,6 +59,7 @@ from .residency import Residency
 from .routing import Router
 from .services import Hosted, Services
 from .shard import ShardRuntime
+from .singletons import SingletonRuntime, SingletonServices
 from .supervision import keep_running
 
 if TYPE_CHECKING:
@@ -88,6 +93,7 @@ class Runner(metaclass=NoPublicConstructor):
         router: Router,
         states: StateStorage,
         read_status: Callable[..., Awaitable[ClusterStatus]] | None,
+        hosted: frozenset[str],
     ) -> None:
         self.address = address
         self.config = config
@@ -104,6 +110,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._hooks = hooks
         self._states = states
         self._read_status = read_status
+        self._hosted = hosted
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -121,6 +128,16 @@ class Runner(metaclass=NoPublicConstructor):
     def shards(self) -> Mapping[ShardId, Lease]:
         """The shards this runner holds now (draining ones included), with their leases."""
         return {shard_id: shard.lease for shard_id, shard in self._shards.items()}
+
+    @property
+    def singletons(self) -> Set[str]:
+        """Names of the singletons whose lease this runner holds now (running or restarting)."""
+        return frozenset(self._keeper.singletons)
+
+    @property
+    def singleton_owners(self) -> Mapping[str, str]:
+        """Each declared singleton's runner address, as this runner sees the cluster now."""
+        return MappingProxyType(self._keeper.singleton_owners)
 
     @property
     def resident(self) -> Set[str]:
@@ -168,6 +185,20 @@ class Runner(metaclass=NoPublicConstructor):
     def owns_its_assignment(self) -> bool:
         return self._keeper.owns_its_assignment()
 
+    def is_local(self, entity: Entity, entity_id: str) -> bool:
+        """Whether the entity would run here now: its type is hosted here and its
+        shard is served here, taking requests.
+
+        False while the shard drains for a handoff (it takes nothing new
+        then) and once its lease is lost. A hint for placing work near its
+        data, never a lock: the shard may move the next moment, so act on
+        it only where a wrong guess costs time, not correctness.
+        """
+        if entity.name not in self._hosted:
+            return False
+        shard = self._shards.get(entity.shard_of(entity_id, self.config.shards_per_group))
+        return shard is not None and shard.accepting
+
     async def stored_state_ids(
         self, entity: Entity, *, after: str = "", limit: int = 1000
     ) -> list[str]:
@@ -204,6 +235,8 @@ class Runner(metaclass=NoPublicConstructor):
             lease_losses=counters.lease_losses,
             errors=dict(counters.errors),
             live_runners=len(counters.live_runners),
+            singletons_running=counters.singletons_running,
+            singleton_failures=counters.singleton_failures,
         )
 
     async def _shutdown(self) -> None:
@@ -254,6 +287,19 @@ def _probes(health: HealthConfig | None, instruments: Sequence[Instrument]) -> _
     return _Probes(HealthServer(health, metrics.scrape), () if given else (metrics,))
 
 
+def _singletons(singletons: Sequence[Singleton]) -> dict[ShardId, Singleton]:
+    """The declared singletons by lease key; one name declared twice is a mistake."""
+    declared: dict[ShardId, Singleton] = {}
+    for singleton in singletons:
+        if not isinstance(singleton, Singleton):
+            raise TypeError(f"singletons must be Singleton instances (got {singleton!r})")
+        key = singleton_shard(singleton.name)
+        if key in declared:
+            raise ValueError(f"singleton {singleton.name!r} is declared twice")
+        declared[key] = singleton
+    return declared
+
+
 def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -> dict[str, Hosted]:
     hosted: dict[str, Hosted] = {}
     for implementation in implementations:
@@ -277,6 +323,7 @@ async def open_runner(
     weight: float = 1.0,
     instruments: Sequence[Instrument] = (),
     health: HealthConfig | None = None,
+    singletons: Sequence[Singleton] = (),
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -289,10 +336,13 @@ async def open_runner(
     runner has taken its first shards; leaving it hands them off gracefully.
     ``instruments`` hear what the runner does (see :mod:`trio_cluster.instrument`);
     ``health`` serves the Kubernetes probes and ``/metrics`` (see :mod:`trio_cluster.health`).
+    ``singletons`` may run here: each runs on one runner among those declaring it
+    (see :mod:`trio_cluster.singleton`).
     """
     config = config or ShardingConfig()
     _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
+    declared = _singletons(singletons)
     counters = Counters()
     probes = _probes(health, instruments)
     hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
@@ -305,7 +355,10 @@ async def open_runner(
         if keeper is not None:
             keeper.on_lease_lost(shard_id)
 
-    groups = frozenset(implementation.entity.shard_group for implementation in implementations)
+    groups = frozenset(
+        {implementation.entity.shard_group for implementation in implementations}
+        | {shard.group for shard in declared}
+    )
     body_error: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -330,6 +383,7 @@ async def open_runner(
                 base_context=base_context,
                 hooks=hooks,
                 counters=counters,
+                singletons=declared,
             )
             keeper, runner = parts.keeper, parts.runner
             if probes.server is not None:
@@ -410,6 +464,7 @@ def _assemble(
     base_context: contextvars.Context,
     hooks: Hooks,
     counters: Counters,
+    singletons: Mapping[ShardId, Singleton],
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
@@ -437,6 +492,16 @@ def _assemble(
         release=session.release,
         base_context=base_context,
     )
+    singleton_services = SingletonServices(address, client, hooks, session.release)
+
+    def new_singleton(
+        lease: Lease, on_stopped: Callable[[SingletonRuntime], None]
+    ) -> SingletonRuntime | None:
+        singleton = singletons.get(lease.shard)
+        if singleton is None:
+            return None
+        return SingletonRuntime(singleton, singleton_services, lease, on_stopped)
+
     keeper = ShardKeeper(
         address=address,
         config=config,
@@ -446,6 +511,7 @@ def _assemble(
         shards=shards,
         hooks=hooks,
         new_shard=functools.partial(ShardRuntime, services),
+        new_singleton=new_singleton,
     )
     follower = NoticeFollower(
         messages=storage.messages,
@@ -468,6 +534,7 @@ def _assemble(
         hooks=hooks,
         states=storage.states,
         read_status=getattr(storage, "read_status", None),
+        hosted=frozenset(hosted),
     )
     return _Parts(runner, router, keeper, follower, residency)
 

@@ -14,6 +14,7 @@ from datetime import datetime
 import msgspec
 
 from ..core.hashing import ShardId
+from ..core.reserved import group_indices
 
 
 class RunnerStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +99,11 @@ def shard_map(
     known = {*owners, *epochs, *backlog}
     names = {*groups, *(shard.group for shard in known)}
     if shards_per_group is not None:
-        known |= {ShardId(name, index) for name in names for index in range(shards_per_group)}
+        known |= {
+            ShardId(name, index)
+            for name in names
+            for index in group_indices(name, shards_per_group)
+        }
     by_group: dict[str, list[ShardStatus]] = {name: [] for name in sorted(names)}
     for shard in sorted(known):
         count, oldest = backlog.get(shard, (0, None))

@@ -1,0 +1,41 @@
+"""Shard groups the cluster reserves for its own services, apart from the entities' groups.
+
+A singleton is a lease like a shard's: taking it through the same lease
+session and the same assignment gives it exclusivity, epoch fencing and
+failover with no machinery of its own. Each singleton is the one shard
+(index 0) of a group of its own, named after it, because the assignment
+spreads a group only over the runners hosting it: a singleton then runs
+only on a runner that declares it. Entity shard groups may not start with
+``__``, so the two kinds never meet.
+"""
+
+from __future__ import annotations
+
+from .hashing import ShardId
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "SINGLETON_PREFIX",
+    "group_indices",
+    "singleton_name",
+    "singleton_shard",
+]
+
+RESERVED_PREFIX = "__"
+"""No entity shard group starts with this."""
+SINGLETON_PREFIX = "__singleton__."
+
+
+def singleton_shard(name: str) -> ShardId:
+    """The lease key of the singleton ``name``."""
+    return ShardId(SINGLETON_PREFIX + name, 0)
+
+
+def singleton_name(group: str) -> str | None:
+    """The singleton whose group this is, or None for an entity group."""
+    return group[len(SINGLETON_PREFIX) :] if group.startswith(SINGLETON_PREFIX) else None
+
+
+def group_indices(group: str, shards_per_group: int) -> range:
+    """The shard indices of ``group``: one for a singleton, the layout's for entities."""
+    return range(1) if group.startswith(SINGLETON_PREFIX) else range(shards_per_group)
