@@ -30,24 +30,18 @@ concurrency 1 can never be answered.
 """
 
 
-class Call:
-    """One ``ask`` or ``tell`` as its caller sends it: what an instrument sees of it.
+class _Request:
+    """What a call and a handling share: the request, the runner, the start time and the
+    instruments' scratch space (``notes``, made on first use)."""
 
-    ``headers`` may be added to in ``request_sent`` (they are sent with the
-    request); ``notes`` is the instruments' own scratch space for this call.
-    """
+    __slots__ = ("_notes", "envelope", "runner", "started")
 
-    __slots__ = ("_notes", "envelope", "headers", "kind", "runner", "started")
-
-    def __init__(self, envelope: Envelope, kind: str, runner: str) -> None:
+    def __init__(self, envelope: Envelope, runner: str) -> None:
         self.envelope = envelope
-        self.kind = kind
-        """``"ask"`` or ``"tell"``."""
         self.runner = runner
-        """The address of the runner sending it."""
-        self.headers = dict(envelope.headers)
+        """The address of the runner sending (a call) or handling (a handling) it."""
         self.started = time.perf_counter()
-        """When the call began (``time.perf_counter()``)."""
+        """When it began (``time.perf_counter()``)."""
         self._notes: dict[object, object] | None = None
 
     @property
@@ -81,46 +75,39 @@ class Call:
         return self.envelope.persisted
 
 
-class Handling:
+class Call(_Request):
+    """One ``ask`` or ``tell`` as its caller sends it: what an instrument sees of it.
+
+    ``headers`` may be added to in ``request_sent`` (they are sent with the
+    request); ``notes`` is the instruments' own scratch space for this call.
+    """
+
+    __slots__ = ("headers", "kind")
+
+    def __init__(self, envelope: Envelope, kind: str, runner: str) -> None:
+        super().__init__(envelope, runner)
+        self.kind = kind
+        """``"ask"`` or ``"tell"``."""
+        self.headers = dict(envelope.headers)
+
+
+class Handling(_Request):
     """What the running task handles: one request, as delivered, and the attempt at it.
 
     Also what instruments see of a request being handled (``notes`` is their
     scratch space for it).
     """
 
-    __slots__ = ("_notes", "address", "attempt", "envelope", "redelivered", "runner", "started")
+    __slots__ = ("address", "attempt", "redelivered")
 
     def __init__(
         self, envelope: Envelope, redelivered: bool, address: EntityAddress, runner: str
     ) -> None:
-        self.envelope = envelope
+        super().__init__(envelope, runner)
         self.redelivered = redelivered
         """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
         self.address = address
-        self.runner = runner
-        """The address of the runner handling it."""
         self.attempt = 1
-        self.started = time.perf_counter()
-        """When the handler was given the request (``time.perf_counter()``)."""
-        self._notes: dict[object, object] | None = None
-
-    @property
-    def notes(self) -> dict[object, object]:
-        if self._notes is None:
-            self._notes = {}
-        return self._notes
-
-    @property
-    def request_id(self) -> int:
-        return self.envelope.request_id
-
-    @property
-    def rpc(self) -> str:
-        return self.envelope.rpc
-
-    @property
-    def persisted(self) -> bool:
-        return self.envelope.persisted
 
     @property
     def headers(self) -> Mapping[str, str]:
