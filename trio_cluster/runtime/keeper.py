@@ -26,7 +26,7 @@ from typing import Protocol
 import trio
 
 from ..config import ShardingConfig
-from ..core.assignment import assign
+from ..core.assignment import RunnerSpec, assign
 from ..core.hashing import ShardId
 from ..core.lifecycle import ShardState
 from ..core.reserved import group_indices, singleton_name
@@ -46,6 +46,24 @@ HANDOFF_RETRY = 0.05
 """How soon to try again for a shard whose previous owner still holds it."""
 PEER_LOST_WATCH = 0.5
 """After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
+
+
+INLINE_PAIRS = 20_000
+"""Assignments of at most this many (shard, runner) pairs run on the event loop.
+
+About 250 ns a pair, so at most ~5 ms; larger ones (244 ms at 1,000 runners x 1,000
+shards) run in a worker thread, and the event loop keeps serving meanwhile (the GIL
+passes back every ``sys.getswitchinterval()``, 5 ms).
+"""
+
+
+async def assign_off_loop(
+    shard_ids: list[ShardId], runners: list[RunnerSpec]
+) -> dict[ShardId, str]:
+    """``assign``, kept off the event loop when it would stall it."""
+    if len(shard_ids) * len(runners) <= INLINE_PAIRS:
+        return assign(shard_ids, runners)
+    return await trio.to_thread.run_sync(assign, shard_ids, runners, abandon_on_cancel=True)
 
 
 class Held(Protocol):
@@ -106,6 +124,8 @@ class ShardKeeper:
         self._changed = trio.Event()
         self._watch_closely_until = 0.0
         self._keeping = trio.CancelScope()
+        self._assigned_for: frozenset[RunnerSpec] | None = None
+        """The membership the current assignment was computed from."""
 
     # -- what others tell the keeper ------------------------------------------------
 
@@ -253,18 +273,22 @@ class ShardKeeper:
             log.warning("cannot read the live runners: %s", error)
             return
         self._report_membership(frozenset(spec.address for spec in runners))
+        membership = frozenset(runners)
+        if membership == self._assigned_for:
+            return  # the assignment depends on the membership alone: nothing to redo
         per_group = self._config.shards_per_group
         groups = sorted({group for spec in runners for group in spec.groups})
         shard_ids = [
             ShardId(group, index) for group in groups for index in group_indices(group, per_group)
         ]
         try:
-            everything = assign(shard_ids, runners)
+            everything = await assign_off_loop(shard_ids, runners)
         except ValueError:
             # Two runners claiming one address: a deployment mistake to
             # shout about, not a reason to stop serving what we own.
             log.exception("cannot compute the assignment")
             return
+        self._assigned_for = membership
         assignment: dict[ShardId, str] = {}
         singletons: dict[ShardId, str] = {}
         for shard_id, owner in everything.items():
