@@ -34,6 +34,7 @@ from trio_cluster.core.lifecycle import EntityState, ShardState
 from trio_cluster.runtime.client import Client
 from trio_cluster.runtime.delivery import Delivery
 from trio_cluster.runtime.hooks import Hooks
+from trio_cluster.runtime.interrupts import ShardInterrupts
 from trio_cluster.runtime.mailbox import ActiveEntity
 from trio_cluster.runtime.metrics import Counters
 from trio_cluster.runtime.replies import StoredReplies
@@ -41,6 +42,7 @@ from trio_cluster.runtime.residency import Residency
 from trio_cluster.runtime.routing import Router
 from trio_cluster.runtime.services import Hosted, Services
 from trio_cluster.runtime.shard import ShardRuntime
+from trio_cluster.runtime.withdrawals import Withdrawals
 from trio_cluster.storage import Lease, MemoryStorage, StateWrite
 from trio_cluster.testing import TEST_CONFIG
 
@@ -51,9 +53,13 @@ SHARDS = CONFIG.shards_per_group
 
 
 class Sink:
-    def __init__(self) -> None:
+    """A reply target; also stands in for a peer's LinkReply (``ack``, ``delivery``)."""
+
+    def __init__(self, *, ack: bool = False) -> None:
         self.replies: list[bytes] = []
         self.got = trio.Event()
+        self.ack = ack
+        self.delivery: Delivery | None = None
 
     def resolve(self, reply: bytes) -> None:
         self.replies.append(reply)
@@ -120,6 +126,9 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             stored_replies=stored,
             session=session,
             hooks=hooks,
+            withdrawals=Withdrawals(
+                messages=storage, shards={}, machine_id=lambda: session.machine_id, hooks=hooks
+            ),
         )
         services = Services(
             address="test-runner",
@@ -252,6 +261,7 @@ class Host:
         self.lease = w.lease
         self.draining = False
         self.complete_fails = complete_fails
+        self.interrupts = ShardInterrupts()
         self.forgotten: list[ActiveEntity] = []
         self.saved: list[StateWrite] = []
 
@@ -397,7 +407,7 @@ def test_the_router_offers_a_good_request_with_its_own_reply_target() -> None:
 async def test_a_router_routes_to_the_owner_it_knows() -> None:
     router = Router("me:1", CONFIG, Hooks(), {})
     with pytest.raises(EntityNotAssignedToRunner):
-        router.route(envelope(1), Sink())
+        router.route(Delivery(envelope(1), Sink()))
     router.assignment[ShardId("default", shard_index("a", SHARDS))] = "other:2"
     with pytest.raises(EntityNotAssignedToRunner):  # no transport: cannot reach it
-        router.route(envelope(1), Sink())
+        router.route(Delivery(envelope(1), Sink()))

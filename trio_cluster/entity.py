@@ -63,6 +63,9 @@ class Rpc(Generic[P, S]):
     ``primary_key`` makes a persisted request idempotent: a second request
     with the same key never runs the handler and gets the first one's reply.
     Idempotency needs the stored reply, so it requires ``persisted=True``.
+
+    ``interruptible=False`` keeps a handler running to its end when its
+    caller stops waiting: for work that must not be cut short halfway.
     """
 
     entity: Entity
@@ -72,6 +75,7 @@ class Rpc(Generic[P, S]):
     errors: tuple[type[Exception], ...]
     primary_key: Callable[[P], str] | None
     persisted: bool
+    interruptible: bool = True
     payload_decoder: msgspec.msgpack.Decoder[P] = attrs.field(init=False)
     success_decoder: msgspec.msgpack.Decoder[S] = attrs.field(init=False)
     errors_by_name: Mapping[str, type[Exception]] = attrs.field(init=False)
@@ -126,6 +130,7 @@ class Entity:
         errors: tuple[type[Exception], ...] = (),
         primary_key: Callable[[P], str] | None = None,
         persisted: bool = False,
+        interruptible: bool = True,
     ) -> Rpc[P, S]: ...
 
     @overload
@@ -138,6 +143,7 @@ class Entity:
         errors: tuple[type[Exception], ...] = (),
         primary_key: Callable[[Any], str] | None = None,
         persisted: bool = False,
+        interruptible: bool = True,
     ) -> Rpc[Any, S]: ...
 
     def rpc(
@@ -149,6 +155,7 @@ class Entity:
         errors: tuple[type[Exception], ...] = (),
         primary_key: Callable[[Any], str] | None = None,
         persisted: bool = False,
+        interruptible: bool = True,
     ) -> Rpc[Any, Any]:
         """Declare an RPC.
 
@@ -156,6 +163,8 @@ class Entity:
         result, e.g. ``draw: Rpc[Circle | Square, float] = ...``): one RPC
         then accepts a family of message shapes and the handler ``match``es
         on them. Use ``type(None)`` as ``success`` for RPCs that return nothing.
+        ``interruptible=False``: the handler runs to its end even when its
+        caller stops waiting (see ``Client.ask``'s ``interrupt``).
         """
         _check_name("rpc", name)
         if name in self.rpcs:
@@ -168,7 +177,9 @@ class Entity:
         for error in errors:
             if not (isinstance(error, type) and issubclass(error, Exception)):
                 raise TypeError(f"{self.name}.{name}: declared errors must be Exception classes")
-        rpc: Rpc[Any, Any] = Rpc(self, name, payload, success, errors, primary_key, persisted)
+        rpc: Rpc[Any, Any] = Rpc(
+            self, name, payload, success, errors, primary_key, persisted, interruptible
+        )
         self.rpcs[name] = rpc
         return rpc
 

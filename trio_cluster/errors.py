@@ -31,6 +31,7 @@ Reason: TypeAlias = Literal[
     "Suspended",
     "RpcClientError",
     "SerializationError",
+    "Interrupted",
 ]
 
 
@@ -185,6 +186,19 @@ class SerializationError(ClusterError):
     reason = "SerializationError"
 
 
+class Interrupted(ClusterError):
+    """The request was withdrawn by its caller before its handler finished.
+
+    Its ``ask`` timed out or was cancelled with ``interrupt`` on: the handler
+    was cancelled (or never started), and whatever it changed in the
+    entity's durable state was rolled back. A persisted request keeps this
+    as its final, stored reply, so asking again with the same primary key
+    gets it again: retrying cannot help.
+    """
+
+    reason = "Interrupted"
+
+
 AnyClusterError: TypeAlias = (
     MailboxFull
     | EntityNotAssignedToRunner
@@ -197,6 +211,7 @@ AnyClusterError: TypeAlias = (
     | Suspended
     | RpcClientError
     | SerializationError
+    | Interrupted
 )
 
 CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
@@ -211,6 +226,7 @@ CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
     Suspended,
     RpcClientError,
     SerializationError,
+    Interrupted,
 )
 """Every ClusterError class, for ``except CLUSTER_ERRORS`` narrowed to the reasons."""
 

@@ -84,8 +84,9 @@ class Instrument:
     # -- storage ------------------------------------------------------------------------
 
     def storage_written(self, operation: str, seconds: float, outcome: Outcome) -> None:
-        """A write for a request ended: ``operation`` is ``"request"``, ``"reply"`` or
-        ``"state"``; ``outcome`` is ``"success"`` or the reason it failed."""
+        """A write for a request ended: ``operation`` is ``"request"``, ``"reply"``,
+        ``"state"`` or ``"interrupt"`` (a withdrawn persisted request marked);
+        ``outcome`` is ``"success"`` or the reason it failed."""
 
     # -- lifecycles ---------------------------------------------------------------------
 

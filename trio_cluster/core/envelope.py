@@ -33,6 +33,10 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
     waiting on this request, so that a call cycle is refused instead of
     deadlocking, even when the cycle crosses runners. ``deliver_at_ms`` is a
     Unix time in milliseconds before which the handler must not see it.
+    ``interrupted`` is set by storage alone, on a persisted request whose
+    caller withdrew it: read back, it is answered ``Interrupted`` without
+    running (a sender never sets it; a peer that does only withdraws its own
+    request).
     """
 
     request_id: int
@@ -47,6 +51,7 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
     deliver_at_ms: int | None = None
     headers: dict[str, str] = {}
     call_chain: tuple[str, ...] = ()
+    interrupted: bool = False
 
     @property
     def entity_key(self) -> str:

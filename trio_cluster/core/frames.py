@@ -123,7 +123,13 @@ class Goodbye(_Frame, tag=4, frozen=True):
 
 
 class Request(_Frame, tag=5, frozen=True):
+    """A volatile request. With ``ack`` (a ``tell`` that wants to hear of a refusal),
+    the Reply comes as soon as the request is queued or refused, not from its
+    handler; an older receiver ignores ``ack`` and replies after the handler,
+    which the sender takes as queued all the same."""
+
     envelope: Envelope
+    ack: bool = False
 
 
 class Reply(_Frame, tag=6, frozen=True):
@@ -134,7 +140,12 @@ class Reply(_Frame, tag=6, frozen=True):
 
 
 class Interrupt(_Frame, tag=7, frozen=True):
-    """The caller gave up on a request: cancel its handler if it is still running."""
+    """The caller gave up on a request: cancel its handler if it is still running.
+
+    Sent on the link the request went out on, for a request still in flight
+    there; the receiver ignores an id it is not handling (answered already,
+    or never received), so an interrupt racing the reply loses.
+    """
 
     request_id: int
 

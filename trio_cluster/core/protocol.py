@@ -132,6 +132,8 @@ class Handshaken(msgspec.Struct, frozen=True, gc=False):
 
 class RequestReceived(msgspec.Struct, frozen=True, gc=False):
     envelope: Envelope
+    ack: bool = False
+    """Reply once queued or refused, not after the handler (see :class:`~.frames.Request`)."""
 
 
 class ReplyReceived(msgspec.Struct, frozen=True, gc=False):
@@ -330,8 +332,8 @@ class PeerConnection:
         state = self._state
         if state is State.OPEN:
             match message:
-                case Request(envelope):
-                    return RequestReceived(envelope)
+                case Request(envelope, ack):
+                    return RequestReceived(envelope, ack)
                 case Reply(request_id, reply):
                     return ReplyReceived(request_id, reply)
                 case Interrupt(request_id):

@@ -32,6 +32,18 @@ class ReplyTarget(Protocol):
     def resolve(self, reply: bytes) -> None: ...
 
 
+class _Dropped:
+    """The reply target of a request nobody waits for (a tell)."""
+
+    __slots__ = ()
+
+    def resolve(self, reply: bytes) -> None:
+        pass
+
+
+DROPPED: ReplyTarget = _Dropped()
+
+
 class ReplyKind(IntEnum):
     SUCCESS = 0
     DECLARED_ERROR = 1
@@ -129,6 +141,28 @@ def misrouted(reply: bytes) -> bool:
 
 
 _SUCCESS_HEAD = bytes([0x92, ReplyKind.SUCCESS])
+
+
+def refusal(
+    reply: bytes, *, entity_id: str | None = None, request_id: int | None = None
+) -> ClusterError | None:
+    """The cluster error a reply carries, or None for a success or a declared error.
+
+    What an acknowledged tell's sender reads: anything but a cluster error
+    says the request was queued (an older owner answers after the handler).
+    """
+    if reply.startswith(_SUCCESS_HEAD):
+        return None
+    try:
+        outer = _reply_decoder.decode(reply)
+        if outer.kind is not ReplyKind.CLUSTER_ERROR:
+            return None
+        data = _cluster_decoder.decode(outer.body)
+    except msgspec.MsgspecError as exc:
+        return SerializationError(
+            f"cannot decode reply: {exc}", entity_id=entity_id, request_id=request_id
+        )
+    return _rebuild_cluster_error(data, entity_id, request_id)
 
 
 def outcome(reply: bytes) -> str:

@@ -31,6 +31,7 @@ from ..pgdriver.errors import PgError
 from ..pgdriver.pool import Pool
 from ..storage.base import (
     Gap,
+    InterruptStored,
     Lease,
     MembershipChanged,
     Notice,
@@ -41,6 +42,7 @@ from ..storage.base import (
 )
 from ..storage.notices import open_follower
 from .boundary import translated
+from .interrupts import mark_interrupted
 from .leases import RECONNECT
 from .states import state_writes
 
@@ -50,6 +52,8 @@ _COLUMNS = (
     "request_id, shard_group, shard_index, entity_type, entity_id, rpc, payload,"
     " primary_key, deliver_at_ms, meta"
 )
+_READ = f"{_COLUMNS}, interrupted"
+"""What a read returns: the stored request and whether its caller withdrew it."""
 
 
 class _Meta(msgspec.Struct, array_like=True):
@@ -82,11 +86,13 @@ def _envelope(row: tuple[Any, ...]) -> Envelope:
         deliver_at_ms=None if row[8] is None else int(row[8]),
         headers=meta.headers,
         call_chain=meta.call_chain,
+        interrupted=bool(row[10]),
     )
 
 
 def _parse_notice(payload: str) -> Notice | None:
-    """``s:<origin>:<group>:<index>:<request_id>``, ``r:<origin>:<request_id>`` or ``m:``."""
+    """``s:<origin>:<group>:<index>:<request_id>``, ``r:<origin>:<request_id>``,
+    ``i:<origin>:<group>:<index>:<request_id>`` or ``m:``."""
     kind, _, rest = payload.partition(":")
     try:
         if kind == "m":
@@ -94,9 +100,10 @@ def _parse_notice(payload: str) -> Notice | None:
         if kind == "r":
             origin, request_id = rest.split(":")
             return Replied(int(request_id), int(origin))
-        if kind == "s":
+        if kind in ("s", "i"):
             origin, group, index, request_id = rest.split(":")
-            return Stored(ShardId(group, int(index)), int(request_id), int(origin))
+            notice = Stored if kind == "s" else InterruptStored
+            return notice(ShardId(group, int(index)), int(request_id), int(origin))
     except ValueError:
         pass
     log.warning("ignoring unknown notification %r", payload)
@@ -206,6 +213,9 @@ class PgMessageStorage:
                 prepare=True,
             )
 
+    async def interrupt(self, request_id: int, origin: int) -> bool:
+        return await mark_interrupted(self._pool, self._prefix, self.channel, request_id, origin)
+
     async def reply_for(self, request_id: int) -> bytes | None:
         with translated("read reply to %s", request_id):
             reply = await self._pool.fetchval(
@@ -225,7 +235,7 @@ class PgMessageStorage:
         limit: int = 1000,
     ) -> list[Envelope]:
         sql = (
-            f"SELECT {_COLUMNS} FROM {self._prefix}messages WHERE shard_group = $1"
+            f"SELECT {_READ} FROM {self._prefix}messages WHERE shard_group = $1"
             " AND shard_index = $2 AND NOT processed AND request_id > $3"
             " AND ($4::int8 IS NULL OR deliver_at_ms IS NULL OR deliver_at_ms <= $4::int8)"
         )
@@ -241,7 +251,7 @@ class PgMessageStorage:
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
         ids = "{" + ",".join(str(int(i)) for i in request_ids) + "}"
         return await self._read(
-            f"SELECT {_COLUMNS} FROM {self._prefix}messages WHERE request_id = ANY($1::int8[])"
+            f"SELECT {_READ} FROM {self._prefix}messages WHERE request_id = ANY($1::int8[])"
             " AND shard_group = $2 AND shard_index = $3 AND NOT processed ORDER BY request_id",
             [ids, shard.group, shard.index],
             shard,

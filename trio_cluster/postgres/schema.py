@@ -89,6 +89,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX {p}messages_processed
         ON {p}messages (shard_group, shard_index, replied_at) WHERE processed;
     """,
+    # 5: requests their callers withdrew (a flag: no table rewrite, no new index).
+    """
+    ALTER TABLE {p}messages ADD COLUMN interrupted boolean NOT NULL DEFAULT false;
+    """,
 )
 
 

@@ -11,6 +11,12 @@ says the calling code itself is wrong (an argument of the wrong type, a
 naive ``deliver_at``, a ``primary_key`` function that raised or returned a
 non-string). Bad content that may come from outside input (an entity id
 with a NUL, a key too long) is MalformedMessage.
+
+An ``ask`` that stops waiting (its timeout, or a cancellation from outside)
+withdraws its request when ``interrupt`` says so: a volatile one through
+the delivery it queued here or the link it went out on, a persisted one
+through storage (see :mod:`.withdrawals`). A request that was answered is
+never withdrawn, and a duplicate never withdraws its original.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ..core.envelope import (
     text_problem,
 )
 from ..core.hashing import ShardId, shard_index
+from ..core.reply import DROPPED
 from ..core.snowflake import SnowflakeGenerator
 from ..entity import Rpc
 from ..errors import (
@@ -48,9 +55,11 @@ from ..errors import (
 )
 from ..storage.base import LeaseSession, MessageStorage, Saved
 from .calls import Call, call_chain
+from .delivery import Delivery
 from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
+from .withdrawals import Withdrawals
 
 if TYPE_CHECKING:
     from ..transport.link import PeerLink
@@ -59,18 +68,6 @@ log = logging.getLogger("trio_cluster.client")
 
 P = TypeVar("P")
 S = TypeVar("S")
-
-
-class _Dropped:
-    """The reply target of a volatile tell: nobody waits for it."""
-
-    __slots__ = ()
-
-    def resolve(self, reply: bytes) -> None:
-        pass
-
-
-_DROPPED = _Dropped()
 
 
 class Client:
@@ -85,11 +82,13 @@ class Client:
         stored_replies: StoredReplies,
         session: LeaseSession,
         hooks: Hooks,
+        withdrawals: Withdrawals,
     ) -> None:
         self._config = config
         self._router = router
         self._messages = messages
         self._stored_replies = stored_replies
+        self._withdrawals = withdrawals
         self._session = session
         self._hooks = hooks
         self._machine = session.machine_id
@@ -116,15 +115,20 @@ class Client:
         timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
         deliver_at: datetime | None = None,
         headers: Mapping[str, str] | None = None,
+        interrupt: bool | None = None,
     ) -> S:
         """Send a request and return the handler's result, or raise its declared error.
 
         Raises SendTimeout when no reply comes within ``timeout`` (default
-        ``ShardingConfig.send_timeout``). A persisted request stays stored
-        after a timeout and is still processed; asking again with the same
-        primary key returns its reply. ``deliver_at`` holds the request back
-        from the handler until that (timezone-aware) time. ``headers`` reach
-        the handler as ``ctx.request.headers``.
+        ``ShardingConfig.send_timeout``). ``interrupt`` says what happens to
+        the request when this call stops waiting (the timeout, or a
+        cancellation): withdraw it, cancelling its handler (True, the
+        default for a volatile RPC), or leave it running (False, the
+        default for a persisted one, which is then still processed, and
+        asking again with the same primary key returns its reply). An RPC
+        declared ``interruptible=False`` is never withdrawn. ``deliver_at``
+        holds the request back from the handler until that (timezone-aware)
+        time. ``headers`` reach the handler as ``ctx.request.headers``.
         """
         chain = call_chain.get()
         envelope = self._envelope(
@@ -140,12 +144,13 @@ class Client:
                 request_id=envelope.request_id,
             )
         limit = self._config.send_timeout if timeout is None else timeout
+        withdraw = rpc.interruptible and (not rpc.persisted if interrupt is None else interrupt)
         call = self._sending(envelope, "ask")
         envelope = call.envelope
         outcome = "cancelled"
         try:
             with trio.move_on_after(limit if limit > 0 else math.inf):
-                reply = await self._send(envelope)
+                reply = await self._send(envelope, withdraw)
                 result = replies.decode(
                     reply,
                     rpc.success_decoder,
@@ -177,14 +182,22 @@ class Client:
         *,
         deliver_at: datetime | None = None,
         headers: Mapping[str, str] | None = None,
+        ack: bool = True,
     ) -> None:
         """Send without waiting for the handler.
 
         Returns once the request is accepted: stored, for a persisted RPC
         (then it will be processed even if this process dies now), or
-        queued in the entity's mailbox for a volatile one. With
-        ``deliver_at``, the handler sees it at that time, not before; a
-        persisted one is kept to that time across restarts.
+        queued in the entity's mailbox (or its shard's timers) for a
+        volatile one, wherever its owner runs, with the owner's refusal
+        raised as for ``ask`` (MailboxFull; a moved shard is resent to its
+        new owner under ``send_retry``). The owner on another runner says
+        so in a reply; SendTimeout when none comes within ``send_timeout``.
+        ``ack=False`` does not wait for that reply: a volatile request to
+        another runner is then sent once it is queued on the link, and a
+        refusal is dropped unheard. With ``deliver_at``, the handler sees it
+        at that time, not before; a persisted one is kept to that time
+        across restarts.
         """
         envelope = self._envelope(
             rpc, entity_id, payload, chain=(), deliver_at=deliver_at, headers=headers
@@ -197,8 +210,10 @@ class Client:
                 saved = await self._save(envelope)
                 if not saved.duplicate:
                     self._offer_here(envelope)
+            elif ack:
+                await self._acknowledged(envelope)
             else:
-                await self._deliver(envelope, _DROPPED)
+                await self._deliver(Delivery(envelope, DROPPED))
             outcome = "success"
         except ClusterError as error:
             outcome = error.reason
@@ -277,13 +292,13 @@ class Client:
             call_chain=chain,
         )
 
-    async def _send(self, envelope: Envelope) -> bytes:
+    async def _send(self, envelope: Envelope, withdraw: bool) -> bytes:
         if not envelope.persisted:
             # A request that reached a runner no longer owning its shard
             # never ran: resend it while the shard settles on its new owner.
             delays = self._config.send_retry.delays()
             while True:
-                reply = await self._attempt(envelope)
+                reply = await self._attempt(envelope, withdraw)
                 delay = next(delays, None) if replies.misrouted(reply) else None
                 if delay is None:
                     return reply
@@ -293,13 +308,17 @@ class Client:
         # Expect the reply before storing: another runner may process the
         # request and announce its reply before the save returns here.
         slot = waiting.expect(envelope.request_id)
+        ours = True  # until storage says it is a duplicate: then the original is not ours
         try:
             saved = await self._save(envelope)
-            if not saved.duplicate:
+            ours = not saved.duplicate
+            if ours:
                 self._offer_here(envelope)
                 return await slot.wait()
         finally:
             waiting.forget(envelope.request_id, slot)
+            if withdraw and ours and not slot.answered:
+                self._withdrawals.withdraw(envelope)
         if saved.reply is not None:
             return saved.reply
         slot = waiting.expect(saved.request_id)
@@ -311,14 +330,47 @@ class Client:
         finally:
             waiting.forget(saved.request_id, slot)
 
-    async def _attempt(self, envelope: Envelope) -> bytes:
+    async def _attempt(self, envelope: Envelope, withdraw: bool) -> bytes:
         slot = ReplySlot()
-        link = await self._deliver(envelope, slot)
+        delivery = Delivery(envelope, slot)
+        link = await self._deliver(delivery)
         try:
             return await slot.wait()
         finally:
+            interrupt = withdraw and not slot.answered
             if link is not None:
-                link.withdraw(envelope.request_id)
+                link.withdraw(envelope.request_id, interrupt=interrupt)
+            elif interrupt:
+                delivery.interrupt()
+
+    async def _acknowledged(self, envelope: Envelope) -> None:
+        """A volatile tell, returning once its owner queued it; its refusal raised."""
+        limit = self._config.send_timeout
+        delays = self._config.send_retry.delays()
+        with trio.move_on_after(limit if limit > 0 else math.inf):
+            while True:
+                slot = ReplySlot()
+                link = await self._deliver(Delivery(envelope, slot), ack=True)
+                if link is None:
+                    return  # queued here: a refusal was raised already
+                try:
+                    reply = await slot.wait()
+                finally:
+                    link.withdraw(envelope.request_id)
+                refused = replies.refusal(
+                    reply, entity_id=envelope.entity_id, request_id=envelope.request_id
+                )
+                if refused is None:
+                    return
+                delay = next(delays, None) if replies.misrouted(reply) else None
+                if delay is None:
+                    raise refused
+                await trio.sleep(delay)
+        raise SendTimeout(
+            f"{envelope.entity_key} did not acknowledge {envelope.rpc!r} within {limit} s",
+            entity_id=envelope.entity_id,
+            request_id=envelope.request_id,
+        )
 
     def _serves(self, envelope: Envelope) -> bool:
         """Whether this runner serves the request's shard, so no notice need announce it."""
@@ -327,24 +379,26 @@ class Client:
     def _offer_here(self, envelope: Envelope) -> None:
         """Offer a stored request to an owner here now; otherwise the storage notice will."""
         with contextlib.suppress(EntityNotAssignedToRunner, RunnerUnavailable):
-            self._router.route(envelope, self._stored_replies.target(envelope.request_id))
+            self._router.route(Delivery(envelope, self._stored_replies.target(envelope.request_id)))
 
-    async def _deliver(self, envelope: Envelope, target: replies.ReplyTarget) -> PeerLink | None:
+    async def _deliver(self, delivery: Delivery, *, ack: bool = False) -> PeerLink | None:
         """Queue a volatile request, retrying while its shard has no owner here.
 
         Returns the link it went out on (None when queued here). Only routing
         failures are retried, within ``ShardingConfig.send_retry``: the
-        request has then certainly not reached a handler.
+        request has then certainly not reached a handler. With ``ack``, the
+        owner on another runner replies as soon as it queued the request.
         """
         router = self._router
+        envelope, target = delivery.envelope, delivery.target
         delays = self._config.send_retry.delays()
         while True:
             try:
-                owner = router.route(envelope, target)
+                owner = router.route(delivery)
                 if owner is None:
                     return None
                 assert router.network is not None  # route names an owner only with one
-                return await router.network.send_request(owner, envelope, target)
+                return await router.network.send_request(owner, envelope, target, ack=ack)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from ..core.envelope import Envelope
 from ..core.reply import ReplyTarget, failure
 from ..errors import ClusterError
@@ -12,10 +14,12 @@ class Delivery:
 
     The target travels with the request instead of being looked up by
     request id, so a reply reaches exactly the caller that sent the request,
-    whatever ids other callers or peers use.
+    whatever ids other callers or peers use. So does the way to interrupt
+    it: whoever holds the delivery (the local caller, the peer's link) can
+    withdraw it, and no one else.
     """
 
-    __slots__ = ("envelope", "redelivered", "target")
+    __slots__ = ("_scope", "envelope", "interrupted", "redelivered", "target")
 
     def __init__(
         self, envelope: Envelope, target: ReplyTarget, *, redelivered: bool = False
@@ -24,6 +28,27 @@ class Delivery:
         self.target = target
         self.redelivered = redelivered
         """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
+        self.interrupted = envelope.interrupted
+        """Its caller withdrew it: skipped if not started, its handler cancelled if running."""
+        self._scope: trio.CancelScope | None = None
+
+    def interrupt(self) -> None:
+        """The caller stopped waiting: cancel the handler, or skip the request when it comes up.
+
+        Idempotent, and a no-op once the handler has returned: a reply already
+        made wins.
+        """
+        self.interrupted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def handler_scope(self) -> trio.CancelScope:
+        """The scope the handler runs in, which :meth:`interrupt` cancels (a Trio
+        cancellation inside the handler: its ``finally`` blocks run)."""
+        scope = self._scope = trio.CancelScope()
+        if self.interrupted:
+            scope.cancel()
+        return scope
 
     def fail(self, error: ClusterError) -> None:
         self.target.resolve(failure(error, self.envelope.request_id))

@@ -23,6 +23,12 @@ volatile changes as ``EntityOptions.state_save`` says (the shard's flusher
 asks an idle entity to save by queueing a FLUSH marker, never writes itself).
 A change that could not be committed is forgotten, and the next request
 starts again from what storage holds.
+
+An interrupted request (its caller withdrew it) is skipped if it has not
+started, and its handler is cancelled if it runs: a Trio cancellation in
+the handler's own scope, so its ``finally`` blocks run and the entity's
+other requests are untouched. Its answer is ``Interrupted``, and what it
+changed in the durable state is rolled back, as after a defect.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from ..core.lifecycle import ENTITY_LIFECYCLE, EntityEvent, EntityState, Lifecyc
 from ..errors import (
     ClusterError,
     EntityNotAssignedToRunner,
+    Interrupted,
     MailboxFull,
     MalformedMessage,
     RpcClientError,
@@ -51,6 +58,7 @@ from .calls import Handling, handling
 from .context import EntityAddress, EntityContext
 from .delivery import Delivery
 from .durable import StateKeeper, StateUnreadable
+from .interrupts import ShardInterrupts
 from .services import Hosted, Services
 
 log = logging.getLogger("trio_cluster.entity")
@@ -74,6 +82,9 @@ class EntityHost(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def interrupts(self) -> ShardInterrupts: ...
 
     async def read_backlog(
         self, entity: tuple[str, str], limit: int
@@ -325,7 +336,7 @@ class ActiveEntity:
         hooks.handling_started(current)
         outcome = "cancelled"
         try:
-            reply = await self._reply_to(envelope, current)
+            reply = await self._interruptibly(delivery, current)
             outcome = "unstored"
             final = await self._finish(delivery, reply)
             if final is not None:
@@ -366,6 +377,37 @@ class ActiveEntity:
             self._done(envelope)
             self.last_active = trio.current_time()
             hooks.handling_finished(current, outcome)
+
+    async def _interruptibly(self, delivery: Delivery, current: Handling) -> bytes:
+        """The reply, unless the caller withdrew the request first (see the module doc).
+
+        Only the handler's run is interruptible: once it has returned, its
+        reply is made and sent whatever interrupt comes next.
+        """
+        envelope = delivery.envelope
+        rpc = self.implementation.entity.rpcs.get(envelope.rpc)
+        if rpc is not None and not rpc.interruptible:
+            return await self._reply_to(envelope, current)
+        interrupts = self.shard.interrupts if envelope.persisted else None
+        starting = not delivery.interrupted if interrupts is None else interrupts.starting(delivery)
+        if not starting:
+            return self._interrupted(envelope, "before its handler started")
+        try:
+            with delivery.handler_scope():
+                return await self._reply_to(envelope, current)
+        finally:
+            if interrupts is not None:
+                interrupts.finished(delivery)
+        # Reached only when the interrupt cancelled the handler.
+        if self._keeper is not None:
+            self._forget_state()
+        return self._interrupted(envelope, "while its handler ran")
+
+    def _interrupted(self, envelope: Envelope, when: str) -> bytes:
+        interrupted = Interrupted(
+            f"{envelope.rpc!r} for {self.address} was withdrawn by its caller {when}"
+        )
+        return self._error(interrupted, envelope)
 
     async def _finish(self, delivery: Delivery, reply: bytes) -> bytes | None:
         """Make the reply final, with what the request changed in the entity's state.

@@ -2,7 +2,11 @@
 
 The follower reads what notices announce: requests for a shard served here
 (one read each; a failed one becomes the shard's own rescan), the stored
-reply a caller here waits for; a changed membership wakes the shard keeper.
+reply a caller here waits for, the interrupt of a persisted request of a
+shard served here (its handler is cancelled); a changed membership wakes
+the shard keeper. Notices of one batch are acted on in order of kind:
+stored requests are queued before interrupts are applied, so an interrupt
+that follows its request's notice finds it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import trio
 
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
-from ..storage.base import Gap, MembershipChanged, MessageStorage, Notice, Replied, Stored
+from ..storage.base import (
+    Gap,
+    InterruptStored,
+    MembershipChanged,
+    MessageStorage,
+    Notice,
+    Replied,
+    Stored,
+)
 from .hooks import Hooks
 from .replies import StoredReplies
 from .shard import ShardRuntime
@@ -71,6 +83,7 @@ class NoticeFollower:
         me = self._machine_id()
         stored: dict[ShardId, list[int]] = {}
         replied: list[int] = []
+        interrupted: list[tuple[ShardId, int]] = []
         for notice in batch:
             match notice:
                 case Gap():
@@ -86,10 +99,16 @@ class NoticeFollower:
                         replied.append(request_id)
                 case Stored(shard_id, request_id, origin) if origin != me:
                     stored.setdefault(shard_id, []).append(request_id)
+                case InterruptStored(shard_id, request_id, origin) if origin != me:
+                    interrupted.append((shard_id, request_id))
         for shard_id, request_ids in stored.items():
             shard = self._shards.get(shard_id)
             if shard is not None:
                 await shard.deliver_stored(request_ids)
+        for shard_id, request_id in interrupted:
+            shard = self._shards.get(shard_id)
+            if shard is not None:
+                shard.interrupts.interrupt(request_id)
         for request_id in replied:
             await self._fetch_reply(request_id)
 

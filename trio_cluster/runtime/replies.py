@@ -29,6 +29,10 @@ class ReplySlot:
             self.reply = reply
             self._event.set()
 
+    @property
+    def answered(self) -> bool:
+        return self._event.is_set()
+
     async def wait(self) -> bytes:
         await self._event.wait()
         return self.reply

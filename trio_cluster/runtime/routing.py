@@ -5,7 +5,9 @@ the shard keeper alone and read here. Requests from peers come in here too,
 and are checked before they reach a shard: a peer is outside input, so
 what it sends is validated (its shard against its entity id, its sizes,
 that it is volatile: persisted requests travel through storage, never in a
-frame), and anything refused is answered on the peer's own link.
+frame), and anything refused is answered on the peer's own link. A request the
+peer sent with ``ack`` (an acknowledged ``tell``) is answered as soon as
+it is queued; whatever its handler returns is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..config import ShardingConfig
 from ..core.envelope import Envelope, envelope_problem
 from ..core.hashing import ShardId
-from ..core.reply import ReplyTarget, failure
+from ..core.reply import DROPPED, failure, success
 from ..errors import ClusterError, EntityNotAssignedToRunner, MailboxFull, MalformedMessage
 from .delivery import Delivery
 from .hooks import Hooks
@@ -24,6 +26,10 @@ from .hooks import Hooks
 if TYPE_CHECKING:
     from ..transport.link import LinkReply
     from ..transport.network import Network
+
+
+ACCEPTED = success(None)
+"""The reply to an acknowledged tell that was queued."""
 
 
 class ServedShard(Protocol):
@@ -49,13 +55,14 @@ class Router:
         """The shards this runner holds a lease on now (the keeper's, read here)."""
         self.network: Network | None = None
 
-    def route(self, envelope: Envelope, target: ReplyTarget) -> str | None:
+    def route(self, delivery: Delivery) -> str | None:
         """Queue a request whose shard is owned here; otherwise name the owner to send it to
         (over ``network``: without one, no owner elsewhere can be reached)."""
+        envelope = delivery.envelope
         shard_id = ShardId(envelope.shard_group, envelope.shard_index)
         shard = self._shards.get(shard_id)
         if shard is not None:
-            shard.offer(Delivery(envelope, target))
+            shard.offer(delivery)
             return None
         owner = self.assignment.get(shard_id)
         if owner is None or owner == self.address or self.network is None:
@@ -84,7 +91,13 @@ class Router:
                     f"is not owned by {self.address}",
                     entity_id=envelope.entity_id,
                 )
-            shard.offer(Delivery(envelope, reply))
+            if reply.ack:
+                shard.offer(Delivery(envelope, DROPPED))
+                reply.resolve(ACCEPTED)
+                return
+            delivery = Delivery(envelope, reply)
+            shard.offer(delivery)
+            reply.delivery = delivery
         except ClusterError as error:
             if not isinstance(error, MailboxFull):  # the mailbox reports its own refusals
                 self._hooks.request_refused(envelope.entity_type, envelope.rpc, error.reason)

@@ -61,6 +61,7 @@ from .services import Hosted, Services
 from .shard import ShardRuntime
 from .singletons import SingletonRuntime, SingletonServices
 from .supervision import keep_running
+from .withdrawals import Withdrawals
 
 if TYPE_CHECKING:
     from .probes import HealthServer
@@ -439,6 +440,7 @@ async def _start_parts(
         )
         await nursery.start(router.network.serve, listeners)
     await nursery.start(parts.follower.run)
+    nursery.start_soon(keep_running, "withdrawals", parts.withdrawals.run, hooks)
     await nursery.start(keeper.run, nursery)
     options = [entry.options for entry in hosted.values()]
     sweep = functools.partial(parts.residency.sweep_idle, options)
@@ -452,6 +454,7 @@ class _Parts:
     keeper: ShardKeeper
     follower: NoticeFollower
     residency: Residency
+    withdrawals: Withdrawals
 
 
 def _assemble(
@@ -471,6 +474,12 @@ def _assemble(
     residency = Residency(config.max_resident_entities)
     shards: dict[ShardId, ShardRuntime] = {}
     router = Router(address, config, hooks, shards)
+    withdrawals = Withdrawals(
+        messages=storage.messages,
+        shards=shards,
+        machine_id=lambda: session.machine_id,
+        hooks=hooks,
+    )
     client = Client(
         config=config,
         router=router,
@@ -478,6 +487,7 @@ def _assemble(
         stored_replies=stored_replies,
         session=session,
         hooks=hooks,
+        withdrawals=withdrawals,
     )
     services = Services(
         address=address,
@@ -536,7 +546,7 @@ def _assemble(
         read_status=getattr(storage, "read_status", None),
         hosted=frozenset(hosted),
     )
-    return _Parts(runner, router, keeper, follower, residency)
+    return _Parts(runner, router, keeper, follower, residency, withdrawals)
 
 
 def _only(group: BaseExceptionGroup, error: BaseException) -> bool:

@@ -41,6 +41,7 @@ from ..errors import (
 )
 from ..storage.base import Lease, StateWrite
 from .delivery import Delivery
+from .interrupts import ShardInterrupts
 from .mailbox import ActiveEntity
 from .scheduled import Scheduled
 from .services import Services
@@ -79,6 +80,7 @@ class ShardRuntime:
         "_stopped",
         "_timer_changed",
         "entities",
+        "interrupts",
         "lease",
         "services",
     )
@@ -91,6 +93,8 @@ class ShardRuntime:
         self._on_stopped = on_stopped
         self._life = Lifecycle(f"shard {lease.shard}", SHARD_LIFECYCLE, ShardState.STARTING)
         self.entities: dict[str, ActiveEntity] = {}
+        self.interrupts = ShardInterrupts()
+        """Its persisted requests withdrawn by their callers (through storage's notices)."""
         self._scope = trio.CancelScope()
         self._draining = trio.Event()
         self._stopped = trio.Event()

@@ -7,6 +7,7 @@ PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
 
 from .base import (
     Gap,
+    InterruptStored,
     Lease,
     LeaseSession,
     MembershipChanged,
@@ -25,6 +26,7 @@ from .memory import MemoryStorage
 
 __all__ = [
     "Gap",
+    "InterruptStored",
     "Lease",
     "LeaseSession",
     "MembershipChanged",

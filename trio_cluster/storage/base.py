@@ -61,6 +61,16 @@ class Replied:
 
 
 @attrs.frozen
+class InterruptStored:
+    """A notice that ``origin`` marked request ``request_id`` of ``shard`` interrupted:
+    its caller withdrew it, so the shard's owner cancels its handler if one runs it."""
+
+    shard: ShardId
+    request_id: int
+    origin: int
+
+
+@attrs.frozen
 class MembershipChanged:
     """A runner registered or unregistered: owners recompute the assignment now.
 
@@ -78,7 +88,7 @@ class Gap:
     """
 
 
-Notice = Stored | Replied | MembershipChanged | Gap
+Notice = Stored | Replied | InterruptStored | MembershipChanged | Gap
 
 
 @attrs.frozen
@@ -184,6 +194,17 @@ class MessageStorage(Protocol):
         ...
 
     async def reply_for(self, request_id: int) -> bytes | None: ...
+
+    async def interrupt(self, request_id: int, origin: int) -> bool:
+        """Mark an unprocessed request interrupted (its caller withdrew it) and notify
+        its shard's owner; False when it has a final reply already, or is marked.
+
+        Anyone may mark a request, unfenced: the mark only asks. The owner
+        answers the request ``Interrupted`` (fenced, as any reply), and every
+        later read returns it with ``interrupted`` set, so a redelivery
+        answers it so too, without running it.
+        """
+        ...
 
     async def unprocessed(
         self,

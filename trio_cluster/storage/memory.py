@@ -16,13 +16,23 @@ from functools import partial
 from itertools import count, islice
 
 import attrs
+import msgspec
 import trio
 
 from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
-from .base import Lease, MembershipChanged, Notice, Replied, Saved, StateWrite, Stored
+from .base import (
+    InterruptStored,
+    Lease,
+    MembershipChanged,
+    Notice,
+    Replied,
+    Saved,
+    StateWrite,
+    Stored,
+)
 from .notices import Follower, open_follower
 from .retention import Retention, sweep_forever
 from .status import ClusterStatus, RunnerStatus, shard_map
@@ -226,6 +236,16 @@ class MemoryStorage:
         self._pending.get(lease.shard, {}).pop(request_id, None)
         self._replied.setdefault(lease.shard, {})[request_id] = trio.current_time()
         self._announce(Replied(request_id, lease.machine_id))
+
+    async def interrupt(self, request_id: int, origin: int) -> bool:
+        await self._enter()
+        stored = self._requests.get(request_id)
+        if stored is None or stored.reply is not None or stored.envelope.interrupted:
+            return False
+        envelope = stored.envelope = msgspec.structs.replace(stored.envelope, interrupted=True)
+        shard = ShardId(envelope.shard_group, envelope.shard_index)
+        self._announce(InterruptStored(shard, request_id, origin))
+        return True
 
     async def purge(self, lease: Lease, window: float, limit: int) -> int:
         """Forget up to *limit* of the shard's requests replied over *window* seconds ago."""

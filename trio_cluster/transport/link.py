@@ -10,7 +10,13 @@ that did not complete (which a dialler needs to hear of).
 Request ids are scoped to the link. A reply is accepted only on the link its
 request went out on, and only while that request is in flight there; a
 peer's request id names nothing outside its own link, so one peer can
-neither answer, steal nor cancel another's requests, whatever ids it guesses.
+neither answer, steal nor interrupt another's requests, whatever ids it guesses.
+
+An Interrupt frame withdraws one of the peer's requests in flight here: its
+handler is cancelled (or skipped, if it has not started) and its reply is
+not sent. An interrupt for an id not in flight (answered already, never
+received) is ignored, so the bookkeeping is the in-flight set alone, which
+``max_requests`` bounds.
 
 Three tasks per link, in the link's own nursery: a reader feeding bytes to
 the state machine, a writer flushing whatever is queued in one ``send_all``
@@ -23,18 +29,20 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 import trio
 
 from ..core import reply as replies
 from ..core.envelope import Envelope
-from ..core.frames import FrameTooLarge, Ping, Reply, Request
+from ..core.frames import FrameTooLarge, Interrupt, Ping, Reply, Request
 from ..core.lifecycle import LINK_LIFECYCLE, Lifecycle, LinkEvent, LinkState
 from ..core.protocol import (
     Closed,
     Event,
     Handshaken,
+    InterruptReceived,
     PeerConnection,
     ReplyReceived,
     RequestReceived,
@@ -77,14 +85,27 @@ class LinkSettings:
     mutual_tls: bool = False
 
 
+class Interruptible(Protocol):
+    """What the peer's Interrupt reaches: the request as the runtime holds it."""
+
+    def interrupt(self) -> None: ...
+
+
 class LinkReply:
-    """Where a peer's request is answered: its own link, under its own id."""
+    """Where a peer's request is answered: its own link, under its own id.
 
-    __slots__ = ("link", "request_id")
+    ``ack``: the peer wants a Reply once the request is queued (or refused),
+    not the handler's. ``delivery`` is set by whoever queues the request,
+    for the peer's Interrupt to reach.
+    """
 
-    def __init__(self, link: PeerLink, request_id: int) -> None:
+    __slots__ = ("ack", "delivery", "link", "request_id")
+
+    def __init__(self, link: PeerLink, request_id: int, *, ack: bool = False) -> None:
         self.link = link
         self.request_id = request_id
+        self.ack = ack
+        self.delivery: Interruptible | None = None
 
     def resolve(self, reply: bytes) -> None:
         self.link.send_reply(self.request_id, reply)
@@ -125,7 +146,7 @@ class PeerLink:
         # if the link drops. Replies for any other id are ignored.
         self._outbound: dict[int, ReplyTarget] = {}
         # The peer's requests being handled here, by the peer's request id.
-        self._inbound: set[int] = set()
+        self._inbound: dict[int, LinkReply] = {}
         self.ignored_replies = 0
         self.peer: str | None = None
         self.close_reason = ""
@@ -199,8 +220,10 @@ class PeerLink:
         """Wait until the link is over and its socket closed."""
         await self._finished.wait()
 
-    def send_request(self, envelope: Envelope, target: ReplyTarget) -> None:
+    def send_request(self, envelope: Envelope, target: ReplyTarget, *, ack: bool = False) -> None:
         """Queue a request; its reply (or the link's failure) goes to ``target``.
+
+        With ``ack`` the reply says only that the peer queued it, or why not.
 
         Raises RunnerUnavailable when the link is not open or the peer has
         stopped reading (the link then closes), SerializationError when the
@@ -209,7 +232,7 @@ class PeerLink:
         if not self.open:
             raise RunnerUnavailable(f"link to {self.peer} is closed: {self.close_reason}")
         try:
-            queued = self._conn.send(Request(envelope))
+            queued = self._conn.send(Request(envelope, ack))
         except FrameTooLarge as error:
             raise SerializationError(
                 f"request to {self.peer} does not fit a frame: {error}",
@@ -222,9 +245,17 @@ class PeerLink:
         self._outbound[envelope.request_id] = target
         self._wake_writer.set()
 
-    def withdraw(self, request_id: int) -> None:
-        """The caller stopped waiting: a late reply to ``request_id`` is ignored."""
-        self._outbound.pop(request_id, None)
+    def withdraw(self, request_id: int, *, interrupt: bool = False) -> None:
+        """The caller stopped waiting: a late reply to ``request_id`` is ignored.
+
+        With ``interrupt``, and the request still unanswered, the peer is told
+        to cancel its handler (at most one Interrupt frame per request).
+        """
+        if self._outbound.pop(request_id, None) is None or not interrupt or not self.open:
+            return
+        if not self._conn.send(Interrupt(request_id)):
+            self._close(self._conn.close_reason or "peer is not reading")
+        self._wake_writer.set()
 
     def send_reply(self, request_id: int, reply: bytes) -> None:
         """Answer the peer's request ``request_id``; never raises.
@@ -234,9 +265,8 @@ class PeerLink:
         SerializationError for that request alone; a peer too slow to take it
         loses its link.
         """
-        if request_id not in self._inbound:
+        if self._inbound.pop(request_id, None) is None:
             return
-        self._inbound.discard(request_id)
         self._reply(request_id, reply)
 
     def close(self, reason: str) -> None:
@@ -271,22 +301,27 @@ class PeerLink:
 
     def _dispatch(self, event: Event) -> None:
         match event:
-            case RequestReceived(envelope):
-                self._received(envelope)
+            case RequestReceived(envelope, ack):
+                self._received(envelope, ack)
             case ReplyReceived(request_id, reply):
                 target = self._outbound.pop(request_id, None)
                 if target is None:
                     self.ignored_replies += 1
                 else:
                     target.resolve(reply)
+            case InterruptReceived(request_id):
+                # Popped: the handler's reply, if it comes, is not sent.
+                interrupted = self._inbound.pop(request_id, None)
+                if interrupted is not None and interrupted.delivery is not None:
+                    interrupted.delivery.interrupt()
             case Handshaken(peer_runner):
                 self._handshaken(peer_runner)
             case Closed(reason, _):
                 log.info("link to %s closed: %s", self.peer, reason)
                 self._close(reason)
             case _:
-                # Pings are answered by the state machine; interrupts and
-                # notify frames are not acted on in this version.
+                # Pings are answered by the state machine; notify frames are
+                # not acted on in this version.
                 pass
 
     def _handshaken(self, peer_runner: str) -> None:
@@ -304,7 +339,7 @@ class PeerLink:
         self._life.fire(LinkEvent.HANDSHAKEN)
         self._ready.set()
 
-    def _received(self, envelope: Envelope) -> None:
+    def _received(self, envelope: Envelope, ack: bool) -> None:
         request_id = envelope.request_id
         if request_id in self._inbound:
             # The original keeps its place; only this copy is refused.
@@ -321,8 +356,8 @@ class PeerLink:
             )
             self._reply(request_id, replies.failure(refusal, request_id))
             return
-        self._inbound.add(request_id)
-        self._on_request(LinkReply(self, request_id), envelope)
+        reply = self._inbound[request_id] = LinkReply(self, request_id, ack=ack)
+        self._on_request(reply, envelope)
 
     async def _write(self) -> None:
         while True:

@@ -65,16 +65,19 @@ class Network:
     def handshaking(self) -> int:
         return sum(1 for link in self._inbound if not link.open)
 
-    async def send_request(self, peer: str, envelope: Envelope, target: ReplyTarget) -> PeerLink:
+    async def send_request(
+        self, peer: str, envelope: Envelope, target: ReplyTarget, *, ack: bool = False
+    ) -> PeerLink:
         """Queue a request on the link to ``peer`` (dialling it first if needed); return the link.
 
-        The reply, or the link's failure, goes to ``target``; the caller
-        withdraws the request from the returned link if it stops waiting.
+        The reply, or the link's failure, goes to ``target`` (with ``ack``, as
+        soon as the peer queued or refused it); the caller withdraws the
+        request from the returned link if it stops waiting.
         """
         link = self._links.get(peer)
         if link is None or not link.open:
             link = await self._dial(peer)
-        link.send_request(envelope, target)
+        link.send_request(envelope, target, ack=ack)
         return link
 
     async def _dial(self, peer: str) -> PeerLink:
