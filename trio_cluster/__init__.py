@@ -14,6 +14,8 @@ from .errors import (
     AlreadyProcessingMessage,
     AnyClusterError,
     ClusterError,
+    DeferredAlreadyCompleted,
+    DeferredFailed,
     EntityNotAssignedToRunner,
     MailboxFull,
     MalformedMessage,
@@ -36,6 +38,7 @@ from .runtime.signals import wait_for_termination
 from .singleton import Singleton, SingletonContext
 from .state import State
 from .storage import (
+    DeferredStorage,
     Lease,
     LeaseSession,
     MemoryStorage,
@@ -44,6 +47,7 @@ from .storage import (
     StateStorage,
     StatusStorage,
     Storage,
+    TimerStorage,
 )
 from .transport.config import TransportConfig
 
@@ -55,6 +59,9 @@ __all__ = [
     "Client",
     "ClusterError",
     "ConfigError",
+    "DeferredAlreadyCompleted",
+    "DeferredFailed",
+    "DeferredStorage",
     "Entity",
     "EntityAddress",
     "EntityContext",
@@ -91,6 +98,7 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Suspended",
+    "TimerStorage",
     "TransportConfig",
     "open_runner",
     "wait_for_termination",

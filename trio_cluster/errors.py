@@ -31,6 +31,8 @@ Reason: TypeAlias = Literal[
     "Suspended",
     "RpcClientError",
     "SerializationError",
+    "DeferredAlreadyCompleted",
+    "DeferredFailed",
 ]
 
 
@@ -136,8 +138,12 @@ class SendTimeout(ClusterError):
 class Suspended(ClusterError):
     """A handler parked the request until a signal resumes it.
 
-    Handlers raise it themselves; ``resume_token`` tells the caller what to
-    wait on. It is not a defect, so the entity is not restarted.
+    ``ctx.deferred(...)`` raises it in a persisted request's handler when the
+    deferred has no outcome yet: the request is then stored as suspended and
+    its caller goes on waiting, nobody sees this error. A handler that raises
+    it itself ends its request with it (the final reply); ``resume_token``
+    tells the caller what to wait on. It is not a defect, so the entity is
+    not restarted.
     """
 
     reason = "Suspended"
@@ -185,6 +191,27 @@ class SerializationError(ClusterError):
     reason = "SerializationError"
 
 
+class DeferredAlreadyCompleted(ClusterError):
+    """A deferred was completed (or failed) a second time: the first outcome stands.
+
+    Raised to whoever completes it, by ``complete_deferred`` and
+    ``fail_deferred``; the suspended request sees only the first outcome.
+    """
+
+    reason = "DeferredAlreadyCompleted"
+
+
+class DeferredFailed(ClusterError):
+    """The deferred a handler waits on was failed by whoever held its resume token.
+
+    Raised by ``ctx.deferred(...)`` in the handler, with the message the
+    failer gave; a handler that does not catch it ends its request with it,
+    and the caller gets it.
+    """
+
+    reason = "DeferredFailed"
+
+
 AnyClusterError: TypeAlias = (
     MailboxFull
     | EntityNotAssignedToRunner
@@ -197,6 +224,8 @@ AnyClusterError: TypeAlias = (
     | Suspended
     | RpcClientError
     | SerializationError
+    | DeferredAlreadyCompleted
+    | DeferredFailed
 )
 
 CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
@@ -211,6 +240,8 @@ CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
     Suspended,
     RpcClientError,
     SerializationError,
+    DeferredAlreadyCompleted,
+    DeferredFailed,
 )
 """Every ClusterError class, for ``except CLUSTER_ERRORS`` narrowed to the reasons."""
 

@@ -89,6 +89,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX {p}messages_processed
         ON {p}messages (shard_group, shard_index, replied_at) WHERE processed;
     """,
+    # 5: entity timers (a request's timer name) and the deferreds suspended requests wait on.
+    """
+    ALTER TABLE {p}messages ADD COLUMN timer text;
+    CREATE INDEX {p}messages_timers
+        ON {p}messages (entity_type, entity_id, timer) WHERE timer IS NOT NULL AND NOT processed;
+    CREATE TABLE {p}deferreds (
+        request_id bigint NOT NULL REFERENCES {p}messages (request_id) ON DELETE CASCADE,
+        name text NOT NULL,
+        result bytea,
+        completed_at timestamptz,
+        PRIMARY KEY (request_id, name)
+    );
+    """,
 )
 
 

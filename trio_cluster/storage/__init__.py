@@ -6,6 +6,8 @@ PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
 """
 
 from .base import (
+    NO_ORIGIN,
+    DeferredStorage,
     Gap,
     Lease,
     LeaseSession,
@@ -20,10 +22,13 @@ from .base import (
     StatusStorage,
     Storage,
     Stored,
+    TimerStorage,
 )
 from .memory import MemoryStorage
 
 __all__ = [
+    "NO_ORIGIN",
+    "DeferredStorage",
     "Gap",
     "Lease",
     "LeaseSession",
@@ -39,4 +44,5 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Stored",
+    "TimerStorage",
 ]
