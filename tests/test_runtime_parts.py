@@ -123,6 +123,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             config=CONFIG,
             router=router,
             messages=storage,
+            deferreds=storage,
             stored_replies=stored,
             session=session,
             hooks=hooks,
@@ -135,6 +136,8 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             config=CONFIG,
             messages=storage,
             states=storage,
+            timers=storage,
+            deferreds=storage,
             stored_replies=stored,
             hooks=hooks,
             residency=Residency(100),
@@ -284,6 +287,18 @@ class Host:
     async def save_state(self, state: StateWrite) -> bool:
         self.saved.append(state)
         return True
+
+    async def suspend(self, delivery: Delivery, name: str) -> bool | None:
+        raise NotImplementedError
+
+    async def deferred_result(self, request_id: int, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    async def arm_timer(self, name: str, envelope: Envelope) -> None:
+        raise NotImplementedError
+
+    async def cancel_timer(self, entity: tuple[str, str], name: str) -> bool:
+        raise NotImplementedError
 
     def forget(self, entity: ActiveEntity) -> None:
         self.forgotten.append(entity)

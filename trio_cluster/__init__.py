@@ -14,6 +14,8 @@ from .errors import (
     AlreadyProcessingMessage,
     AnyClusterError,
     ClusterError,
+    DeferredAlreadyCompleted,
+    DeferredFailed,
     EntityNotAssignedToRunner,
     Interrupted,
     MailboxFull,
@@ -37,6 +39,7 @@ from .runtime.signals import wait_for_termination
 from .singleton import Singleton, SingletonContext
 from .state import State
 from .storage import (
+    DeferredStorage,
     Lease,
     LeaseSession,
     MemoryStorage,
@@ -45,6 +48,7 @@ from .storage import (
     StateStorage,
     StatusStorage,
     Storage,
+    TimerStorage,
 )
 from .transport.config import TransportConfig
 
@@ -56,6 +60,9 @@ __all__ = [
     "Client",
     "ClusterError",
     "ConfigError",
+    "DeferredAlreadyCompleted",
+    "DeferredFailed",
+    "DeferredStorage",
     "Entity",
     "EntityAddress",
     "EntityContext",
@@ -93,6 +100,7 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Suspended",
+    "TimerStorage",
     "TransportConfig",
     "open_runner",
     "wait_for_termination",

@@ -32,6 +32,8 @@ Reason: TypeAlias = Literal[
     "RpcClientError",
     "SerializationError",
     "Interrupted",
+    "DeferredAlreadyCompleted",
+    "DeferredFailed",
 ]
 
 
@@ -137,8 +139,12 @@ class SendTimeout(ClusterError):
 class Suspended(ClusterError):
     """A handler parked the request until a signal resumes it.
 
-    Handlers raise it themselves; ``resume_token`` tells the caller what to
-    wait on. It is not a defect, so the entity is not restarted.
+    ``ctx.deferred(...)`` raises it in a persisted request's handler when the
+    deferred has no outcome yet: the request is then stored as suspended and
+    its caller goes on waiting, nobody sees this error. A handler that raises
+    it itself ends its request with it (the final reply); ``resume_token``
+    tells the caller what to wait on. It is not a defect, so the entity is
+    not restarted.
     """
 
     reason = "Suspended"
@@ -199,6 +205,27 @@ class Interrupted(ClusterError):
     reason = "Interrupted"
 
 
+class DeferredAlreadyCompleted(ClusterError):
+    """A deferred was completed (or failed) a second time: the first outcome stands.
+
+    Raised to whoever completes it, by ``complete_deferred`` and
+    ``fail_deferred``; the suspended request sees only the first outcome.
+    """
+
+    reason = "DeferredAlreadyCompleted"
+
+
+class DeferredFailed(ClusterError):
+    """The deferred a handler waits on was failed by whoever held its resume token.
+
+    Raised by ``ctx.deferred(...)`` in the handler, with the message the
+    failer gave; a handler that does not catch it ends its request with it,
+    and the caller gets it.
+    """
+
+    reason = "DeferredFailed"
+
+
 AnyClusterError: TypeAlias = (
     MailboxFull
     | EntityNotAssignedToRunner
@@ -212,6 +239,8 @@ AnyClusterError: TypeAlias = (
     | RpcClientError
     | SerializationError
     | Interrupted
+    | DeferredAlreadyCompleted
+    | DeferredFailed
 )
 
 CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
@@ -227,6 +256,8 @@ CLUSTER_ERRORS: tuple[type[ClusterError], ...] = (
     RpcClientError,
     SerializationError,
     Interrupted,
+    DeferredAlreadyCompleted,
+    DeferredFailed,
 )
 """Every ClusterError class, for ``except CLUSTER_ERRORS`` narrowed to the reasons."""
 

@@ -30,7 +30,8 @@ RPC's declared error); a :class:`~trio_cluster.ClusterError` reason such
 as ``"MailboxFull"`` or ``"SendTimeout"``; ``"cancelled"`` (the caller was
 cancelled, or the entity stopped before answering); and, for handling
 only, ``"unstored"`` (a persisted reply the storage refused or could not
-take: the request stays unprocessed and runs again).
+take: the request stays unprocessed and runs again) and ``"suspended"``
+(the handler suspended the request on a deferred: stored, no reply yet).
 """
 
 from __future__ import annotations
@@ -85,8 +86,21 @@ class Instrument:
 
     def storage_written(self, operation: str, seconds: float, outcome: Outcome) -> None:
         """A write for a request ended: ``operation`` is ``"request"``, ``"reply"``,
-        ``"state"`` or ``"interrupt"`` (a withdrawn persisted request marked);
-        ``outcome`` is ``"success"`` or the reason it failed."""
+        ``"state"``, ``"suspension"`` or ``"interrupt"`` (a withdrawn persisted request
+        marked); ``outcome`` is ``"success"`` or the reason it failed."""
+
+    # -- timers and deferreds -----------------------------------------------------------
+
+    def timer_changed(self, address: EntityAddress, name: str, how: str) -> None:
+        """The entity's timer ``name`` was ``"armed"`` (stored; re-arming included),
+        ``"cancelled"`` (deleted before it was due) or ``"fired"`` (its request leaves
+        the mailbox for the handler: once per delivery). Armed and cancelled are
+        reported in the task of the handler that did it."""
+
+    def deferred_completed(self, request_id: int, name: str, failed: bool) -> None:
+        """This runner's client completed (``failed``: failed) deferred ``name`` of
+        request ``request_id``, in the completer's task. A suspension is a handling
+        outcome, ``"suspended"``."""
 
     # -- lifecycles ---------------------------------------------------------------------
 

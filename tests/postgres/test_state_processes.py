@@ -65,14 +65,17 @@ async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
 class Processes:
     """Runner processes of one test; whatever is alive at the end is killed."""
 
-    def __init__(self, dsn: str, prefix: str) -> None:
+    def __init__(self, dsn: str, prefix: str, app: str = "tests.postgres.state_app") -> None:
         self.dsn = dsn
         self.prefix = prefix
+        self.app = app
         self.all: list[trio.Process] = []
 
-    async def start(self, mode: str = "serve") -> Node:
+    async def start(self, mode: str | None = "serve") -> Node:
+        """Start the app (with ``mode`` as its last argument, unless None), until ready."""
+        modes = [] if mode is None else [mode]
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.postgres.state_app", self.dsn, self.prefix, mode],
+            [sys.executable, "-m", self.app, self.dsn, self.prefix, *modes],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

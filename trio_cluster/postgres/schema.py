@@ -93,6 +93,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE {p}messages ADD COLUMN interrupted boolean NOT NULL DEFAULT false;
     """,
+    # 6: entity timers (a request's timer name) and the deferreds suspended requests wait on.
+    """
+    ALTER TABLE {p}messages ADD COLUMN timer text;
+    CREATE INDEX {p}messages_timers
+        ON {p}messages (entity_type, entity_id, timer) WHERE timer IS NOT NULL AND NOT processed;
+    CREATE TABLE {p}deferreds (
+        request_id bigint NOT NULL REFERENCES {p}messages (request_id) ON DELETE CASCADE,
+        name text NOT NULL,
+        result bytea,
+        completed_at timestamptz,
+        PRIMARY KEY (request_id, name)
+    );
+    """,
 )
 
 

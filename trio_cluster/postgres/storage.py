@@ -1,4 +1,4 @@
-"""The PostgreSQL storage: both storage protocols over one database.
+"""The PostgreSQL storage: every storage protocol over one database.
 
 ``open_postgres_storage`` waits for the server (see ``startup``), migrates the
 schema, opens the pool for message traffic, and gives each runner session its own
@@ -20,12 +20,14 @@ from ..pgdriver.pool import Pool, open_pool
 from ..storage.retention import Retention, sweep_forever
 from ..storage.status import ClusterStatus
 from .boundary import translated
+from .deferreds import PgDeferredStorage
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
 from .status import read_status
+from .timers import PgTimerStorage
 
 
 class PostgresStorage:
@@ -46,6 +48,8 @@ class PostgresStorage:
         self._pool = pool
         self._messages = messages
         self._states = PgStateStorage(pool, prefix)
+        self._timers = PgTimerStorage(pool, prefix)
+        self._deferreds = PgDeferredStorage(pool, prefix, messages.channel)
         self._timing = timing
         self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
@@ -61,6 +65,14 @@ class PostgresStorage:
     @property
     def states(self) -> PgStateStorage:
         return self._states
+
+    @property
+    def timers(self) -> PgTimerStorage:
+        return self._timers
+
+    @property
+    def deferreds(self) -> PgDeferredStorage:
+        return self._deferreds
 
     async def live_runners(self) -> list[RunnerSpec]:
         """Registered runners whose lock connection still holds their machine-id lock.

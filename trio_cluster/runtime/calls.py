@@ -98,7 +98,7 @@ class Handling(_Request):
     scratch space for it).
     """
 
-    __slots__ = ("address", "attempt", "redelivered")
+    __slots__ = ("address", "attempt", "redelivered", "suspended_on")
 
     def __init__(
         self, envelope: Envelope, redelivered: bool, address: EntityAddress, runner: str
@@ -108,6 +108,8 @@ class Handling(_Request):
         """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
         self.address = address
         self.attempt = 1
+        self.suspended_on: str | None = None
+        """The deferred the handler's last run suspended on (see ``ctx.deferred``)."""
 
     @property
     def headers(self) -> Mapping[str, str]:

@@ -48,13 +48,15 @@ from ..entity import Rpc
 from ..errors import (
     AlreadyProcessingMessage,
     ClusterError,
+    DeferredFailed,
     EntityNotAssignedToRunner,
     MalformedMessage,
     RunnerUnavailable,
     SendTimeout,
 )
-from ..storage.base import LeaseSession, MessageStorage, Saved
+from ..storage.base import DeferredStorage, LeaseSession, MessageStorage, Saved
 from .calls import Call, call_chain
+from .deferreds import parse_token
 from .delivery import Delivery
 from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
@@ -79,6 +81,7 @@ class Client:
         config: ShardingConfig,
         router: Router,
         messages: MessageStorage,
+        deferreds: DeferredStorage,
         stored_replies: StoredReplies,
         session: LeaseSession,
         hooks: Hooks,
@@ -87,6 +90,7 @@ class Client:
         self._config = config
         self._router = router
         self._messages = messages
+        self._deferreds = deferreds
         self._stored_replies = stored_replies
         self._withdrawals = withdrawals
         self._session = session
@@ -221,6 +225,31 @@ class Client:
         finally:
             self._hooks.request_finished(call, outcome)
 
+    async def complete_deferred(self, token: str, value: object) -> None:
+        """Complete the deferred ``token`` names with ``value``, from any runner.
+
+        Returns once stored: the suspended request then runs again on its
+        entity (now, or once its shard is served again) and finds ``value``
+        (msgpack-encodable; decoded as the type the handler asks for).
+        Raises DeferredAlreadyCompleted when it was completed or failed before
+        (the first outcome stands), MalformedMessage for a token that names no
+        stored request, SerializationError for a value that cannot be encoded.
+        """
+        result = replies.success(value, self._config.max_message_size)
+        await self._complete(token, result, failed=False)
+
+    async def fail_deferred(self, token: str, message: str) -> None:
+        """Fail the deferred ``token`` names: the handler's ``ctx.deferred`` raises
+        DeferredFailed with ``message``. Refused as ``complete_deferred`` is."""
+        if not isinstance(message, str):
+            raise TypeError(f"fail_deferred takes a message str (got {message!r})")
+        await self._complete(token, replies.cluster_error(DeferredFailed(message)), failed=True)
+
+    async def _complete(self, token: str, result: bytes, *, failed: bool) -> None:
+        request_id, name = parse_token(token)
+        await self._deferreds.complete_deferred(request_id, name, result)
+        self._hooks.deferred_completed(request_id, name, failed)
+
     def _sending(self, envelope: Envelope, kind: str) -> Call:
         """Tell the instruments a call starts; the call's envelope carries any headers
         they added (trace context), once checked like the caller's own."""
@@ -287,7 +316,7 @@ class Client:
             payload=replies.encode_payload(payload, self._config.max_message_size),
             persisted=rpc.persisted,
             primary_key=primary_key,
-            deliver_at_ms=None if deliver_at is None else _unix_ms(deliver_at),
+            deliver_at_ms=None if deliver_at is None else unix_ms(deliver_at),
             headers=carried,
             call_chain=chain,
         )
@@ -431,7 +460,7 @@ def _headers(headers: Mapping[str, str], entity_id: str) -> dict[str, str]:
     return carried
 
 
-def _unix_ms(moment: datetime) -> int:
+def unix_ms(moment: datetime) -> int:
     if not isinstance(moment, datetime):
         raise TypeError(f"deliver_at must be a datetime (got {moment!r})")
     if moment.tzinfo is None:

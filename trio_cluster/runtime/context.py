@@ -10,7 +10,7 @@ readable through :attr:`EntityContext.request`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
@@ -19,6 +19,10 @@ from .calls import RequestInfo, current_request
 
 if TYPE_CHECKING:
     from .client import Client
+    from .deferreds import EntityDeferreds
+    from .timers import EntityTimers
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -41,12 +45,14 @@ class EntityContext:
 
     ``client`` sends from inside the entity: calls made through it carry
     the call chain, so a cycle back into this entity fails fast instead of
-    hanging.
+    hanging. ``timers`` arms and cancels the entity's durable timers.
     """
 
     address: EntityAddress
     client: Client
     runner_address: str
+    timers: EntityTimers
+    _deferreds: EntityDeferreds = attrs.field(alias="deferreds", repr=False)
     _is_draining: Callable[[], bool] = attrs.field(default=_never, alias="is_draining", repr=False)
 
     @property
@@ -56,6 +62,26 @@ class EntityContext:
         if current is None:
             raise LookupError("no request is being handled here (outside a handler method)")
         return RequestInfo.of(current)
+
+    def resume_token(self, name: str) -> str:
+        """The token that completes deferred ``name`` of the persisted request being handled.
+
+        The same on every run of the request: hand it to whoever is to
+        complete the deferred (``complete_deferred`` / ``fail_deferred`` on any
+        runner's client), then ``await self.deferred(name, ...)``.
+        """
+        return self._deferreds.token(name)
+
+    async def deferred(self, name: str, result_type: type[T]) -> T:
+        """The outcome of deferred ``name`` of the persisted request being handled.
+
+        Completed: its value, decoded as ``result_type``; failed: raises
+        DeferredFailed. Not yet: raises Suspended, which ends the handler
+        (do not catch it) and suspends the request, stored, until the
+        deferred is completed; then the handler runs again from the start
+        and this call returns. TypeError in a volatile request.
+        """
+        return await self._deferreds.outcome(name, result_type)
 
     @property
     def draining(self) -> bool:

@@ -39,6 +39,8 @@ class Hooks:
     defect: Callable[..., None]
     request_refused: Callable[..., None]
     storage_written: Callable[..., None]
+    timer_changed: Callable[..., None]
+    deferred_completed: Callable[..., None]
     entity_activated: Callable[..., None]
     entity_passivated: Callable[..., None]
     shard_acquired: Callable[..., None]

@@ -52,14 +52,17 @@ from ..errors import (
     RpcClientError,
     RunnerUnavailable,
     SerializationError,
+    Suspended,
 )
 from ..storage.base import Lease, StateWrite
 from .calls import Handling, handling
 from .context import EntityAddress, EntityContext
+from .deferreds import EntityDeferreds
 from .delivery import Delivery
 from .durable import StateKeeper, StateUnreadable
 from .interrupts import ShardInterrupts
 from .services import Hosted, Services
+from .timers import EntityTimers, timer_name
 
 log = logging.getLogger("trio_cluster.entity")
 
@@ -69,6 +72,13 @@ class _Flush:
 
 
 FLUSH = _Flush()
+
+
+class _Suspension:
+    """What a handler's run ended in when it suspended on a deferred: no reply yet."""
+
+
+SUSPENSION = _Suspension()
 
 
 class EntityHost(Protocol):
@@ -98,6 +108,14 @@ class EntityHost(Protocol):
 
     async def save_state(self, state: StateWrite) -> bool: ...
 
+    async def suspend(self, delivery: Delivery, name: str) -> bool | None: ...
+
+    async def deferred_result(self, request_id: int, name: str) -> bytes | None: ...
+
+    async def arm_timer(self, name: str, envelope: Envelope) -> None: ...
+
+    async def cancel_timer(self, entity: tuple[str, str], name: str) -> bool: ...
+
     def forget(self, entity: ActiveEntity) -> None: ...
 
     def passivate(self, entity: ActiveEntity) -> None: ...
@@ -117,6 +135,7 @@ class ActiveEntity:
         "_persisted",
         "_receive",
         "_send",
+        "_withdrawn",
         "address",
         "backlog",
         "backlog_stale",
@@ -136,7 +155,12 @@ class ActiveEntity:
         self.key = key
         self.address = EntityAddress(self.implementation.entity.name, entity_id, shard.lease.shard)
         self.context = EntityContext(
-            self.address, services.client, services.address, is_draining=lambda: shard.draining
+            self.address,
+            services.client,
+            services.address,
+            EntityTimers(shard, self.address, services.client, services.config.max_message_size),
+            deferreds=EntityDeferreds(shard, shard.lease.shard),
+            is_draining=lambda: shard.draining,
         )
         self._send, self._receive = trio.open_memory_channel[Delivery | _Flush](
             options.mailbox_capacity
@@ -150,6 +174,8 @@ class ActiveEntity:
         # offer the same request twice (a notice and a scan).
         self._busy = 0
         self._persisted: set[int] = set()
+        # Persisted requests queued here that storage no longer has (cancelled timers).
+        self._withdrawn: set[int] = set()
         self.backlog = False
         self.backlog_stale = False
         codec = self.implementation.state
@@ -211,6 +237,11 @@ class ActiveEntity:
         self._busy += 1
         if envelope.persisted:
             self._persisted.add(envelope.request_id)
+
+    def withdraw(self, request_id: int) -> None:
+        """Skip a queued persisted request storage deleted (a timer cancelled or replaced)."""
+        if request_id in self._persisted:
+            self._withdrawn.add(request_id)
 
     def passivate(self) -> None:
         """Leave the shard now and finish what is queued: idle passivation, or the cap."""
@@ -285,6 +316,7 @@ class ActiveEntity:
         self._busy -= 1
         if envelope.persisted:
             self._persisted.discard(envelope.request_id)
+            self._withdrawn.discard(envelope.request_id)
 
     async def _next(self) -> Delivery | _Flush | None:
         """The next request, or None once the mailbox is closed.
@@ -329,14 +361,31 @@ class ActiveEntity:
     async def _handle(self, delivery: Delivery, chain: tuple[str, ...]) -> None:
         """Handle one request in the calling task: the entity's own, or a worker's."""
         envelope = delivery.envelope
+        if envelope.request_id in self._withdrawn:
+            self._done(envelope)
+            return
         hooks = self.shard.services.hooks
         current = handling(
             envelope, delivery.redelivered, chain, self.address, self.shard.services.address
         )
+        timer = timer_name(envelope)
+        if timer is not None:
+            hooks.timer_changed(self.address, timer, "fired")
         hooks.handling_started(current)
         outcome = "cancelled"
         try:
             reply = await self._interruptibly(delivery, current)
+            while reply is SUSPENSION:
+                assert current.suspended_on is not None
+                # A suspended run leaves no effect on the state: it runs again, whole.
+                self._forget_state()
+                parked = await self.shard.suspend(delivery, current.suspended_on)
+                if parked is not False:
+                    outcome = "unstored" if parked is None else "suspended"
+                    return
+                # Completed meanwhile: run again now, with its outcome there to read.
+                reply = await self._interruptibly(delivery, current)
+            assert isinstance(reply, bytes)
             outcome = "unstored"
             final = await self._finish(delivery, reply)
             if final is not None:
@@ -378,7 +427,7 @@ class ActiveEntity:
             self.last_active = trio.current_time()
             hooks.handling_finished(current, outcome)
 
-    async def _interruptibly(self, delivery: Delivery, current: Handling) -> bytes:
+    async def _interruptibly(self, delivery: Delivery, current: Handling) -> bytes | _Suspension:
         """The reply, unless the caller withdrew the request first (see the module doc).
 
         Only the handler's run is interruptible: once it has returned, its
@@ -510,8 +559,9 @@ class ActiveEntity:
                 await hook(handler)
         return handler
 
-    async def _reply_to(self, envelope: Envelope, current: Handling) -> bytes:
-        """Run the handler under the defect retry policy and encode what it said."""
+    async def _reply_to(self, envelope: Envelope, current: Handling) -> bytes | _Suspension:
+        """Run the handler under the defect retry policy and encode what it said
+        (SUSPENSION when it suspended on a deferred, see ``ctx.deferred``)."""
         implementation = self.implementation
         max_size = self.shard.services.config.max_message_size
         rpc = implementation.entity.rpcs.get(envelope.rpc)
@@ -530,6 +580,7 @@ class ActiveEntity:
             try:
                 if self._handler is None:
                     self._handler = await self._build_handler()
+                current.suspended_on = None
                 value = await method(self._handler, payload)
             except StateUnreadable:
                 raise
@@ -538,6 +589,11 @@ class ActiveEntity:
                     return replies.declared_error(declared, max_size)
                 except ClusterError as error:
                     return self._error(error, envelope)
+            except Suspended as suspended:
+                if current.suspended_on is not None and envelope.persisted:
+                    return SUSPENSION
+                # Raised by the handler itself: its request's final reply.
+                return self._error(suspended, envelope)
             except Exception as defect:
                 if isinstance(defect, ClusterError) and not defect.retryable:
                     # Suspended, a refused call cycle, a malformed call out:

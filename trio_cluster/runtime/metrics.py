@@ -18,7 +18,7 @@ from .calls import Call, Handling
 from .context import EntityAddress
 
 _NOT_ERRORS = frozenset({"success", "error", "cancelled"})
-_NOT_ANSWERED = frozenset({"cancelled", "unstored"})
+_NOT_ANSWERED = frozenset({"cancelled", "unstored", "suspended"})
 
 
 class Counters(Instrument):
@@ -40,6 +40,10 @@ class Counters(Instrument):
         self.live_runners: set[str] = set()
         self.singletons_running = 0
         self.singleton_failures = 0
+        self.timers: Counter[str] = Counter()
+        """Timer events by how: armed, fired, cancelled."""
+        self.deferreds_suspended = 0
+        self.deferreds_completed = 0
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":
@@ -58,6 +62,14 @@ class Counters(Instrument):
     def handling_finished(self, handling: Handling, outcome: Outcome) -> None:
         if outcome not in _NOT_ANSWERED:
             self.processed += 1
+        elif outcome == "suspended":
+            self.deferreds_suspended += 1
+
+    def timer_changed(self, address: EntityAddress, name: str, how: str) -> None:
+        self.timers[how] += 1
+
+    def deferred_completed(self, request_id: int, name: str, failed: bool) -> None:
+        self.deferreds_completed += 1
 
     def defect(self, handling: Handling, error: Exception) -> None:
         self.defects += 1
@@ -129,3 +141,13 @@ class Snapshot:
     """Singletons whose lease this runner holds now (their function running or restarting)."""
     singleton_failures: int = 0
     """Times a singleton's function raised here (each is logged, then it runs again)."""
+    timers_armed: int = 0
+    """Entity timers stored by handlers here (re-arming a name counts again)."""
+    timers_fired: int = 0
+    """Timer requests delivered to their handler here (once per delivery)."""
+    timers_cancelled: int = 0
+    """Timers deleted before they were due, by handlers here."""
+    deferreds_suspended: int = 0
+    """Runs of persisted requests that ended suspended on a deferred here."""
+    deferreds_completed: int = 0
+    """Deferreds completed or failed through this runner's client."""

@@ -101,6 +101,8 @@ class Runner(metaclass=NoPublicConstructor):
         self.client = client
         self.ask = client.ask
         self.tell = client.tell
+        self.complete_deferred = client.complete_deferred
+        self.fail_deferred = client.fail_deferred
         self.generate_id = client.generate_id
         self._session = session
         self._router = router
@@ -238,6 +240,11 @@ class Runner(metaclass=NoPublicConstructor):
             live_runners=len(counters.live_runners),
             singletons_running=counters.singletons_running,
             singleton_failures=counters.singleton_failures,
+            timers_armed=counters.timers["armed"],
+            timers_fired=counters.timers["fired"],
+            timers_cancelled=counters.timers["cancelled"],
+            deferreds_suspended=counters.deferreds_suspended,
+            deferreds_completed=counters.deferreds_completed,
         )
 
     async def _shutdown(self) -> None:
@@ -484,6 +491,7 @@ def _assemble(
         config=config,
         router=router,
         messages=storage.messages,
+        deferreds=storage.deferreds,
         stored_replies=stored_replies,
         session=session,
         hooks=hooks,
@@ -494,6 +502,8 @@ def _assemble(
         config=config,
         messages=storage.messages,
         states=storage.states,
+        timers=storage.timers,
+        deferreds=storage.deferreds,
         stored_replies=stored_replies,
         hooks=hooks,
         residency=residency,

@@ -53,6 +53,13 @@ class Scheduled:
             )
         heapq.heappush(self._heap, (due, next(self._order), delivery))
 
+    def discard(self, request_id: int) -> None:
+        """Forget a persisted request held here (a timer cancelled or replaced in storage)."""
+        if request_id in self._persisted:
+            self._persisted.discard(request_id)
+            self._heap = [held for held in self._heap if held[2].envelope.request_id != request_id]
+            heapq.heapify(self._heap)
+
     def next_due(self) -> int | None:
         """When something is next due: a held request, or the read-back of an overflow."""
         candidates = [self._heap[0][0]] if self._heap else []

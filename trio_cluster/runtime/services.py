@@ -15,7 +15,7 @@ import attrs
 
 from ..config import EntityOptions, ShardingConfig
 from ..entity import Implementation
-from ..storage.base import Lease, MessageStorage, StateStorage
+from ..storage.base import DeferredStorage, Lease, MessageStorage, StateStorage, TimerStorage
 from .hooks import Hooks
 from .replies import StoredReplies
 from .residency import Residency
@@ -38,6 +38,8 @@ class Services:
     config: ShardingConfig
     messages: MessageStorage
     states: StateStorage
+    timers: TimerStorage
+    deferreds: DeferredStorage
     stored_replies: StoredReplies
     hooks: Hooks
     residency: Residency

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..core import reply as replies
-from ..core.envelope import Envelope
+from ..core.envelope import Envelope, entity_key
 from ..core.hashing import shard_index
 from ..core.lifecycle import SHARD_LIFECYCLE, Lifecycle, ShardEvent, ShardState
 from ..core.retry import RetryPolicy
@@ -40,6 +40,7 @@ from ..errors import (
     RunnerUnavailable,
 )
 from ..storage.base import Lease, StateWrite
+from .context import EntityAddress
 from .delivery import Delivery
 from .interrupts import ShardInterrupts
 from .mailbox import ActiveEntity
@@ -331,6 +332,72 @@ class ShardRuntime:
             f"the state of {state.entity_type}/{state.entity_id}",
             functools.partial(self.services.states.save_state, self.lease, state),
         )
+
+    # -- timers and deferreds -------------------------------------------------------
+
+    async def arm_timer(self, name: str, envelope: Envelope) -> None:
+        """Store a timer under this lease (replacing its name's, not yet due), then hold it.
+
+        Storage errors reach the handler that armed it (a defect, retried
+        by its policy); what was stored is the shard's to deliver, here or,
+        should the shard move first, by its next owner's scan.
+        """
+        replaced = await self.services.timers.arm_timer(self.lease, name, envelope, wall_clock_ms())
+        self._withdraw(replaced, envelope.entity_key)
+        self.services.hooks.timer_changed(self._address_of(envelope), name, "armed")
+        target = self.services.stored_replies.target(envelope.request_id)
+        try:
+            self.offer(Delivery(envelope, target))
+        except ClusterError as error:
+            log.debug("left timer %s in storage: %s", envelope.request_id, error)
+
+    async def cancel_timer(self, entity: tuple[str, str], name: str) -> bool:
+        """Delete the entity's timer ``name`` if not yet due, and drop what is held of it."""
+        cancelled = await self.services.timers.cancel_timer(
+            self.lease, entity, name, wall_clock_ms()
+        )
+        self._withdraw(cancelled, entity_key(*entity))
+        if cancelled:
+            address = EntityAddress(entity[0], entity[1], self.lease.shard)
+            self.services.hooks.timer_changed(address, name, "cancelled")
+        return bool(cancelled)
+
+    def _withdraw(self, request_ids: list[int], key: str) -> None:
+        """Forget requests storage deleted: held for their time, queued, or being read."""
+        entity = self.entities.get(key)
+        for request_id in request_ids:
+            self._scheduled.discard(request_id)
+            if self._readers:
+                self._done_while_reading.add(request_id)
+            if entity is not None:
+                entity.withdraw(request_id)
+
+    def _address_of(self, envelope: Envelope) -> EntityAddress:
+        return EntityAddress(envelope.entity_type, envelope.entity_id, self.lease.shard)
+
+    async def suspend(self, delivery: Delivery, name: str) -> bool | None:
+        """Store the request as suspended on deferred ``name``, under this lease.
+
+        True: suspended (nobody is answered); False: the deferred is completed
+        already, run the request again; None: not stored (fenced off, or storage
+        stayed down: the request stays unprocessed, to run again).
+        """
+        request_id = delivery.envelope.request_id
+        parked = False
+
+        async def write() -> None:
+            nonlocal parked
+            parked = await self.services.deferreds.suspend(request_id, name, self.lease)
+
+        if not await self._fenced("suspension", f"the suspension of {request_id}", write):
+            return None
+        if parked and self._readers:
+            self._done_while_reading.add(request_id)
+        return parked
+
+    async def deferred_result(self, request_id: int, name: str) -> bytes | None:
+        """A deferred's stored outcome (storage errors reach the handler: a defect, retried)."""
+        return await self.services.deferreds.deferred_result(request_id, name)
 
     async def load_state(self, entity_type: str, entity_id: str) -> bytes | None:
         """An entity's committed state, waiting out storage outages while the shard is ours."""

@@ -6,6 +6,8 @@ PostgreSQL adapter lives in :mod:`trio_cluster.postgres`.
 """
 
 from .base import (
+    NO_ORIGIN,
+    DeferredStorage,
     Gap,
     InterruptStored,
     Lease,
@@ -21,10 +23,13 @@ from .base import (
     StatusStorage,
     Storage,
     Stored,
+    TimerStorage,
 )
 from .memory import MemoryStorage
 
 __all__ = [
+    "NO_ORIGIN",
+    "DeferredStorage",
     "Gap",
     "InterruptStored",
     "Lease",
@@ -41,4 +46,5 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Stored",
+    "TimerStorage",
 ]

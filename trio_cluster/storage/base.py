@@ -1,11 +1,13 @@
 """What the runtime needs from storage, as small protocols.
 
-Three concerns, three protocols: who owns which shard
-(:class:`RunnerStorage`), which persisted requests and replies exist
-(:class:`MessageStorage`), and what state entities keep
-(:class:`StateStorage`). They meet in one place, fencing: a reply, and an
-entity's state, are written only with the lease under which the entity
-ran, and storage refuses a lease that is no longer the shard's current one.
+Who owns which shard (:class:`RunnerStorage`), which persisted requests
+and replies exist (:class:`MessageStorage`), what state entities keep
+(:class:`StateStorage`), and the two durable building blocks made of
+persisted requests: entity timers (:class:`TimerStorage`) and deferreds
+that suspended requests wait on (:class:`DeferredStorage`). They meet in
+one place, fencing: a reply, and an entity's state, are written only with
+the lease under which the entity ran, and storage refuses a lease that is
+no longer the shard's current one.
 A persisted request's reply and the state it left are written together, in
 one transaction: both or neither.
 """
@@ -36,6 +38,11 @@ class Lease:
     shard: ShardId
     machine_id: int
     epoch: int
+
+
+NO_ORIGIN = -1
+"""The ``origin`` of a notice no runner sent itself (a completed deferred woke a request):
+every runner acts on it, the one that caused it included."""
 
 
 @attrs.frozen
@@ -241,6 +248,65 @@ class StateStorage(Protocol):
         ...
 
 
+class TimerStorage(Protocol):
+    """An entity's named timers: persisted requests to itself, with a ``deliver_at``.
+
+    A timer is known by ``(entity_type, entity_id, name)`` while it is not
+    yet due; once due it is an ordinary unprocessed request, delivered and
+    answered like any other (re-arming its name then arms a new timer beside it).
+    """
+
+    async def arm_timer(
+        self, lease: Lease, name: str, envelope: Envelope, now_ms: int
+    ) -> list[int]:
+        """Store ``envelope`` as the timer ``name`` of its entity, fenced by ``lease``.
+
+        A timer of that name not yet due at ``now_ms`` (Unix ms) is deleted in
+        the same transaction; its request id is returned, for the runtime to
+        drop what it holds of it. No notice is sent: the caller owns the shard.
+        Raises EntityNotAssignedToRunner when ``lease`` is no longer current.
+        """
+        ...
+
+    async def cancel_timer(
+        self, lease: Lease, entity: tuple[str, str], name: str, now_ms: int
+    ) -> list[int]:
+        """Delete the entity's timer ``name`` if not yet due at ``now_ms``; its request id."""
+        ...
+
+
+class DeferredStorage(Protocol):
+    """Deferreds: values a suspended persisted request waits on, named within that request.
+
+    A suspended request is stored as processed with no reply: no scan
+    offers it, no caller is answered, retention keeps it. Completing one
+    of its deferreds stores the value and makes the request unprocessed
+    again, announcing it to its shard's owner (a :class:`Stored` notice from
+    no runner, ``origin`` -1), in one transaction.
+    """
+
+    async def suspend(self, request_id: int, name: str, lease: Lease) -> bool:
+        """Park the unprocessed request on its deferred ``name``, fenced by ``lease``.
+
+        False when that deferred is already completed: nothing is parked, and
+        the request should run again now. Raises EntityNotAssignedToRunner
+        when ``lease`` is no longer current.
+        """
+        ...
+
+    async def complete_deferred(self, request_id: int, name: str, result: bytes) -> None:
+        """Store ``result`` (an encoded reply: a value or a failure) as the deferred's outcome.
+
+        Raises DeferredAlreadyCompleted when it has one already (the first
+        stands), MalformedMessage when no such request is stored.
+        """
+        ...
+
+    async def deferred_result(self, request_id: int, name: str) -> bytes | None:
+        """The deferred's stored outcome, or None while it has none."""
+        ...
+
+
 class StatusStorage(Protocol):
     """What the status view reads; the runtime itself never needs it.
 
@@ -267,3 +333,9 @@ class Storage(Protocol):
 
     @property
     def states(self) -> StateStorage: ...
+
+    @property
+    def timers(self) -> TimerStorage: ...
+
+    @property
+    def deferreds(self) -> DeferredStorage: ...

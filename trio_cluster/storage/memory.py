@@ -22,8 +22,15 @@ import trio
 from ..core.assignment import RunnerSpec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
-from ..errors import EntityNotAssignedToRunner, PersistenceError, RunnerNotRegistered
+from ..errors import (
+    DeferredAlreadyCompleted,
+    EntityNotAssignedToRunner,
+    MalformedMessage,
+    PersistenceError,
+    RunnerNotRegistered,
+)
 from .base import (
+    NO_ORIGIN,
     InterruptStored,
     Lease,
     MembershipChanged,
@@ -50,6 +57,8 @@ class _Stored:
     envelope: Envelope
     stored_at: datetime
     reply: bytes | None = None
+    timer: str | None = None
+    """The timer name it was armed under, for a timer."""
 
 
 class MemoryStorage:
@@ -82,6 +91,8 @@ class MemoryStorage:
         # oldest first: what retention deletes.
         self._replied: dict[ShardId, dict[int, float]] = {}
         self._states: dict[tuple[str, str], bytes] = {}
+        # (request id, deferred name) -> its outcome, None while a request waits on it.
+        self._deferreds: dict[tuple[int, str], bytes | None] = {}
         self._followers: list[Follower] = []
 
     @property
@@ -94,6 +105,14 @@ class MemoryStorage:
 
     @property
     def states(self) -> MemoryStorage:
+        return self
+
+    @property
+    def timers(self) -> MemoryStorage:
+        return self
+
+    @property
+    def deferreds(self) -> MemoryStorage:
         return self
 
     async def _enter(self) -> None:
@@ -194,12 +213,16 @@ class MemoryStorage:
             if original is not None:
                 return Saved(original, duplicate=True, reply=self._requests[original].reply)
             self._by_dedup_key[key] = envelope.request_id
-        self._requests[envelope.request_id] = _Stored(envelope, datetime.now(UTC))
-        shard = ShardId(envelope.shard_group, envelope.shard_index)
-        self._pending.setdefault(shard, {})[envelope.request_id] = None
+        shard = self._store(envelope)
         if announce:
             self._announce(Stored(shard, envelope.request_id, origin))
         return Saved(envelope.request_id)
+
+    def _store(self, envelope: Envelope, timer: str | None = None) -> ShardId:
+        self._requests[envelope.request_id] = _Stored(envelope, datetime.now(UTC), timer=timer)
+        shard = ShardId(envelope.shard_group, envelope.shard_index)
+        self._pending.setdefault(shard, {})[envelope.request_id] = None
+        return shard
 
     @asynccontextmanager
     async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
@@ -258,7 +281,84 @@ class MemoryStorage:
             stored = self._requests.pop(request_id)
             if stored.envelope.dedup_key is not None:
                 self._by_dedup_key.pop(stored.envelope.dedup_key, None)
+            for deferred in [d for d in self._deferreds if d[0] == request_id]:
+                del self._deferreds[deferred]
         return len(doomed)
+
+    # -- timers -------------------------------------------------------------------
+
+    async def arm_timer(
+        self, lease: Lease, name: str, envelope: Envelope, now_ms: int
+    ) -> list[int]:
+        await self._enter()
+        self._fence(lease)
+        replaced = self._drop_timer(
+            lease.shard, envelope.entity_type, envelope.entity_id, name, now_ms
+        )
+        self._store(envelope, timer=name)
+        return replaced
+
+    async def cancel_timer(
+        self, lease: Lease, entity: tuple[str, str], name: str, now_ms: int
+    ) -> list[int]:
+        await self._enter()
+        self._fence(lease)
+        return self._drop_timer(lease.shard, *entity, name, now_ms)
+
+    def _drop_timer(
+        self, shard: ShardId, entity_type: str, entity_id: str, name: str, now_ms: int
+    ) -> list[int]:
+        pending = self._pending.get(shard, {})
+        doomed = []
+        for request_id in pending:
+            stored = self._requests[request_id]
+            envelope = stored.envelope
+            if (
+                stored.timer == name
+                and (envelope.entity_type, envelope.entity_id) == (entity_type, entity_id)
+                and (envelope.deliver_at_ms or 0) > now_ms
+            ):
+                doomed.append(request_id)
+        for request_id in doomed:
+            del pending[request_id]
+            del self._requests[request_id]
+        return doomed
+
+    # -- deferreds ------------------------------------------------------------------
+
+    async def suspend(self, request_id: int, name: str, lease: Lease) -> bool:
+        await self._enter()
+        self._fence(lease, request_id)
+        if self._deferreds.get((request_id, name)) is not None:
+            return False
+        self._deferreds[(request_id, name)] = None
+        self._pending.get(lease.shard, {}).pop(request_id, None)
+        return True
+
+    async def complete_deferred(self, request_id: int, name: str, result: bytes) -> None:
+        await self._enter()
+        stored = self._requests.get(request_id)
+        if stored is None:
+            raise MalformedMessage(f"no stored request {request_id} has deferreds")
+        if self._deferreds.get((request_id, name)) is not None:
+            raise DeferredAlreadyCompleted(
+                f"deferred {name!r} of request {request_id} is already completed",
+                request_id=request_id,
+            )
+        self._deferreds[(request_id, name)] = result
+        if stored.reply is None:
+            envelope = stored.envelope
+            shard = ShardId(envelope.shard_group, envelope.shard_index)
+            pending = self._pending.setdefault(shard, {})
+            if request_id not in pending:
+                # Oldest first, as every scan expects.
+                pending[request_id] = None
+                self._pending[shard] = dict.fromkeys(sorted(pending))
+            self._announce(Stored(shard, request_id, NO_ORIGIN))
+
+    async def deferred_result(self, request_id: int, name: str) -> bytes | None:
+        await self._enter()
+        return self._deferreds.get((request_id, name))
 
     # -- entity state -----------------------------------------------------------
 
