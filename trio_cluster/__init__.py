@@ -33,6 +33,7 @@ from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
+from .schedule import Firing, Missed, Schedule, ScheduledFunction, Tell
 from .singleton import Singleton, SingletonContext
 from .state import State
 from .storage import (
@@ -41,6 +42,7 @@ from .storage import (
     MemoryStorage,
     MessageStorage,
     RunnerStorage,
+    ScheduleStorage,
     StateStorage,
     StatusStorage,
     Storage,
@@ -60,6 +62,7 @@ __all__ = [
     "EntityContext",
     "EntityNotAssignedToRunner",
     "EntityOptions",
+    "Firing",
     "Handling",
     "HealthConfig",
     "Implementation",
@@ -70,6 +73,7 @@ __all__ = [
     "MalformedMessage",
     "MemoryStorage",
     "MessageStorage",
+    "Missed",
     "PersistenceError",
     "RequestInfo",
     "RetryPolicy",
@@ -79,6 +83,9 @@ __all__ = [
     "RunnerNotRegistered",
     "RunnerStorage",
     "RunnerUnavailable",
+    "Schedule",
+    "ScheduleStorage",
+    "ScheduledFunction",
     "SendTimeout",
     "SerializationError",
     "ShardId",
@@ -91,6 +98,7 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Suspended",
+    "Tell",
     "TransportConfig",
     "open_runner",
     "wait_for_termination",

@@ -89,6 +89,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX {p}messages_processed
         ON {p}messages (shard_group, shard_index, replied_at) WHERE processed;
     """,
+    # 5: where each schedule stands: its last settled instant, and the epoch that wrote it.
+    """
+    CREATE TABLE {p}schedules (
+        name text PRIMARY KEY,
+        fired_ms bigint NOT NULL,
+        epoch bigint NOT NULL,
+        fired_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 
 

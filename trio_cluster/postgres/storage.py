@@ -22,6 +22,7 @@ from ..storage.status import ClusterStatus
 from .boundary import translated
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
+from .schedules import PgScheduleStorage
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
@@ -46,6 +47,7 @@ class PostgresStorage:
         self._pool = pool
         self._messages = messages
         self._states = PgStateStorage(pool, prefix)
+        self._schedules = PgScheduleStorage(pool, prefix)
         self._timing = timing
         self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
@@ -61,6 +63,10 @@ class PostgresStorage:
     @property
     def states(self) -> PgStateStorage:
         return self._states
+
+    @property
+    def schedules(self) -> PgScheduleStorage:
+        return self._schedules
 
     async def live_runners(self) -> list[RunnerSpec]:
         """Registered runners whose lock connection still holds their machine-id lock.

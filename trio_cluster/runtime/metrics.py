@@ -40,6 +40,9 @@ class Counters(Instrument):
         self.live_runners: set[str] = set()
         self.singletons_running = 0
         self.singleton_failures = 0
+        self.schedule_firings = 0
+        self.schedule_skips = 0
+        self.schedule_failures = 0
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":
@@ -93,6 +96,15 @@ class Counters(Instrument):
     def singleton_failed(self, name: str, error: BaseException) -> None:
         self.singleton_failures += 1
 
+    def schedule_fired(self, name: str, instant: int, late: float) -> None:
+        self.schedule_firings += 1
+
+    def schedule_skipped(self, name: str) -> None:
+        self.schedule_skips += 1
+
+    def schedule_failed(self, name: str, error: BaseException) -> None:
+        self.schedule_failures += 1
+
     def contained_failure(self, where: str, error: BaseException) -> None:
         self.contained_failures += 1
 
@@ -129,3 +141,11 @@ class Snapshot:
     """Singletons whose lease this runner holds now (their function running or restarting)."""
     singleton_failures: int = 0
     """Times a singleton's function raised here (each is logged, then it runs again)."""
+    schedules_running: int = 0
+    """Schedules driven by this runner now (their singleton's lease held here)."""
+    schedule_firings: int = 0
+    """Scheduled instants whose firing was recorded here."""
+    schedule_skips: int = 0
+    """Times the missed-run policy passed over missed instants here."""
+    schedule_failures: int = 0
+    """Firings that failed here: a scheduled function raised, or telling the entity did."""

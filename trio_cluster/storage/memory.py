@@ -72,6 +72,7 @@ class MemoryStorage:
         # oldest first: what retention deletes.
         self._replied: dict[ShardId, dict[int, float]] = {}
         self._states: dict[tuple[str, str], bytes] = {}
+        self._schedules: dict[str, int] = {}
         self._followers: list[Follower] = []
 
     @property
@@ -84,6 +85,10 @@ class MemoryStorage:
 
     @property
     def states(self) -> MemoryStorage:
+        return self
+
+    @property
+    def schedules(self) -> MemoryStorage:
         return self
 
     async def _enter(self) -> None:
@@ -290,6 +295,21 @@ class MemoryStorage:
                 if len(found) >= limit:
                     break
         return found
+
+    # -- schedules --------------------------------------------------------------
+
+    async def schedule_cursor(self, lease: Lease, name: str, start: int) -> int:
+        await self._enter()
+        self._fence(lease)
+        return self._schedules.setdefault(name, start)
+
+    async def advance_schedule(self, lease: Lease, name: str, instant: int) -> bool:
+        await self._enter()
+        self._fence(lease)
+        if self._schedules.get(name, -1) >= instant:
+            return False
+        self._schedules[name] = instant
+        return True
 
     # -- the status view --------------------------------------------------------
 
