@@ -14,8 +14,8 @@ Time-based behaviour (idle passivation, timeouts, retry backoff) is best
 tested under ``trio.testing.MockClock(autojump_threshold=0)``: the runner
 reads only Trio's clock, but for schedules, whose instants are wall-clock
 moments; open the runners inside ``with schedules_follow_trio(start):``
-and their schedules read a wall clock that starts at ``start`` and moves
-with Trio's clock.
+and their schedules read a wall clock that reads ``start`` as the block
+begins and moves with Trio's clock.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ async def open_test_cluster(
 @contextlib.contextmanager
 def schedules_follow_trio(start: datetime) -> Iterator[None]:
     """Runners opened in this block give their schedules a wall clock that reads ``start``
-    at Trio time 0 and moves with Trio's clock (a MockClock, say)."""
-    origin = to_ms(start)
+    when the block is entered and moves with Trio's clock (a MockClock, say)."""
+    origin = to_ms(start) - int(trio.current_time() * 1000)
     token = wall_clock.set(lambda: origin + int(trio.current_time() * 1000))
     try:
         yield

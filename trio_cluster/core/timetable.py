@@ -28,6 +28,8 @@ __all__ = ["CronTimetable", "Decision", "IntervalTimetable", "Timetable", "decid
 
 MS = 1000
 MAX_MS = 253402300799 * MS
+_LOOKS = 4
+"""Matches a DST transition can put on the wrong side of a moment: a few, never more."""
 """The last second of the year 9999: no instant lies beyond it."""
 
 
@@ -73,15 +75,36 @@ class CronTimetable:
         return CronSim(self.expression, datetime.fromtimestamp(moment / MS, self.zone), reverse)
 
     def after(self, moment: int) -> int | None:
-        # cronsim drops the fraction of a second, then looks strictly after:
-        # right, since every cron instant is a whole second.
-        return self._next(self._iterate(max(moment, 0), reverse=False))
+        # cronsim drops the fraction of a second, then looks strictly after: right,
+        # since every cron instant is a whole second. But a job at a fixed local time
+        # is matched on the naive local time (Debian's rule), so from the second copy
+        # of a repeated hour it may name the first copy's instant, already past.
+        iterator = self._iterate(max(moment, 0), reverse=False)
+        for _ in range(_LOOKS):
+            instant = self._next(iterator)
+            if instant is None or instant > moment:
+                return instant
+        return None
 
     def at_or_before(self, moment: int) -> int | None:
         if moment < 0:
             return None
-        # Strictly before the next whole second: at or before ``moment``.
-        return self._next(self._iterate((moment // MS + 1) * MS, reverse=True))
+        # Strictly before the next whole second: at or before ``moment``; then step
+        # forward past what a naive match in a repeated hour stepped back over.
+        iterator = self._iterate((moment // MS + 1) * MS, reverse=True)
+        found = self._next(iterator)
+        for _ in range(_LOOKS):
+            if found is None or found <= moment:
+                break
+            found = self._next(iterator)
+        if found is None:
+            return None
+        for _ in range(_LOOKS):
+            later = self.after(found)
+            if later is None or later > moment:
+                return found
+            found = later
+        return found
 
     @staticmethod
     def _next(iterator: CronSim) -> int | None:
