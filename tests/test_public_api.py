@@ -47,7 +47,7 @@ async def main():
         assert await runner.ask(ping, "p", Ping()) == 1
 
 trio.run(main)
-extras = ("psycopg", "h11", "prometheus_client", "opentelemetry")
+extras = ("psycopg", "h11", "prometheus_client", "opentelemetry", "cronsim")
 print(sorted(name for name in sys.modules if name.split(".")[0] in extras))
 """
     out = subprocess.run(

@@ -36,6 +36,7 @@ from .runtime.context import EntityAddress, EntityContext
 from .runtime.metrics import Snapshot
 from .runtime.runner import Runner, open_runner
 from .runtime.signals import wait_for_termination
+from .schedule import Firing, Missed, Schedule, ScheduledFunction, Tell
 from .singleton import Singleton, SingletonContext
 from .state import State
 from .storage import (
@@ -45,6 +46,7 @@ from .storage import (
     MemoryStorage,
     MessageStorage,
     RunnerStorage,
+    ScheduleStorage,
     StateStorage,
     StatusStorage,
     Storage,
@@ -68,6 +70,7 @@ __all__ = [
     "EntityContext",
     "EntityNotAssignedToRunner",
     "EntityOptions",
+    "Firing",
     "Handling",
     "HealthConfig",
     "Implementation",
@@ -79,6 +82,7 @@ __all__ = [
     "MalformedMessage",
     "MemoryStorage",
     "MessageStorage",
+    "Missed",
     "PersistenceError",
     "RequestInfo",
     "RetryPolicy",
@@ -88,6 +92,9 @@ __all__ = [
     "RunnerNotRegistered",
     "RunnerStorage",
     "RunnerUnavailable",
+    "Schedule",
+    "ScheduleStorage",
+    "ScheduledFunction",
     "SendTimeout",
     "SerializationError",
     "ShardId",
@@ -100,6 +107,7 @@ __all__ = [
     "StatusStorage",
     "Storage",
     "Suspended",
+    "Tell",
     "TimerStorage",
     "TransportConfig",
     "open_runner",

@@ -136,6 +136,17 @@ class Instrument:
     def singleton_failed(self, name: str, error: BaseException) -> None:
         """The singleton's function raised: it is logged and runs again after a backoff."""
 
+    def schedule_fired(self, name: str, instant: int, late: float) -> None:
+        """The schedule recorded its firing of ``instant`` (Unix ms) here, ``late`` seconds
+        after it fell due (its jitter included)."""
+
+    def schedule_skipped(self, name: str) -> None:
+        """The missed-run policy passed over missed instants of the schedule."""
+
+    def schedule_failed(self, name: str, error: BaseException) -> None:
+        """A firing failed: a scheduled function raised (the next instant comes as planned),
+        or telling the entity did (the schedule's singleton retries after a backoff)."""
+
     def contained_failure(self, where: str, error: BaseException) -> None:
         """A bug of the runtime was caught at a failure boundary (and logged) and the
         runner went on: ``where`` names the boundary."""

@@ -11,7 +11,7 @@ the mailbox depth (read from the runner, free) and the persisted backlog
 per shard (one status read of the storage, at most every
 ``backlog_interval`` seconds, so frequent scrapes cost the database
 nothing more). Labels are bounded:
-entity type, RPC, outcome, error reason, storage operation; never an entity
+entity type, RPC, outcome, error reason, storage operation, schedule; never an entity
 id. An RPC name reaches a label only once a handler ran it or this runner's
 own code sent it, so a hostile peer cannot mint label values. See
 docs/operations.md for every name.
@@ -178,6 +178,36 @@ class PrometheusMetrics(Instrument):
             ["group", "how"],
             registry=r,
         )
+        self.schedules = prom.Gauge(
+            "trio_cluster_schedules",
+            "Schedules driven by this runner (their singleton's lease held here).",
+            registry=r,
+        )
+        self.schedule_firings = prom.Counter(
+            "trio_cluster_schedule_firings",
+            "Scheduled instants whose firing was recorded here.",
+            ["schedule"],
+            registry=r,
+        )
+        self.schedule_lateness = prom.Histogram(
+            "trio_cluster_schedule_lateness_seconds",
+            "How late after falling due (jitter included) each scheduled instant fired.",
+            ["schedule"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.schedule_skips = prom.Counter(
+            "trio_cluster_schedule_skips",
+            "Times the missed-run policy passed over missed instants.",
+            ["schedule"],
+            registry=r,
+        )
+        self.schedule_failures = prom.Counter(
+            "trio_cluster_schedule_failures",
+            "Firings that failed: a scheduled function raised, or telling the entity did.",
+            ["schedule"],
+            registry=r,
+        )
         self.contained = prom.Counter(
             "trio_cluster_contained_failures",
             "Bugs of the runtime caught at a failure boundary (each also logged).",
@@ -219,6 +249,7 @@ class PrometheusMetrics(Instrument):
     def runner_opened(self, runner: Runner) -> None:
         self._runner = runner
         self.mailbox_depth.set_function(runner.mailbox_depth)
+        self.schedules.set_function(lambda: len(runner.schedules))
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":
@@ -271,6 +302,16 @@ class PrometheusMetrics(Instrument):
 
     def runner_left(self, address: str) -> None:
         self.runners.dec()
+
+    def schedule_fired(self, name: str, instant: int, late: float) -> None:
+        self.schedule_firings.labels(name).inc()
+        self.schedule_lateness.labels(name).observe(late)
+
+    def schedule_skipped(self, name: str) -> None:
+        self.schedule_skips.labels(name).inc()
+
+    def schedule_failed(self, name: str, error: BaseException) -> None:
+        self.schedule_failures.labels(name).inc()
 
     def contained_failure(self, where: str, error: BaseException) -> None:
         self.contained.labels(where).inc()

@@ -12,23 +12,30 @@ inject lease loss and outages::
 
 Time-based behaviour (idle passivation, timeouts, retry backoff) is best
 tested under ``trio.testing.MockClock(autojump_threshold=0)``: the runner
-reads only Trio's clock.
+reads only Trio's clock, but for schedules, whose instants are wall-clock
+moments; open the runners inside ``with schedules_follow_trio(start):``
+and their schedules read a wall clock that reads ``start`` as the block
+begins and moves with Trio's clock.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, ClassVar
 
 import attrs
+import trio
 
 from .config import EntityOptions, ShardingConfig
 from .core.retry import RetryPolicy
+from .core.timetable import to_ms
 from .entity import Entity, Implementation
 from .instrument import Instrument
 from .runtime.runner import Runner, open_runner
+from .runtime.schedules import wall_clock
 from .storage.memory import MemoryStorage
 from .transport.network import TransportConfig
 
@@ -127,3 +134,15 @@ async def open_test_cluster(
         cluster = TestCluster(started, storage)
         await cluster.settled()
         yield cluster
+
+
+@contextlib.contextmanager
+def schedules_follow_trio(start: datetime) -> Iterator[None]:
+    """Runners opened in this block give their schedules a wall clock that reads ``start``
+    when the block is entered and moves with Trio's clock (a MockClock, say)."""
+    origin = to_ms(start) - int(trio.current_time() * 1000)
+    token = wall_clock.set(lambda: origin + int(trio.current_time() * 1000))
+    try:
+        yield
+    finally:
+        wall_clock.reset(token)

@@ -7,6 +7,10 @@ failover with no machinery of its own. Each singleton is the one shard
 spreads a group only over the runners hosting it: a singleton then runs
 only on a runner that declares it. Entity shard groups may not start with
 ``__``, so the two kinds never meet.
+
+A schedule is driven by a singleton named after it with
+:data:`SCHEDULE_PREFIX`; a user's singleton may not start with ``__``, so
+the two never meet either.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from .hashing import ShardId
 
 __all__ = [
     "RESERVED_PREFIX",
+    "SCHEDULE_PREFIX",
     "SINGLETON_PREFIX",
     "group_indices",
+    "schedule_name",
     "singleton_name",
     "singleton_shard",
 ]
@@ -24,6 +30,8 @@ __all__ = [
 RESERVED_PREFIX = "__"
 """No entity shard group starts with this."""
 SINGLETON_PREFIX = "__singleton__."
+SCHEDULE_PREFIX = "__schedule__."
+"""The name of a schedule's singleton is this and the schedule's name."""
 
 
 def singleton_shard(name: str) -> ShardId:
@@ -39,3 +47,8 @@ def singleton_name(group: str) -> str | None:
 def group_indices(group: str, shards_per_group: int) -> range:
     """The shard indices of ``group``: one for a singleton, the layout's for entities."""
     return range(1) if group.startswith(SINGLETON_PREFIX) else range(shards_per_group)
+
+
+def schedule_name(singleton: str) -> str | None:
+    """The schedule this singleton drives, or None for a user's singleton."""
+    return singleton[len(SCHEDULE_PREFIX) :] if singleton.startswith(SCHEDULE_PREFIX) else None

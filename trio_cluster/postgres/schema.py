@@ -106,6 +106,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (request_id, name)
     );
     """,
+    # 7: where each schedule stands: its last settled instant, and the epoch that wrote it.
+    """
+    CREATE TABLE {p}schedules (
+        name text PRIMARY KEY,
+        fired_ms bigint NOT NULL,
+        epoch bigint NOT NULL,
+        fired_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 
 

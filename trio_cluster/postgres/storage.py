@@ -23,6 +23,7 @@ from .boundary import translated
 from .deferreds import PgDeferredStorage
 from .leases import LeaseTiming, PgLeaseSession
 from .messages import PgMessageStorage
+from .schedules import PgScheduleStorage
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
@@ -50,6 +51,7 @@ class PostgresStorage:
         self._states = PgStateStorage(pool, prefix)
         self._timers = PgTimerStorage(pool, prefix)
         self._deferreds = PgDeferredStorage(pool, prefix, messages.channel)
+        self._schedules = PgScheduleStorage(pool, prefix)
         self._timing = timing
         self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
@@ -73,6 +75,10 @@ class PostgresStorage:
     @property
     def deferreds(self) -> PgDeferredStorage:
         return self._deferreds
+
+    @property
+    def schedules(self) -> PgScheduleStorage:
+        return self._schedules
 
     async def live_runners(self) -> list[RunnerSpec]:
         """Registered runners whose lock connection still holds their machine-id lock.

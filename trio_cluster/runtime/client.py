@@ -187,6 +187,7 @@ class Client:
         deliver_at: datetime | None = None,
         headers: Mapping[str, str] | None = None,
         ack: bool = True,
+        primary_key: str | None = None,
     ) -> None:
         """Send without waiting for the handler.
 
@@ -201,11 +202,16 @@ class Client:
         another runner is then sent once it is queued on the link, and a
         refusal is dropped unheard. With ``deliver_at``, the handler sees it
         at that time, not before; a persisted one is kept to that time
-        across restarts.
+        across restarts. ``primary_key``
+        (persisted RPCs only) deduplicates this request by that key instead
+        of the RPC's own ``primary_key`` function: what a schedule uses to
+        tell once per instant.
         """
         envelope = self._envelope(
             rpc, entity_id, payload, chain=(), deliver_at=deliver_at, headers=headers
         )
+        if primary_key is not None:
+            envelope = _keyed(envelope, rpc, primary_key)
         call = self._sending(envelope, "tell")
         envelope = call.envelope
         outcome = "cancelled"
@@ -433,6 +439,18 @@ class Client:
                 if delay is None:
                     raise
                 await trio.sleep(delay)
+
+
+def _keyed(envelope: Envelope, rpc: Rpc[P, Any], primary_key: str) -> Envelope:
+    """The request deduplicated by ``primary_key``, checked like a computed key."""
+    if not rpc.persisted:
+        raise TypeError(f"{rpc!r} is volatile: only a persisted request can have a primary key")
+    problem = text_problem("primary key", primary_key, MAX_PRIMARY_KEY_BYTES)
+    if problem is not None:
+        if not isinstance(primary_key, str):
+            raise TypeError(problem)
+        raise MalformedMessage(f"{rpc!r}: {problem}", entity_id=envelope.entity_id)
+    return msgspec.structs.replace(envelope, primary_key=primary_key)
 
 
 def _primary_key(rpc: Rpc[P, Any], payload: P) -> str:

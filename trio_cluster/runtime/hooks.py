@@ -50,6 +50,9 @@ class Hooks:
     singleton_started: Callable[..., None]
     singleton_stopped: Callable[..., None]
     singleton_failed: Callable[..., None]
+    schedule_fired: Callable[..., None]
+    schedule_skipped: Callable[..., None]
+    schedule_failed: Callable[..., None]
     contained_failure: Callable[..., None]
 
     def __init__(

@@ -44,6 +44,9 @@ class Counters(Instrument):
         """Timer events by how: armed, fired, cancelled."""
         self.deferreds_suspended = 0
         self.deferreds_completed = 0
+        self.schedule_firings = 0
+        self.schedule_skips = 0
+        self.schedule_failures = 0
 
     def request_sent(self, call: Call) -> None:
         if call.kind == "ask":
@@ -105,6 +108,15 @@ class Counters(Instrument):
     def singleton_failed(self, name: str, error: BaseException) -> None:
         self.singleton_failures += 1
 
+    def schedule_fired(self, name: str, instant: int, late: float) -> None:
+        self.schedule_firings += 1
+
+    def schedule_skipped(self, name: str) -> None:
+        self.schedule_skips += 1
+
+    def schedule_failed(self, name: str, error: BaseException) -> None:
+        self.schedule_failures += 1
+
     def contained_failure(self, where: str, error: BaseException) -> None:
         self.contained_failures += 1
 
@@ -151,3 +163,11 @@ class Snapshot:
     """Runs of persisted requests that ended suspended on a deferred here."""
     deferreds_completed: int = 0
     """Deferreds completed or failed through this runner's client."""
+    schedules_running: int = 0
+    """Schedules driven by this runner now (their singleton's lease held here)."""
+    schedule_firings: int = 0
+    """Scheduled instants whose firing was recorded here."""
+    schedule_skips: int = 0
+    """Times the missed-run policy passed over missed instants here."""
+    schedule_failures: int = 0
+    """Firings that failed here: a scheduled function raised, or telling the entity did."""

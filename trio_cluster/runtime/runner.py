@@ -12,6 +12,7 @@ The parts, each with one job and each a failure boundary of its own:
 - :class:`~.keeper.ShardKeeper`: the assignment, acquiring and handing off shards
   and singleton leases;
 - :class:`~.singletons.SingletonRuntime`: one singleton held here, its function supervised;
+- :mod:`~.schedules`: the loop a schedule's singleton runs;
 - :class:`~.residency.Residency`: which entities stay resident (idle passivation, the cap);
 - :class:`~.notices.NoticeFollower`: acting on storage notices;
 - :class:`~.client.Client`: ``ask`` and ``tell``;
@@ -29,6 +30,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
+from datetime import datetime
 from itertools import count
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -40,10 +42,12 @@ from .._util import NoPublicConstructor
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
-from ..core.reserved import singleton_shard
+from ..core.reserved import RESERVED_PREFIX, SCHEDULE_PREFIX, schedule_name, singleton_shard
+from ..core.timetable import from_ms
 from ..entity import Entity, Implementation
 from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
+from ..schedule import Schedule
 from ..singleton import Singleton
 from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
@@ -57,6 +61,7 @@ from .notices import NoticeFollower
 from .replies import StoredReplies
 from .residency import Residency
 from .routing import Router
+from .schedules import ScheduleServices, schedule_singleton, wall_clock
 from .services import Hosted, Services
 from .shard import ShardRuntime
 from .singletons import SingletonRuntime, SingletonServices
@@ -95,6 +100,8 @@ class Runner(metaclass=NoPublicConstructor):
         states: StateStorage,
         read_status: Callable[..., Awaitable[ClusterStatus]] | None,
         hosted: frozenset[str],
+        schedules: Mapping[str, Schedule],
+        schedule_clock: Callable[[], int],
     ) -> None:
         self.address = address
         self.config = config
@@ -114,6 +121,8 @@ class Runner(metaclass=NoPublicConstructor):
         self._states = states
         self._read_status = read_status
         self._hosted = hosted
+        self._schedules = schedules
+        self._schedule_clock = schedule_clock
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -141,6 +150,25 @@ class Runner(metaclass=NoPublicConstructor):
     def singleton_owners(self) -> Mapping[str, str]:
         """Each declared singleton's runner address, as this runner sees the cluster now."""
         return MappingProxyType(self._keeper.singleton_owners)
+
+    @property
+    def schedules(self) -> Set[str]:
+        """Names of the schedules this runner drives now (their singleton's lease held here)."""
+        return frozenset(
+            name for name in map(schedule_name, self._keeper.singletons) if name is not None
+        )
+
+    def next_fire_times(self, name: str, n: int) -> list[datetime]:
+        """The next ``n`` moments the declared schedule ``name`` fires after now, as its
+        schedules' clock reads it (see
+        :meth:`Schedule.next_fire_times <trio_cluster.Schedule.next_fire_times>`).
+
+        Raises KeyError for a schedule not declared on this runner.
+        """
+        schedule = self._schedules.get(name)
+        if schedule is None:
+            raise KeyError(f"no schedule {name!r} is declared on this runner")
+        return schedule.next_fire_times(n, from_ms(self._schedule_clock()))
 
     @property
     def resident(self) -> Set[str]:
@@ -245,6 +273,10 @@ class Runner(metaclass=NoPublicConstructor):
             timers_cancelled=counters.timers["cancelled"],
             deferreds_suspended=counters.deferreds_suspended,
             deferreds_completed=counters.deferreds_completed,
+            schedules_running=len(self.schedules),
+            schedule_firings=counters.schedule_firings,
+            schedule_skips=counters.schedule_skips,
+            schedule_failures=counters.schedule_failures,
         )
 
     async def _shutdown(self) -> None:
@@ -301,11 +333,41 @@ def _singletons(singletons: Sequence[Singleton]) -> dict[ShardId, Singleton]:
     for singleton in singletons:
         if not isinstance(singleton, Singleton):
             raise TypeError(f"singletons must be Singleton instances (got {singleton!r})")
+        if singleton.name.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"singleton names starting with {RESERVED_PREFIX!r} are reserved for the "
+                f"cluster's own services: {singleton.name!r}"
+            )
         key = singleton_shard(singleton.name)
         if key in declared:
             raise ValueError(f"singleton {singleton.name!r} is declared twice")
         declared[key] = singleton
     return declared
+
+
+def _schedules(schedules: Sequence[Schedule]) -> dict[str, Schedule]:
+    """The declared schedules by name; one name declared twice is a mistake."""
+    declared: dict[str, Schedule] = {}
+    for schedule in schedules:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedules must be Schedule instances (got {schedule!r})")
+        if schedule.name in declared:
+            raise ValueError(f"schedule {schedule.name!r} is declared twice")
+        declared[schedule.name] = schedule
+    return declared
+
+
+def _groups(
+    implementations: Iterable[Implementation],
+    singletons: Iterable[ShardId],
+    schedules: Iterable[str],
+) -> frozenset[str]:
+    """The shard groups a runner hosts: its entities', its singletons' and its schedules'."""
+    return frozenset(
+        {implementation.entity.shard_group for implementation in implementations}
+        | {shard.group for shard in singletons}
+        | {singleton_shard(SCHEDULE_PREFIX + name).group for name in schedules}
+    )
 
 
 def _hosted(implementations: Iterable[Implementation], config: ShardingConfig) -> dict[str, Hosted]:
@@ -332,6 +394,7 @@ async def open_runner(
     instruments: Sequence[Instrument] = (),
     health: HealthConfig | None = None,
     singletons: Sequence[Singleton] = (),
+    schedules: Sequence[Schedule] = (),
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -345,12 +408,13 @@ async def open_runner(
     ``instruments`` hear what the runner does (see :mod:`trio_cluster.instrument`);
     ``health`` serves the Kubernetes probes and ``/metrics`` (see :mod:`trio_cluster.health`).
     ``singletons`` may run here: each runs on one runner among those declaring it
-    (see :mod:`trio_cluster.singleton`).
+    (see :mod:`trio_cluster.singleton`). ``schedules`` may fire here: each is driven by a
+    singleton of its own (see :mod:`trio_cluster.schedule`).
     """
     config = config or ShardingConfig()
     _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
-    declared = _singletons(singletons)
+    declared, timed = _singletons(singletons), _schedules(schedules)
     counters = Counters()
     probes = _probes(health, instruments)
     hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
@@ -363,10 +427,7 @@ async def open_runner(
         if keeper is not None:
             keeper.on_lease_lost(shard_id)
 
-    groups = frozenset(
-        {implementation.entity.shard_group for implementation in implementations}
-        | {shard.group for shard in declared}
-    )
+    groups = _groups(implementations, declared, timed)
     body_error: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -392,6 +453,7 @@ async def open_runner(
                 hooks=hooks,
                 counters=counters,
                 singletons=declared,
+                schedules=timed,
             )
             keeper, runner = parts.keeper, parts.runner
             if probes.server is not None:
@@ -475,6 +537,7 @@ def _assemble(
     hooks: Hooks,
     counters: Counters,
     singletons: Mapping[ShardId, Singleton],
+    schedules: Mapping[str, Schedule],
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
@@ -513,6 +576,12 @@ def _assemble(
         base_context=base_context,
     )
     singleton_services = SingletonServices(address, client, hooks, session.release)
+    timing = ScheduleServices(
+        storage.schedules, hooks, lambda: session.machine_id, wall_clock.get()
+    )
+    for schedule in schedules.values():
+        driver = schedule_singleton(schedule, timing)
+        singletons = {**singletons, singleton_shard(driver.name): driver}
 
     def new_singleton(
         lease: Lease, on_stopped: Callable[[SingletonRuntime], None]
@@ -555,6 +624,8 @@ def _assemble(
         states=storage.states,
         read_status=getattr(storage, "read_status", None),
         hosted=frozenset(hosted),
+        schedules=schedules,
+        schedule_clock=timing.clock,
     )
     return _Parts(runner, router, keeper, follower, residency, withdrawals)
 

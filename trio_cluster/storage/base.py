@@ -307,6 +307,33 @@ class DeferredStorage(Protocol):
         ...
 
 
+class ScheduleStorage(Protocol):
+    """Where each schedule stands: its last settled instant (Unix ms), one row per schedule.
+
+    Kept in a row of its own, not derived from the dedup keys of the
+    requests a schedule stored: those are deleted with their requests after
+    the retention window, and a function target stores no request at all.
+    Both writes are fenced by the lease of the schedule's singleton, as
+    replies are, so a holder that lost its lease cannot move a schedule.
+    """
+
+    async def schedule_cursor(self, lease: Lease, name: str, start: int) -> int:
+        """The schedule's last settled instant; the first time, ``start`` is stored and
+        returned (a new schedule begins from now, it does not catch up on the past).
+
+        Raises EntityNotAssignedToRunner when ``lease`` is no longer current.
+        """
+        ...
+
+    async def advance_schedule(self, lease: Lease, name: str, instant: int) -> bool:
+        """Record that the schedule fired ``instant``, if it is later than the stored one.
+
+        False when it is not (the instant was settled before): the caller must
+        not fire it. Raises EntityNotAssignedToRunner when ``lease`` is stale.
+        """
+        ...
+
+
 class StatusStorage(Protocol):
     """What the status view reads; the runtime itself never needs it.
 
@@ -339,3 +366,6 @@ class Storage(Protocol):
 
     @property
     def deferreds(self) -> DeferredStorage: ...
+
+    @property
+    def schedules(self) -> ScheduleStorage: ...

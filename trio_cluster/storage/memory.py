@@ -93,6 +93,7 @@ class MemoryStorage:
         self._states: dict[tuple[str, str], bytes] = {}
         # (request id, deferred name) -> its outcome, None while a request waits on it.
         self._deferreds: dict[tuple[int, str], bytes | None] = {}
+        self._schedules: dict[str, int] = {}
         self._followers: list[Follower] = []
 
     @property
@@ -113,6 +114,10 @@ class MemoryStorage:
 
     @property
     def deferreds(self) -> MemoryStorage:
+        return self
+
+    @property
+    def schedules(self) -> MemoryStorage:
         return self
 
     async def _enter(self) -> None:
@@ -410,6 +415,21 @@ class MemoryStorage:
                 if len(found) >= limit:
                     break
         return found
+
+    # -- schedules --------------------------------------------------------------
+
+    async def schedule_cursor(self, lease: Lease, name: str, start: int) -> int:
+        await self._enter()
+        self._fence(lease)
+        return self._schedules.setdefault(name, start)
+
+    async def advance_schedule(self, lease: Lease, name: str, instant: int) -> bool:
+        await self._enter()
+        self._fence(lease)
+        if self._schedules.get(name, -1) >= instant:
+            return False
+        self._schedules[name] = instant
+        return True
 
     # -- the status view --------------------------------------------------------
 
