@@ -131,7 +131,8 @@ async def serve(dsn: str, prefix: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python -m tests.postgres.singleton_app DSN PREFIX")
-    trio.run(serve, *argv)
+    dsn, prefix = argv
+    trio.run(serve, dsn, prefix)
 
 
 if __name__ == "__main__":
