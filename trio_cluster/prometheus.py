@@ -10,10 +10,10 @@ activate, shards are taken, runners join), except two sampled when scraped:
 the mailbox depth (read from the runner, free) and the persisted backlog
 per shard (one status read of the storage, at most every
 ``backlog_interval`` seconds, so frequent scrapes cost the database
-nothing more). Labels are bounded:
-entity type, RPC, outcome, error reason, storage operation, the name of a
-singleton declared here; never an entity id. An RPC name reaches a label only once a handler ran it or this runner's
-own code sent it, so a hostile peer cannot mint label values. See
+nothing more). Labels are bounded: entity type, RPC, outcome, error
+reason, storage operation, the name of a singleton declared here; never an
+entity id. An RPC name reaches a label only once a handler ran it or this
+runner's own code sent it, so a hostile peer cannot mint label values. See
 docs/operations.md for every name.
 """
 
