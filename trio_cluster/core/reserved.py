@@ -15,6 +15,7 @@ from .hashing import ShardId
 
 __all__ = [
     "RESERVED_PREFIX",
+    "RUNNER_GROUP",
     "SINGLETON_PREFIX",
     "group_indices",
     "singleton_name",
@@ -24,6 +25,9 @@ __all__ = [
 RESERVED_PREFIX = "__"
 """No entity shard group starts with this."""
 SINGLETON_PREFIX = "__singleton__."
+RUNNER_GROUP = "__runner__"
+"""The group of a runner message's envelope: it is for the runner named by its entity
+id, handled by that runner itself, never by a shard (no lease, no assignment)."""
 
 
 def singleton_shard(name: str) -> ShardId:

@@ -31,17 +31,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from itertools import count
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 
 from .._util import NoPublicConstructor
+from ..broadcast import Audience, BroadcastOutcome, BroadcastResult
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.reserved import singleton_shard
-from ..entity import Entity, Implementation
+from ..entity import Entity, Implementation, Rpc
 from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
 from ..singleton import Singleton
@@ -49,6 +50,7 @@ from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..storage.status import ClusterStatus, ShardStatus
 from ..transport.network import Network, TransportConfig, open_listeners
+from .broadcasting import Broadcaster
 from .client import Client
 from .hooks import Hooks
 from .keeper import ShardKeeper
@@ -57,6 +59,8 @@ from .notices import NoticeFollower
 from .replies import StoredReplies
 from .residency import Residency
 from .routing import Router
+from .runner_calls import RunnerCalls
+from .runner_calls import runner_handlers as _runner_handlers
 from .services import Hosted, Services
 from .shard import ShardRuntime
 from .singletons import SingletonRuntime, SingletonServices
@@ -73,6 +77,9 @@ FRAME_OVERHEAD = 64 * 1024
 """Room in a frame for what travels beside a payload (ids, entity id, headers)."""
 
 _runner_numbers = count(1)
+
+P = TypeVar("P")
+S = TypeVar("S")
 
 
 class Runner(metaclass=NoPublicConstructor):
@@ -94,6 +101,7 @@ class Runner(metaclass=NoPublicConstructor):
         states: StateStorage,
         read_status: Callable[..., Awaitable[ClusterStatus]] | None,
         hosted: frozenset[str],
+        broadcaster: Broadcaster,
     ) -> None:
         self.address = address
         self.config = config
@@ -111,6 +119,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._states = states
         self._read_status = read_status
         self._hosted = hosted
+        self._broadcaster = broadcaster
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -205,6 +214,50 @@ class Runner(metaclass=NoPublicConstructor):
         """Ids of ``entity``'s entities that have stored state, in order: a page of at most
         ``limit`` after ``after`` (pass the last id of a page to get the next)."""
         return await self._states.state_ids(entity.name, after=after, limit=limit)
+
+    async def broadcast(
+        self,
+        rpc: Rpc[P, S],
+        payload: P,
+        *,
+        to: Audience,
+        broadcast_id: str | None = None,
+        concurrency: int = 16,
+        timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+        on_outcome: Callable[[str, BroadcastOutcome[S]], None] | None = None,
+    ) -> BroadcastResult[S]:
+        """Send ``rpc`` to every entity of its type that ``to`` names: ``RESIDENT`` (on
+        some live runner) or ``STORED`` (with stored state). One outcome per entity id.
+
+        At most ``concurrency`` requests are in flight; everything ends within
+        ``timeout`` (default ``ShardingConfig.send_timeout``; an entity not
+        answered by then has ``SendTimeout``). A persisted RPC is stored once per
+        entity under the primary key ``broadcast_key(broadcast_id)``: run the
+        broadcast again with the same ``broadcast_id`` (from the result) and no
+        entity gets it twice. ``on_outcome`` takes each outcome as it comes, in
+        place of the result keeping them all. See docs/concepts.md (Broadcast).
+        """
+        return await self._broadcaster.to_entities(
+            rpc,
+            payload,
+            to=to,
+            broadcast_id=broadcast_id,
+            concurrency=concurrency,
+            timeout=timeout,
+            on_outcome=on_outcome,
+        )
+
+    async def broadcast_runners(
+        self,
+        rpc: Rpc[P, S],
+        payload: P,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+    ) -> BroadcastResult[S]:
+        """Send the runner message ``rpc`` to every live runner (this one included),
+        all at once; one outcome per runner address. Each runner answers with its
+        ``RunnerHandler`` for ``rpc``; one without has ``MalformedMessage``."""
+        return await self._broadcaster.to_runners(rpc, payload, timeout=timeout)
 
     async def settled(self) -> None:
         """Wait until this runner serves exactly the shards assigned to it.
@@ -324,6 +377,7 @@ async def open_runner(
     instruments: Sequence[Instrument] = (),
     health: HealthConfig | None = None,
     singletons: Sequence[Singleton] = (),
+    runner_handlers: Sequence[Any] = (),
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -337,12 +391,13 @@ async def open_runner(
     ``instruments`` hear what the runner does (see :mod:`trio_cluster.instrument`);
     ``health`` serves the Kubernetes probes and ``/metrics`` (see :mod:`trio_cluster.health`).
     ``singletons`` may run here: each runs on one runner among those declaring it
-    (see :mod:`trio_cluster.singleton`).
+    (see :mod:`trio_cluster.singleton`). ``runner_handlers`` (each a ``RunnerHandler``)
+    answer runner messages sent here (see :mod:`trio_cluster.broadcast`).
     """
     config = config or ShardingConfig()
     _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
-    declared = _singletons(singletons)
+    declared, handlers = _singletons(singletons), _runner_handlers(runner_handlers)
     counters = Counters()
     probes = _probes(health, instruments)
     hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
@@ -384,6 +439,7 @@ async def open_runner(
                 hooks=hooks,
                 counters=counters,
                 singletons=declared,
+                runner_handlers=handlers,
             )
             keeper, runner = parts.keeper, parts.runner
             if probes.server is not None:
@@ -429,6 +485,7 @@ async def _start_parts(
     """Start the network, the notice follower, the keeper (which takes the first
     shards) and the idle sweeper, in that order."""
     router, keeper = parts.router, parts.keeper
+    parts.calls.start(nursery)
     if transport is not None:
         router.network = Network(
             transport,
@@ -452,6 +509,7 @@ class _Parts:
     keeper: ShardKeeper
     follower: NoticeFollower
     residency: Residency
+    calls: RunnerCalls
 
 
 def _assemble(
@@ -465,6 +523,7 @@ def _assemble(
     hooks: Hooks,
     counters: Counters,
     singletons: Mapping[ShardId, Singleton],
+    runner_handlers: list[tuple[Rpc[Any, Any], Callable[[Any], Awaitable[Any]]]],
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
@@ -521,6 +580,19 @@ def _assemble(
         membership_changed=keeper.wake,
         hooks=hooks,
     )
+    calls = RunnerCalls(
+        address=address,
+        config=config,
+        router=router,
+        hooks=hooks,
+        residency=residency,
+        generate_id=client.generate_id,
+        handlers=runner_handlers,
+    )
+    router.on_runner_request = calls.on_request
+    broadcaster = Broadcaster(
+        config=config, client=client, calls=calls, runners=storage.runners, states=storage.states
+    )
     runner = Runner._create(
         address=address,
         config=config,
@@ -535,8 +607,9 @@ def _assemble(
         states=storage.states,
         read_status=getattr(storage, "read_status", None),
         hosted=frozenset(hosted),
+        broadcaster=broadcaster,
     )
-    return _Parts(runner, router, keeper, follower, residency)
+    return _Parts(runner, router, keeper, follower, residency, calls)
 
 
 def _only(group: BaseExceptionGroup, error: BaseException) -> bool:
