@@ -112,13 +112,11 @@ class Broadcaster:
         on_outcome: Callable[[str, BroadcastOutcome[S]], None] | None,
     ) -> BroadcastResult[S]:
         """Send ``rpc`` to every entity of its type that ``to`` names."""
-        if not isinstance(rpc, Rpc):
-            raise TypeError(f"broadcast takes an Rpc (got {rpc!r})")
+        _check_payload(rpc, payload, self._config)
         if to not in (RESIDENT, STORED):
             raise ValueError(f"to must be RESIDENT or STORED (got {to!r})")
         if not (isinstance(concurrency, int) and 1 <= concurrency <= MAX_CONCURRENCY):
             raise ValueError(f"concurrency must be an int in 1..{MAX_CONCURRENCY}")
-        _check_payload(rpc, payload, self._config)
         broadcast_id = str(self._client.generate_id()) if broadcast_id is None else broadcast_id
         if not isinstance(broadcast_id, str) or not broadcast_id:
             raise TypeError("broadcast_id must be a non-empty str")
