@@ -19,10 +19,14 @@ from trio_cluster import (
     EntityOptions,
     HealthConfig,
     MailboxFull,
+    RetryPolicy,
     RpcClientError,
     Runner,
+    Singleton,
+    SingletonContext,
     open_runner,
 )
+from trio_cluster.core.reserved import singleton_shard
 from trio_cluster.health import Readiness, respond
 from trio_cluster.prometheus import PrometheusMetrics
 from trio_cluster.storage.memory import MemoryStorage
@@ -320,3 +324,36 @@ async def test_mailbox_depth_and_backlog_are_sampled_when_scraped() -> None:
         _, idle = await get(port, "/metrics")
         assert sample(idle, "trio_cluster_mailbox_depth") == 0
         assert sample(idle, "trio_cluster_backlog", **labels) == 0
+
+
+async def test_singleton_metrics_follow_its_starts_stops_and_failures() -> None:
+    metrics = PrometheusMetrics()
+    storage = MemoryStorage()
+    running = trio.Event()
+
+    async def flaky(ctx: SingletonContext) -> None:
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        running.set()
+        await trio.sleep_forever()
+
+    single = Singleton("flaky", flaky, restart=RetryPolicy(base_delay=0.001, max_delay=0.001))
+    labels = {"singleton": "flaky"}
+    async with open_runner(
+        storage=storage, config=TEST_CONFIG, singletons=[single], instruments=[metrics]
+    ) as runner:
+        await running.wait()
+        held = metrics.exposition()
+        running = trio.Event()
+        storage.revoke(singleton_shard("flaky"))  # lost, then taken again under a new epoch
+        with trio.fail_after(5):
+            await running.wait()
+        assert runner.singletons == {"flaky"}
+    after = metrics.exposition()
+    assert sample(held, "trio_cluster_singletons", **labels) == 1
+    assert sample(held, "trio_cluster_singleton_failures_total", **labels) == 1
+    assert sample(after, "trio_cluster_singletons", **labels) == 0  # released on leaving
+    assert sample(after, "trio_cluster_singleton_starts_total", **labels) == 2
+    assert sample(after, "trio_cluster_singleton_stops_total", how="lost", **labels) == 1
+    assert sample(after, "trio_cluster_singleton_stops_total", how="released", **labels) == 1
+    assert sample(after, "trio_cluster_singleton_failures_total", **labels) == 2

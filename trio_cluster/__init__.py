@@ -5,6 +5,15 @@ and host it with :func:`open_runner`. Everything a caller can catch is a
 :class:`ClusterError` subclass or an error your RPC declared.
 """
 
+from .broadcast import (
+    RESIDENT,
+    STORED,
+    Audience,
+    BroadcastOutcome,
+    BroadcastResult,
+    RunnerHandler,
+    broadcast_key,
+)
 from .config import ConfigError, EntityOptions, ShardingConfig
 from .core.hashing import ShardId
 from .core.retry import RetryPolicy
@@ -56,8 +65,13 @@ from .transport.config import TransportConfig
 
 __all__ = [
     "CLUSTER_ERRORS",
+    "RESIDENT",
+    "STORED",
     "AlreadyProcessingMessage",
     "AnyClusterError",
+    "Audience",
+    "BroadcastOutcome",
+    "BroadcastResult",
     "Call",
     "Client",
     "ClusterError",
@@ -89,6 +103,7 @@ __all__ = [
     "Rpc",
     "RpcClientError",
     "Runner",
+    "RunnerHandler",
     "RunnerNotRegistered",
     "RunnerStorage",
     "RunnerUnavailable",
@@ -110,6 +125,7 @@ __all__ = [
     "Tell",
     "TimerStorage",
     "TransportConfig",
+    "broadcast_key",
     "open_runner",
     "wait_for_termination",
 ]

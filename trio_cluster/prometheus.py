@@ -10,10 +10,10 @@ activate, shards are taken, runners join), except two sampled when scraped:
 the mailbox depth (read from the runner, free) and the persisted backlog
 per shard (one status read of the storage, at most every
 ``backlog_interval`` seconds, so frequent scrapes cost the database
-nothing more). Labels are bounded:
-entity type, RPC, outcome, error reason, storage operation, schedule; never an entity
-id. An RPC name reaches a label only once a handler ran it or this runner's
-own code sent it, so a hostile peer cannot mint label values. See
+nothing more). Labels are bounded: entity type, RPC, outcome, error
+reason, storage operation, schedule, the name of a singleton declared here;
+never an entity id. An RPC name reaches a label only once a handler ran it or
+this runner's own code sent it, so a hostile peer cannot mint label values. See
 docs/operations.md for every name.
 """
 
@@ -208,6 +208,30 @@ class PrometheusMetrics(Instrument):
             ["schedule"],
             registry=r,
         )
+        self.singletons = prom.Gauge(
+            "trio_cluster_singletons",
+            "1 while this runner holds the singleton's lease (running or restarting), else 0.",
+            ["singleton"],
+            registry=r,
+        )
+        self.singleton_starts = prom.Counter(
+            "trio_cluster_singleton_starts",
+            "Singleton leases taken by this runner (start, handoff, failover).",
+            ["singleton"],
+            registry=r,
+        )
+        self.singleton_stops = prom.Counter(
+            "trio_cluster_singleton_stops",
+            "Singletons this runner stopped running: released (handed off) or lost.",
+            ["singleton", "how"],
+            registry=r,
+        )
+        self.singleton_failures = prom.Counter(
+            "trio_cluster_singleton_failures",
+            "Times a singleton's function raised here (it runs again after a backoff).",
+            ["singleton"],
+            registry=r,
+        )
         self.contained = prom.Counter(
             "trio_cluster_contained_failures",
             "Bugs of the runtime caught at a failure boundary (each also logged).",
@@ -312,6 +336,17 @@ class PrometheusMetrics(Instrument):
 
     def schedule_failed(self, name: str, error: BaseException) -> None:
         self.schedule_failures.labels(name).inc()
+
+    def singleton_started(self, name: str, epoch: int) -> None:
+        self.singletons.labels(name).set(1)
+        self.singleton_starts.labels(name).inc()
+
+    def singleton_stopped(self, name: str, how: str) -> None:
+        self.singletons.labels(name).set(0)
+        self.singleton_stops.labels(name, how).inc()
+
+    def singleton_failed(self, name: str, error: BaseException) -> None:
+        self.singleton_failures.labels(name).inc()
 
     def contained_failure(self, where: str, error: BaseException) -> None:
         self.contained.labels(where).inc()

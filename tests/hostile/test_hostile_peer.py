@@ -934,6 +934,9 @@ def hostile_requests() -> list[HostileCase]:
         HostileCase("undecodable payload", malformed, bad_payload),
         HostileCase("unknown entity type", answered, echo("t", entity_type="Nope")),
         HostileCase("unknown shard group", answered, echo("t", shard_group="nope")),
+        HostileCase(
+            "runner message nobody handles", malformed, echo("t", shard_group="__runner__")
+        ),
         HostileCase("empty entity id", ok, echo(""), "v"),
         HostileCase("NUL in entity id", malformed, echo("a\0b")),
         HostileCase("due long ago", ok, echo("d", deliver_at_ms=1), "v"),

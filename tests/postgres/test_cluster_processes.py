@@ -123,15 +123,17 @@ async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
 class Cluster:
     """The runner processes of one test; whatever is still alive at the end is killed."""
 
-    def __init__(self, dsn: str, prefix: str) -> None:
+    def __init__(self, dsn: str, prefix: str, app: str = "tests.postgres.cluster_app") -> None:
         self.dsn = dsn
         self.prefix = prefix
+        self.app = app
+        """The runner app's module: it takes ``DSN PREFIX`` and prints ``ready ADDRESS ID``."""
         self.processes: list[trio.Process] = []
 
     async def start(self) -> Node:
         """A new runner process, once it serves the shards assigned to it."""
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.postgres.cluster_app", self.dsn, self.prefix],
+            [sys.executable, "-m", self.app, self.dsn, self.prefix],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

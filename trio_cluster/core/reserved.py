@@ -19,6 +19,7 @@ from .hashing import ShardId
 
 __all__ = [
     "RESERVED_PREFIX",
+    "RUNNER_GROUP",
     "SCHEDULE_PREFIX",
     "SINGLETON_PREFIX",
     "group_indices",
@@ -32,6 +33,9 @@ RESERVED_PREFIX = "__"
 SINGLETON_PREFIX = "__singleton__."
 SCHEDULE_PREFIX = "__schedule__."
 """The name of a schedule's singleton is this and the schedule's name."""
+RUNNER_GROUP = "__runner__"
+"""The group of a runner message's envelope: it is for the runner named by its entity
+id, handled by that runner itself, never by a shard (no lease, no assignment)."""
 
 
 def singleton_shard(name: str) -> ShardId:

@@ -120,6 +120,7 @@ class Client:
         deliver_at: datetime | None = None,
         headers: Mapping[str, str] | None = None,
         interrupt: bool | None = None,
+        primary_key: str | None = None,
     ) -> S:
         """Send a request and return the handler's result, or raise its declared error.
 
@@ -132,11 +133,18 @@ class Client:
         asking again with the same primary key returns its reply). An RPC
         declared ``interruptible=False`` is never withdrawn. ``deliver_at``
         holds the request back from the handler until that (timezone-aware)
-        time. ``headers`` reach the handler as ``ctx.request.headers``.
+        time. ``headers`` reach the handler as ``ctx.request.headers``. ``primary_key`` (persisted
+        RPCs only) is used in place of the one the RPC derives from the payload.
         """
         chain = call_chain.get()
         envelope = self._envelope(
-            rpc, entity_id, payload, chain=chain, deliver_at=deliver_at, headers=headers
+            rpc,
+            entity_id,
+            payload,
+            chain=chain,
+            deliver_at=deliver_at,
+            headers=headers,
+            primary_key=primary_key,
         )
         target = envelope.entity_key
         if target in chain:
@@ -296,6 +304,7 @@ class Client:
         chain: tuple[str, ...],
         deliver_at: datetime | None,
         headers: Mapping[str, str] | None,
+        primary_key: str | None = None,
     ) -> Envelope:
         """Check what the caller gave and build the request, before anything is sent."""
         if not isinstance(rpc, Rpc):
@@ -305,7 +314,13 @@ class Client:
             if not isinstance(entity_id, str):
                 raise TypeError(problem)
             raise MalformedMessage(problem, entity_id=entity_id)
-        primary_key = None if rpc.primary_key is None else _primary_key(rpc, payload)
+        if primary_key is not None:
+            if not rpc.persisted:
+                raise TypeError(f"{rpc!r}: a primary key needs a persisted RPC")
+            if not isinstance(primary_key, str):
+                raise TypeError(f"primary_key must be a str (got {primary_key!r})")
+        elif rpc.primary_key is not None:
+            primary_key = _primary_key(rpc, payload)
         if primary_key is not None:
             problem = text_problem("primary key", primary_key, MAX_PRIMARY_KEY_BYTES)
             if problem is not None:

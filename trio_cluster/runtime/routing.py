@@ -12,13 +12,14 @@ it is queued; whatever its handler returns is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import ShardingConfig
 from ..core.envelope import Envelope, envelope_problem
 from ..core.hashing import ShardId
-from ..core.reply import DROPPED, failure, success
+from ..core.reply import DROPPED, ReplyTarget, failure, success
+from ..core.reserved import RUNNER_GROUP
 from ..errors import ClusterError, EntityNotAssignedToRunner, MailboxFull, MalformedMessage
 from .delivery import Delivery
 from .hooks import Hooks
@@ -54,6 +55,8 @@ class Router:
         self._shards = shards
         """The shards this runner holds a lease on now (the keeper's, read here)."""
         self.network: Network | None = None
+        self.on_runner_request: Callable[[Envelope, ReplyTarget], None] | None = None
+        """Where runner messages go (requests for this runner itself, not a shard)."""
 
     def route(self, delivery: Delivery) -> str | None:
         """Queue a request whose shard is owned here; otherwise name the owner to send it to
@@ -84,6 +87,9 @@ class Router:
         try:
             if problem is not None:
                 raise MalformedMessage(problem, entity_id=envelope.entity_id)
+            if envelope.shard_group == RUNNER_GROUP and self.on_runner_request is not None:
+                self.on_runner_request(envelope, reply)  # answers, or refuses, on its own
+                return
             shard = self._shards.get(ShardId(envelope.shard_group, envelope.shard_index))
             if shard is None:
                 raise EntityNotAssignedToRunner(

@@ -33,18 +33,19 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from itertools import count
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 
 from .._util import NoPublicConstructor
+from ..broadcast import Audience, BroadcastOutcome, BroadcastResult
 from ..config import ShardingConfig
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.reserved import RESERVED_PREFIX, SCHEDULE_PREFIX, schedule_name, singleton_shard
 from ..core.timetable import from_ms
-from ..entity import Entity, Implementation
+from ..entity import Entity, Implementation, Rpc
 from ..health import HealthConfig, Readiness
 from ..instrument import Instrument
 from ..schedule import Schedule
@@ -53,6 +54,7 @@ from ..storage.base import Lease, LeaseSession, StateStorage, Storage
 from ..storage.memory import MemoryStorage
 from ..storage.status import ClusterStatus, ShardStatus
 from ..transport.network import Network, TransportConfig, open_listeners
+from .broadcasting import Broadcaster
 from .client import Client
 from .hooks import Hooks
 from .keeper import ShardKeeper
@@ -61,6 +63,8 @@ from .notices import NoticeFollower
 from .replies import StoredReplies
 from .residency import Residency
 from .routing import Router
+from .runner_calls import RunnerCalls
+from .runner_calls import runner_handlers as _runner_handlers
 from .schedules import ScheduleServices, schedule_singleton, wall_clock
 from .services import Hosted, Services
 from .shard import ShardRuntime
@@ -79,6 +83,9 @@ FRAME_OVERHEAD = 64 * 1024
 """Room in a frame for what travels beside a payload (ids, entity id, headers)."""
 
 _runner_numbers = count(1)
+
+P = TypeVar("P")
+S = TypeVar("S")
 
 
 class Runner(metaclass=NoPublicConstructor):
@@ -102,6 +109,7 @@ class Runner(metaclass=NoPublicConstructor):
         hosted: frozenset[str],
         schedules: Mapping[str, Schedule],
         schedule_clock: Callable[[], int],
+        broadcaster: Broadcaster,
     ) -> None:
         self.address = address
         self.config = config
@@ -123,6 +131,7 @@ class Runner(metaclass=NoPublicConstructor):
         self._hosted = hosted
         self._schedules = schedules
         self._schedule_clock = schedule_clock
+        self._broadcaster = broadcaster
         self._phase = "starting"
         self._health: HealthServer | None = None
 
@@ -236,6 +245,50 @@ class Runner(metaclass=NoPublicConstructor):
         """Ids of ``entity``'s entities that have stored state, in order: a page of at most
         ``limit`` after ``after`` (pass the last id of a page to get the next)."""
         return await self._states.state_ids(entity.name, after=after, limit=limit)
+
+    async def broadcast(
+        self,
+        rpc: Rpc[P, S],
+        payload: P,
+        *,
+        to: Audience,
+        broadcast_id: str | None = None,
+        concurrency: int = 16,
+        timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+        on_outcome: Callable[[str, BroadcastOutcome[S]], None] | None = None,
+    ) -> BroadcastResult[S]:
+        """Send ``rpc`` to every entity of its type that ``to`` names: ``RESIDENT`` (on
+        some live runner) or ``STORED`` (with stored state). One outcome per entity id.
+
+        At most ``concurrency`` requests are in flight; everything ends within
+        ``timeout`` (default ``ShardingConfig.send_timeout``; an entity not
+        answered by then has ``SendTimeout``). A persisted RPC is stored once per
+        entity under the primary key ``broadcast_key(broadcast_id)``: run the
+        broadcast again with the same ``broadcast_id`` (from the result) and no
+        entity gets it twice. ``on_outcome`` takes each outcome as it comes, in
+        place of the result keeping them all. See docs/concepts.md (Broadcast).
+        """
+        return await self._broadcaster.to_entities(
+            rpc,
+            payload,
+            to=to,
+            broadcast_id=broadcast_id,
+            concurrency=concurrency,
+            timeout=timeout,
+            on_outcome=on_outcome,
+        )
+
+    async def broadcast_runners(
+        self,
+        rpc: Rpc[P, S],
+        payload: P,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+    ) -> BroadcastResult[S]:
+        """Send the runner message ``rpc`` to every live runner (this one included),
+        all at once; one outcome per runner address. Each runner answers with its
+        ``RunnerHandler`` for ``rpc``; one without has ``MalformedMessage``."""
+        return await self._broadcaster.to_runners(rpc, payload, timeout=timeout)
 
     async def settled(self) -> None:
         """Wait until this runner serves exactly the shards assigned to it.
@@ -395,6 +448,7 @@ async def open_runner(
     health: HealthConfig | None = None,
     singletons: Sequence[Singleton] = (),
     schedules: Sequence[Schedule] = (),
+    runner_handlers: Sequence[Any] = (),
 ) -> AsyncIterator[Runner]:
     """Run a runner hosting ``implementations`` for the duration of the block.
 
@@ -410,11 +464,18 @@ async def open_runner(
     ``singletons`` may run here: each runs on one runner among those declaring it
     (see :mod:`trio_cluster.singleton`). ``schedules`` may fire here: each is driven by a
     singleton of its own (see :mod:`trio_cluster.schedule`).
+    ``runner_handlers`` (each a ``RunnerHandler``) answer runner messages sent here
+    (see :mod:`trio_cluster.broadcast`).
     """
     config = config or ShardingConfig()
     _check_frame_room(config, transport)
     hosted = _hosted(implementations, config)
-    declared, timed = _singletons(singletons), _schedules(schedules)
+    # Every declaration is checked before anything starts.
+    declared, timed, handlers = (
+        _singletons(singletons),
+        _schedules(schedules),
+        _runner_handlers(runner_handlers),
+    )
     counters = Counters()
     probes = _probes(health, instruments)
     hooks = Hooks((*instruments, *probes.instruments), trusted=(counters,))
@@ -454,6 +515,7 @@ async def open_runner(
                 counters=counters,
                 singletons=declared,
                 schedules=timed,
+                runner_handlers=handlers,
             )
             keeper, runner = parts.keeper, parts.runner
             if probes.server is not None:
@@ -499,6 +561,7 @@ async def _start_parts(
     """Start the network, the notice follower, the keeper (which takes the first
     shards) and the idle sweeper, in that order."""
     router, keeper = parts.router, parts.keeper
+    parts.calls.start(nursery)
     if transport is not None:
         router.network = Network(
             transport,
@@ -524,6 +587,7 @@ class _Parts:
     follower: NoticeFollower
     residency: Residency
     withdrawals: Withdrawals
+    calls: RunnerCalls
 
 
 def _assemble(
@@ -538,6 +602,7 @@ def _assemble(
     counters: Counters,
     singletons: Mapping[ShardId, Singleton],
     schedules: Mapping[str, Schedule],
+    runner_handlers: list[tuple[Rpc[Any, Any], Callable[[Any], Awaitable[Any]]]],
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
@@ -610,6 +675,19 @@ def _assemble(
         membership_changed=keeper.wake,
         hooks=hooks,
     )
+    calls = RunnerCalls(
+        address=address,
+        config=config,
+        router=router,
+        hooks=hooks,
+        residency=residency,
+        generate_id=client.generate_id,
+        handlers=runner_handlers,
+    )
+    router.on_runner_request = calls.on_request
+    broadcaster = Broadcaster(
+        config=config, client=client, calls=calls, runners=storage.runners, states=storage.states
+    )
     runner = Runner._create(
         address=address,
         config=config,
@@ -626,8 +704,9 @@ def _assemble(
         hosted=frozenset(hosted),
         schedules=schedules,
         schedule_clock=timing.clock,
+        broadcaster=broadcaster,
     )
-    return _Parts(runner, router, keeper, follower, residency, withdrawals)
+    return _Parts(runner, router, keeper, follower, residency, withdrawals, calls)
 
 
 def _only(group: BaseExceptionGroup, error: BaseException) -> bool:

@@ -1,0 +1,63 @@
+"""A runner process for the broadcast fault tests.
+
+Run from the repository root::
+
+    python -m tests.postgres.broadcast_app DSN PREFIX
+
+It hosts the ``Tally`` entity of ``tests.broadcast_scenarios`` (durable state: the
+notes it was sent) and answers the ``whoami`` runner message, on the PostgreSQL
+storage at ``DSN`` (tables named with ``PREFIX``), listening on 127.0.0.1; prints
+``ready <address> <machine_id>`` once settled and runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from trio_cluster import TransportConfig, open_runner, wait_for_termination
+from trio_cluster.postgres.storage import open_postgres_storage
+from trio_cluster.testing import TEST_CONFIG
+
+from ..broadcast_scenarios import TALLIES, answering_whoami
+
+
+def transport(prefix: str) -> TransportConfig:
+    return TransportConfig(host="127.0.0.1", cluster=prefix)
+
+
+async def serve(dsn: str, prefix: str) -> None:
+    terminated = trio.Event()
+
+    async def watch_signals() -> None:
+        await wait_for_termination()
+        terminated.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals)
+        async with open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage:
+            address: list[str] = []
+            async with open_runner(
+                TALLIES,
+                storage=storage,
+                config=TEST_CONFIG,
+                transport=transport(prefix),
+                runner_handlers=[answering_whoami(address)],
+            ) as runner:
+                address.append(runner.address)
+                await runner.settled()
+                print(f"ready {runner.address} {runner.machine_id}", flush=True)
+                await terminated.wait()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        sys.exit("usage: python -m tests.postgres.broadcast_app DSN PREFIX")
+    dsn, prefix = argv
+    trio.run(serve, dsn, prefix)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
