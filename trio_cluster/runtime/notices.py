@@ -1,8 +1,10 @@
 """Acting on what other runners store: requests for shards owned here, awaited replies.
 
 The follower reads what notices announce: requests for a shard served here
-(one read each; a failed one becomes the shard's own rescan), the stored
-reply a caller here waits for; a changed membership wakes the shard keeper.
+(one read per shard and batch of notices; a failed one becomes the shard's own
+rescan), and the stored reply a caller here waits for when its notice could not
+carry it (a notice that carries it resolves the caller with no read); a changed
+membership wakes the shard keeper.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class NoticeFollower:
         me = self._machine_id()
         stored: dict[ShardId, list[int]] = {}
         replied: list[int] = []
+        carried: dict[int, bytes] = {}
         for notice in batch:
             match notice:
                 case Gap():
@@ -81,15 +84,20 @@ class NoticeFollower:
                     break
                 case MembershipChanged():
                     self._membership_changed()
-                case Replied(request_id, origin) if origin != me:
+                case Replied(request_id, origin, reply) if origin != me:
                     if request_id in self._stored_replies:
-                        replied.append(request_id)
+                        if reply is None:
+                            replied.append(request_id)
+                        else:
+                            carried[request_id] = reply
                 case Stored(shard_id, request_id, origin) if origin != me:
                     stored.setdefault(shard_id, []).append(request_id)
         for shard_id, request_ids in stored.items():
             shard = self._shards.get(shard_id)
             if shard is not None:
                 await shard.deliver_stored(request_ids)
+        for request_id, reply in carried.items():
+            self._stored_replies.resolve(request_id, reply)
         for request_id in replied:
             await self._fetch_reply(request_id)
 

@@ -225,7 +225,7 @@ class MemoryStorage:
             self._write_state(state)
         self._pending.get(lease.shard, {}).pop(request_id, None)
         self._replied.setdefault(lease.shard, {})[request_id] = trio.current_time()
-        self._announce(Replied(request_id, lease.machine_id))
+        self._announce(Replied(request_id, lease.machine_id, reply))
 
     async def purge(self, lease: Lease, window: float, limit: int) -> int:
         """Forget up to *limit* of the shard's requests replied over *window* seconds ago."""
