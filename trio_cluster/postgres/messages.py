@@ -267,7 +267,7 @@ class PgMessageStorage:
         )
 
     @asynccontextmanager
-    async def writing(self, writers: int = 2) -> AsyncIterator[None]:
+    async def writing(self, writers: int = 1) -> AsyncIterator[None]:
         """Run the group-commit writers (``writers`` of each kind) for the block."""
         async with self.requests.running(writers), self.replies.running(writers):
             yield
