@@ -8,6 +8,14 @@ written only while the shard's epoch is still the writer's, checked under
 a share lock on the shard row so that a new owner's epoch bump and a stale
 owner's reply are strictly ordered.
 
+Requests and replies are written by group commit (see ``writer``): what
+concurrent callers queue goes to the server in one statement per batch, one
+transaction and one WAL flush for all, with one ``pg_notify`` per batch (and
+channel) announcing every row of it. Reply notices carry the reply itself, so a
+caller on another runner reads nothing back unless the reply is too large for a
+notice. Rows travel as one JSON array per batch (``json_to_recordset``), so one
+prepared statement serves every batch size.
+
 Every statement here runs once or more per persisted message, so each is
 prepared on its connection (``prepare=True``): the server plans it once per
 connection instead of once per call.
@@ -15,17 +23,18 @@ connection instead of once per call.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import trio
 
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
-from ..errors import EntityNotAssignedToRunner, PersistenceError
+from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
 from ..pgdriver.connection import open_connection
 from ..pgdriver.errors import PgError
 from ..pgdriver.pool import Pool
@@ -41,10 +50,11 @@ from ..storage.base import (
     Stored,
 )
 from ..storage.notices import open_follower
+from .batching import fits, pack_notes
 from .boundary import translated
 from .interrupts import mark_interrupted
 from .leases import RECONNECT
-from .states import state_writes
+from .writer import GroupWriter
 
 log = logging.getLogger("trio_cluster.postgres.messages")
 
@@ -90,110 +100,305 @@ def _envelope(row: tuple[Any, ...]) -> Envelope:
     )
 
 
-def _parse_notice(payload: str) -> Notice | None:
-    """``s:<origin>:<group>:<index>:<request_id>``, ``r:<origin>:<request_id>``,
-    ``i:<origin>:<group>:<index>:<request_id>`` or ``m:``."""
+class _RequestRow(msgspec.Struct):
+    """A request as its batch sends it (bytes travel as base64 in the JSON)."""
+
+    i: int
+    request_id: int
+    shard_group: str
+    shard_index: int
+    entity_type: str
+    entity_id: str
+    rpc: str
+    payload: bytes
+    primary_key: str | None
+    deliver_at_ms: int | None
+    meta: bytes
+    dedup_key: str | None
+    note: str | None
+    grp: int
+
+
+class _ReplyRow(msgspec.Struct):
+    i: int
+    request_id: int
+    reply: bytes
+    shard_group: str
+    shard_index: int
+    epoch: int
+    has_state: bool
+    entity_type: str | None
+    entity_id: str | None
+    state: bytes | None
+    note: str | None
+    grp: int
+
+
+_encode_json = msgspec.json.Encoder().encode
+_encode_note = msgspec.msgpack.Encoder().encode
+_decode_stored = msgspec.msgpack.Decoder(tuple[int, str, int, int]).decode
+_decode_replied = msgspec.msgpack.Decoder(tuple[int, int, bytes | None]).decode
+
+_STORED = "S:"
+_REPLIED = "R:"
+"""Batch notices: the prefix, then notes separated by commas, each the base64 of a
+msgpack array: ``[origin, group, index, request_id]`` for a stored request,
+``[origin, request_id, reply or nil]`` for a reply (nil: too large to carry)."""
+
+
+def _note(value: object) -> str:
+    return base64.b64encode(_encode_note(value)).decode()
+
+
+def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
+    note = _note((origin, request_id, reply))
+    return note if fits(note, len(_REPLIED)) else _note((origin, request_id, None))
+
+
+def _parse_notice(payload: str) -> list[Notice]:
+    """A batch notice (``S:``, ``R:``), a membership notice (``m:``), or one of the
+    single-row notices (``i:`` for an interrupt; ``s:``, ``r:`` of earlier
+    versions, as a rolling upgrade still sends them)."""
     kind, _, rest = payload.partition(":")
     try:
+        if kind == "S":
+            notices: list[Notice] = []
+            for note in rest.split(","):
+                origin, group, index, request_id = _decode_stored(base64.b64decode(note))
+                notices.append(Stored(ShardId(group, index), request_id, origin))
+            return notices
+        if kind == "R":
+            replied: list[Notice] = []
+            for note in rest.split(","):
+                origin, request_id, reply = _decode_replied(base64.b64decode(note))
+                replied.append(Replied(request_id, origin, reply))
+            return replied
         if kind == "m":
-            return MembershipChanged()
+            return [MembershipChanged()]
         if kind == "r":
-            origin, request_id = rest.split(":")
-            return Replied(int(request_id), int(origin))
+            origin_text, request_text = rest.split(":")
+            return [Replied(int(request_text), int(origin_text))]
         if kind in ("s", "i"):
-            origin, group, index, request_id = rest.split(":")
+            origin_text, group, index_text, request_text = rest.split(":")
             notice = Stored if kind == "s" else InterruptStored
-            return notice(ShardId(group, int(index)), int(request_id), int(origin))
-    except ValueError:
+            return [notice(ShardId(group, int(index_text)), int(request_text), int(origin_text))]
+    except (ValueError, msgspec.MsgspecError):
         pass
-    log.warning("ignoring unknown notification %r", payload)
-    return None
+    log.warning("ignoring unknown notification %r", payload[:200])
+    return []
+
+
+class _SaveRequest(NamedTuple):
+    envelope: Envelope
+    origin: int
+    announce: bool
+
+
+class _SaveReply(NamedTuple):
+    request_id: int
+    reply: bytes
+    lease: Lease
+    state: StateWrite | None
+
+
+def _reply_keys(item: _SaveReply) -> tuple[object, ...]:
+    """One write per request and per entity state in a batch (see ``batching``)."""
+    if item.state is None:
+        return (item.request_id,)
+    return (item.request_id, (item.state.entity_type, item.state.entity_id))
 
 
 class PgMessageStorage:
+    """Persisted messages; ``writing`` must be open (it runs the group-commit writers)."""
+
     def __init__(self, pool: Pool, dsn: str, prefix: str) -> None:
         self._pool = pool
         self._dsn = dsn
         self._prefix = prefix
         self.channel = f"{prefix}events"
+        self.requests: GroupWriter[_SaveRequest, Saved] = GroupWriter(
+            "store requests", self._write_requests
+        )
+        self.replies: GroupWriter[_SaveReply, None] = GroupWriter(
+            "store replies", self._write_replies, keys=_reply_keys
+        )
+        p = prefix
+        self._insert_sql = (
+            "WITH input AS (SELECT * FROM json_to_recordset($1::json) AS t(i int,"
+            " request_id int8, shard_group text, shard_index int, entity_type text,"
+            " entity_id text, rpc text, payload text, primary_key text, deliver_at_ms int8,"
+            " meta text, dedup_key text, note text, grp int)),"
+            f" ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key)"
+            " SELECT request_id, shard_group, shard_index, entity_type, entity_id, rpc,"
+            " decode(payload, 'base64'), primary_key, deliver_at_ms, decode(meta, 'base64'),"
+            " dedup_key FROM input ORDER BY i"
+            " ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
+            f" sent AS (SELECT pg_notify($2, '{_STORED}' || string_agg(input.note, ','"
+            " ORDER BY input.i)) FROM input JOIN ins USING (request_id) WHERE input.grp >= 0"
+            " GROUP BY input.grp)"
+            " SELECT request_id, (SELECT count(*) FROM sent) FROM ins"
+        )
+        self._reply_sql = (
+            "WITH input AS (SELECT * FROM json_to_recordset($1::json) AS t(i int,"
+            " request_id int8, reply text, shard_group text, shard_index int, epoch int8,"
+            " has_state bool, entity_type text, entity_id text, state text, note text,"
+            " grp int)),"
+            # The fence: each shard's row share-locked once per batch, so a new owner's
+            # epoch bump waits for this commit, and a stale epoch matches no row.
+            f" lease AS (SELECT s.shard_group, s.shard_index, s.epoch FROM {p}shards AS s"
+            " WHERE (s.shard_group, s.shard_index, s.epoch) IN"
+            " (SELECT shard_group, shard_index, epoch FROM input)"
+            " ORDER BY s.shard_group, s.shard_index FOR SHARE),"
+            " ok AS (SELECT input.* FROM input JOIN lease USING (shard_group, shard_index,"
+            " epoch)),"
+            f" done AS (UPDATE {p}messages AS m SET processed = true,"
+            " reply = decode(ok.reply, 'base64'), replied_at = now() FROM ok"
+            " WHERE m.request_id = ok.request_id AND NOT m.processed RETURNING m.request_id),"
+            # A request's state is written exactly when its reply is (``done``).
+            " changed AS (SELECT ok.* FROM ok JOIN done USING (request_id)"
+            " WHERE ok.has_state),"
+            f" state_up AS (INSERT INTO {p}states"
+            " (entity_type, entity_id, shard_group, shard_index, data)"
+            " SELECT entity_type, entity_id, shard_group, shard_index,"
+            " decode(state, 'base64') FROM changed WHERE state IS NOT NULL"
+            " ON CONFLICT (entity_type, entity_id) DO UPDATE SET data = excluded.data,"
+            f" version = {p}states.version + 1, saved_at = now() RETURNING 1),"
+            f" state_del AS (DELETE FROM {p}states AS s USING changed AS c"
+            " WHERE s.entity_type = c.entity_type AND s.entity_id = c.entity_id"
+            " AND c.state IS NULL RETURNING 1),"
+            f" sent AS (SELECT pg_notify($2, '{_REPLIED}' || string_agg(ok.note, ','"
+            " ORDER BY ok.i)) FROM ok JOIN done USING (request_id) WHERE ok.grp >= 0"
+            " GROUP BY ok.grp)"
+            " SELECT shard_group, shard_index, epoch, (SELECT count(*) FROM sent) FROM lease"
+        )
+
+    @asynccontextmanager
+    async def writing(self, writers: int = 1) -> AsyncIterator[None]:
+        """Run the group-commit writers (``writers`` of each kind) for the block."""
+        async with self.requests.running(writers), self.replies.running(writers):
+            yield
 
     async def save_request(self, envelope: Envelope, origin: int, *, announce: bool) -> Saved:
-        p = self._prefix
-        notice = f"s:{origin}:{envelope.shard_group}:{envelope.shard_index}:{envelope.request_id}"
-        dedup_key = envelope.dedup_key
-        with translated("store request"):
-            inserted = await self._pool.fetchval(
-                f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                " ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
-                " sent AS (SELECT pg_notify($12, $13) FROM ins WHERE $14)"
-                " SELECT (SELECT request_id FROM ins) FROM (SELECT count(*) FROM sent) AS s",
-                [
-                    envelope.request_id,
-                    envelope.shard_group,
-                    envelope.shard_index,
-                    envelope.entity_type,
-                    envelope.entity_id,
-                    envelope.rpc,
-                    envelope.payload,
-                    envelope.primary_key,
-                    envelope.deliver_at_ms,
-                    _encode_meta(_Meta(envelope.headers, envelope.call_chain)),
-                    dedup_key,
-                    self.channel,
-                    notice,
-                    announce,
-                ],
-                prepare=True,
-            )
-            if inserted is not None:
-                return Saved(envelope.request_id)
-            row = await self._pool.fetchrow(
-                f"SELECT request_id, reply FROM {p}messages WHERE dedup_key = $1",
-                [dedup_key],
-                prepare=True,
-            )
-        if row is None:
-            raise PersistenceError(f"request with key {dedup_key!r} vanished while storing")
-        return Saved(int(row[0]), duplicate=True, reply=row[1])
+        return await self.requests.submit(_SaveRequest(envelope, origin, announce))
 
     async def save_reply(
         self, request_id: int, reply: bytes, lease: Lease, state: StateWrite | None = None
     ) -> None:
-        p = self._prefix
-        params: list[Any] = [
-            lease.shard.group,
-            lease.shard.index,
-            lease.epoch,
-            request_id,
-            reply,
-            self.channel,
-            lease.machine_id,
+        await self.replies.submit(_SaveReply(request_id, reply, lease, state))
+
+    async def _write_requests(self, items: list[_SaveRequest]) -> list[Saved | ClusterError]:
+        """One INSERT for the batch, skipping stored dedup keys, one NOTIFY per payload."""
+        notes = [
+            _note((item.origin, e.shard_group, e.shard_index, e.request_id))
+            if item.announce
+            else None
+            for item in items
+            for e in (item.envelope,)
         ]
-        # The entity's state, when it changed, rides in the reply's statement: one
-        # transaction, and written only if the reply is (``done`` is not empty).
-        state_ctes = ""
-        if state is not None:
-            state_ctes = state_writes(p, "done", 8) + ","
-            params += [state.entity_type, state.entity_id, state.data]
-        with translated("store reply to %s", request_id):
-            row = await self._pool.fetchrow(
-                f"WITH lease AS (SELECT 1 FROM {p}shards WHERE shard_group = $1"
-                " AND shard_index = $2 AND epoch = $3 FOR SHARE),"
-                f" done AS (UPDATE {p}messages SET processed = true, reply = $5,"
-                " replied_at = now() WHERE request_id = $4 AND NOT processed"
-                " AND EXISTS (SELECT 1 FROM lease) RETURNING request_id),"
-                f"{state_ctes}"
-                " sent AS (SELECT pg_notify($6, 'r:' || $7::text || ':' || request_id) FROM done)"
-                " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)",
-                params,
+        groups = pack_notes(notes, len(_STORED))
+        rows = [
+            _RequestRow(
+                i,
+                e.request_id,
+                e.shard_group,
+                e.shard_index,
+                e.entity_type,
+                e.entity_id,
+                e.rpc,
+                e.payload,
+                e.primary_key,
+                e.deliver_at_ms,
+                _encode_meta(_Meta(e.headers, e.call_chain)),
+                e.dedup_key,
+                note,
+                group,
+            )
+            for i, (item, note, group) in enumerate(zip(items, notes, groups, strict=True))
+            for e in (item.envelope,)
+        ]
+        inserted = {
+            int(row[0])
+            for row in await self._pool.fetch(
+                self._insert_sql, [_encode_json(rows).decode(), self.channel], prepare=True
+            )
+        }
+        outcomes: list[Saved | ClusterError] = []
+        originals: dict[str, int] = {}
+        missing: list[str] = []
+        for item in items:
+            e = item.envelope
+            if e.request_id in inserted:
+                if e.dedup_key is not None:
+                    originals.setdefault(e.dedup_key, e.request_id)
+            elif e.dedup_key is not None and e.dedup_key not in originals:
+                missing.append(e.dedup_key)
+        stored: dict[str, tuple[int, bytes | None]] = {}
+        if missing:
+            for key, request_id, reply in await self._pool.fetch(
+                f"SELECT dedup_key, request_id, reply FROM {self._prefix}messages"
+                " WHERE dedup_key IN (SELECT json_array_elements_text($1::json))",
+                [_encode_json(missing).decode()],
                 prepare=True,
+            ):
+                stored[key] = (int(request_id), None if reply is None else bytes(reply))
+        for item in items:
+            e = item.envelope
+            key = e.dedup_key
+            if e.request_id in inserted:
+                outcomes.append(Saved(e.request_id))
+            elif key is not None and key in originals:
+                outcomes.append(Saved(originals[key], duplicate=True))
+            elif key is not None and key in stored:
+                original, reply = stored[key]
+                outcomes.append(Saved(original, duplicate=True, reply=reply))
+            else:
+                outcomes.append(
+                    PersistenceError(f"request with key {key!r} vanished while storing")
+                )
+        return outcomes
+
+    async def _write_replies(self, items: list[_SaveReply]) -> list[ClusterError | None]:
+        """One fenced UPDATE for the batch, each row checked against its shard's epoch."""
+        notes: list[str | None] = [
+            _reply_note(item.lease.machine_id, item.request_id, item.reply) for item in items
+        ]
+        groups = pack_notes(notes, len(_REPLIED))
+        rows = [
+            _ReplyRow(
+                i,
+                item.request_id,
+                item.reply,
+                item.lease.shard.group,
+                item.lease.shard.index,
+                item.lease.epoch,
+                item.state is not None,
+                None if item.state is None else item.state.entity_type,
+                None if item.state is None else item.state.entity_id,
+                None if item.state is None else item.state.data,
+                note,
+                group,
             )
-        if row is None or not row[0]:
-            raise EntityNotAssignedToRunner(
-                f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
-                request_id=request_id,
+            for i, (item, note, group) in enumerate(zip(items, notes, groups, strict=True))
+        ]
+        current = {
+            (group, int(index), int(epoch))
+            for group, index, epoch, _ in await self._pool.fetch(
+                self._reply_sql, [_encode_json(rows).decode(), self.channel], prepare=True
             )
+        }
+        outcomes: list[ClusterError | None] = []
+        for item in items:
+            lease = item.lease
+            if (lease.shard.group, lease.shard.index, lease.epoch) in current:
+                outcomes.append(None)
+            else:
+                outcomes.append(
+                    EntityNotAssignedToRunner(
+                        f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
+                        request_id=item.request_id,
+                    )
+                )
+        return outcomes
 
     async def purge(self, lease: Lease, window: float, limit: int) -> int:
         """Delete up to *limit* of the shard's processed requests replied over *window* s ago.
@@ -293,8 +498,7 @@ class PgMessageStorage:
                     delays = RECONNECT.delays()
                     while True:
                         notification = await conn.wait_notification()
-                        notice = _parse_notice(notification.payload)
-                        if notice is not None:
+                        for notice in _parse_notice(notification.payload):
                             follower.send(notice)
             except (PgError, OSError) as error:
                 if first:

@@ -177,12 +177,13 @@ async def open_postgres_storage(
         raise PersistenceError(f"cannot prepare the schema: {error}") from error
     async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
         messages = PgMessageStorage(pool, dsn, prefix)
-        yield PostgresStorage(
-            dsn,
-            prefix,
-            pool,
-            messages,
-            timing or LeaseTiming(),
-            connect_deadline=connect_deadline,
-            retention=retention,
-        )
+        async with messages.writing():
+            yield PostgresStorage(
+                dsn,
+                prefix,
+                pool,
+                messages,
+                timing or LeaseTiming(),
+                connect_deadline=connect_deadline,
+                retention=retention,
+            )

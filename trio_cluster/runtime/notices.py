@@ -1,12 +1,13 @@
 """Acting on what other runners store: requests for shards owned here, awaited replies.
 
 The follower reads what notices announce: requests for a shard served here
-(one read each; a failed one becomes the shard's own rescan), the stored
-reply a caller here waits for, the interrupt of a persisted request of a
-shard served here (its handler is cancelled); a changed membership wakes
-the shard keeper. Notices of one batch are acted on in order of kind:
-stored requests are queued before interrupts are applied, so an interrupt
-that follows its request's notice finds it.
+(one read per shard and batch of notices; a failed one becomes the shard's own
+rescan), the stored reply a caller here waits for when its notice could not
+carry it (a notice that carries it resolves the caller with no read), the
+interrupt of a persisted request of a shard served here (its handler is
+cancelled); a changed membership wakes the shard keeper. Notices of one batch
+are acted on in order of kind: stored requests are queued before interrupts
+are applied, so an interrupt that follows its request's notice finds it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class NoticeFollower:
         stored: dict[ShardId, list[int]] = {}
         replied: list[int] = []
         interrupted: list[tuple[ShardId, int]] = []
+        carried: dict[int, bytes] = {}
         for notice in batch:
             match notice:
                 case Gap():
@@ -94,9 +96,12 @@ class NoticeFollower:
                     break
                 case MembershipChanged():
                     self._membership_changed()
-                case Replied(request_id, origin) if origin != me:
+                case Replied(request_id, origin, reply) if origin != me:
                     if request_id in self._stored_replies:
-                        replied.append(request_id)
+                        if reply is None:
+                            replied.append(request_id)
+                        else:
+                            carried[request_id] = reply
                 case Stored(shard_id, request_id, origin) if origin != me:
                     stored.setdefault(shard_id, []).append(request_id)
                 case InterruptStored(shard_id, request_id, origin) if origin != me:
@@ -109,6 +114,8 @@ class NoticeFollower:
             shard = self._shards.get(shard_id)
             if shard is not None:
                 shard.interrupts.interrupt(request_id)
+        for request_id, reply in carried.items():
+            self._stored_replies.resolve(request_id, reply)
         for request_id in replied:
             await self._fetch_reply(request_id)
 

@@ -60,11 +60,13 @@ class Replied:
 
     Callers waiting on another runner (or on a duplicate's original) learn
     of their reply this way, with no socket between them; ``origin`` has
-    already answered its own callers.
+    already answered its own callers. The notice carries the ``reply`` when
+    it fits (None: read it from storage).
     """
 
     request_id: int
     origin: int
+    reply: bytes | None = None
 
 
 @attrs.frozen

@@ -263,7 +263,7 @@ class MemoryStorage:
             self._write_state(state)
         self._pending.get(lease.shard, {}).pop(request_id, None)
         self._replied.setdefault(lease.shard, {})[request_id] = trio.current_time()
-        self._announce(Replied(request_id, lease.machine_id))
+        self._announce(Replied(request_id, lease.machine_id, reply))
 
     async def interrupt(self, request_id: int, origin: int) -> bool:
         await self._enter()
