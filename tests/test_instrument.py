@@ -178,7 +178,7 @@ async def test_a_timed_out_ask_finishes_with_send_timeout(
     recorder = Recorder()
     async with open_test_runner(impl, instruments=[recorder]) as (runner, _):
         with pytest.raises(SendTimeout):
-            await runner.ask(block, "a", Block(), timeout=1.0)
+            await runner.ask(block, "a", Block(), timeout=1.0, interrupt=False)
         assert runner.snapshot().waiting_callers == 0
         assert runner.snapshot().errors == {"SendTimeout": 1}
         probe.release.set()
