@@ -21,6 +21,7 @@ from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
 
 from ..broadcast_scenarios import TALLIES, answering_whoami
+from .app_common import run_app, serve_until_terminated
 
 
 def transport(prefix: str) -> TransportConfig:
@@ -46,17 +47,12 @@ async def serve(dsn: str, prefix: str) -> None:
                 runner_handlers=[answering_whoami(address)],
             ) as runner:
                 address.append(runner.address)
-                await runner.settled()
-                print(f"ready {runner.address} {runner.machine_id}", flush=True)
-                await terminated.wait()
+                await serve_until_terminated(runner, terminated)
         nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: python -m tests.postgres.broadcast_app DSN PREFIX")
-    dsn, prefix = argv
-    trio.run(serve, dsn, prefix)
+    run_app("tests.postgres.broadcast_app", serve, argv)
 
 
 if __name__ == "__main__":

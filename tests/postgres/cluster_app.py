@@ -40,6 +40,8 @@ from trio_cluster import (
 from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 
+from .app_common import run_app, serve_until_terminated
+
 
 class Post(msgspec.Struct, frozen=True):
     key: str
@@ -161,18 +163,13 @@ async def serve(dsn: str, prefix: str) -> None:
                 config=CONFIG,
                 transport=transport(prefix),
             ) as runner:
-                await runner.settled()
-                print(f"ready {runner.address} {runner.machine_id}", flush=True)
-                await terminated.wait()
+                await serve_until_terminated(runner, terminated)
             # Leaving the block above handed every shard off.
         nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: python -m tests.postgres.cluster_app DSN PREFIX")
-    dsn, prefix = argv
-    trio.run(serve, dsn, prefix)
+    run_app("tests.postgres.cluster_app", serve, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres import LeaseTiming
 from trio_cluster.postgres.storage import open_postgres_storage
 
+from .app_common import run_app, serve_until_terminated
+
 NAME = "reporter"
 ENTRY = "entry"
 EXIT = "exit"
@@ -122,17 +124,12 @@ async def serve(dsn: str, prefix: str) -> None:
                 transport=TransportConfig(host="127.0.0.1", cluster=prefix),
                 singletons=[reporter(pool, prefix)],
             ) as runner:
-                await runner.settled()
-                print(f"ready {runner.address} {runner.machine_id}", flush=True)
-                await terminated.wait()
+                await serve_until_terminated(runner, terminated)
         nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: python -m tests.postgres.singleton_app DSN PREFIX")
-    dsn, prefix = argv
-    trio.run(serve, dsn, prefix)
+    run_app("tests.postgres.singleton_app", serve, argv)
 
 
 if __name__ == "__main__":
