@@ -29,7 +29,6 @@ from datetime import datetime, timedelta
 from typing import ClassVar
 
 import msgspec
-import trio
 
 from trio_cluster import (
     Entity,
@@ -37,7 +36,6 @@ from trio_cluster import (
     ShardingConfig,
     TransportConfig,
     open_runner,
-    wait_for_termination,
 )
 from trio_cluster.core.timetable import to_ms
 from trio_cluster.pgdriver import Connection, Pool, open_pool
@@ -45,7 +43,7 @@ from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.runtime.schedules import INSTANT_HEADER
 from trio_cluster.schedule import Schedule, Tell
 
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, watching_termination
 
 
 class Tick(msgspec.Struct, frozen=True):
@@ -106,30 +104,22 @@ class ClockHandler:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
-        async with (
-            open_postgres_storage(dsn, prefix=prefix, pool_size=2) as storage,
-            open_pool(dsn, size=2, application_name="schedule_app") as pool,
-        ):
-            async with pool.connection() as conn:
-                await create_ticks(conn, prefix)
-            handler = type("ConfiguredClock", (ClockHandler,), {"pool": pool, "prefix": prefix})
-            async with open_runner(
-                Clock.implement(handler),
-                storage=storage,
-                config=CONFIG,
-                transport=TransportConfig(host="127.0.0.1", cluster=prefix),
-                schedules=[SCHEDULE],
-            ) as runner:
-                await serve_until_terminated(runner, terminated)
-        nursery.cancel_scope.cancel()
+    async with (
+        watching_termination() as terminated,
+        open_postgres_storage(dsn, prefix=prefix, pool_size=2) as storage,
+        open_pool(dsn, size=2, application_name="schedule_app") as pool,
+    ):
+        async with pool.connection() as conn:
+            await create_ticks(conn, prefix)
+        handler = type("ConfiguredClock", (ClockHandler,), {"pool": pool, "prefix": prefix})
+        async with open_runner(
+            Clock.implement(handler),
+            storage=storage,
+            config=CONFIG,
+            transport=TransportConfig(host="127.0.0.1", cluster=prefix),
+            schedules=[SCHEDULE],
+        ) as runner:
+            await serve_until_terminated(runner, terminated)
 
 
 def main(argv: list[str]) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
 from datetime import datetime
 
 import attrs
@@ -48,12 +47,12 @@ from trio_cluster.core.timetable import to_ms
 from trio_cluster.pgdriver import Connection, open_connection
 from trio_cluster.postgres.schema import lock_namespace
 
+from .announced import WAIT_S, Announced
 from .schedule_app import EVERY_MS, NAME, create_ticks, ticks_table
 from .test_cluster_processes import POLL_S, Cluster, Node
 
 FAILOVER_S = 3.0
 """Firings resume within this after their holder dies (about 0.5 s here) or leaves."""
-WAIT_S = 15.0
 TICKS_BETWEEN_FAULTS = 4
 """Handled firings to see before the next fault: the schedule runs between faults."""
 
@@ -65,42 +64,29 @@ class Seen:
     at_us: int
 
 
-class Ticks:
+def parse_seen(payload: str) -> Seen:
+    instant, pid, at_us = payload.split(":")
+    return Seen(int(instant), int(pid), int(at_us))
+
+
+class Ticks(Announced[Seen]):
     """The handler runs as their NOTIFYs announce them."""
 
     def __init__(self) -> None:
-        self.seen: list[Seen] = []
-        self._changed = trio.Event()
-
-    async def follow(
-        self, listener: Connection, prefix: str, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        await listener.listen(ticks_table(prefix))
-        task_status.started()
-        while True:
-            notification = await listener.wait_notification()
-            instant, pid, at_us = notification.payload.split(":")
-            self.seen.append(Seen(int(instant), int(pid), int(at_us)))
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool], bound_s: float = WAIT_S) -> None:
-        with trio.fail_after(bound_s):
-            while not condition():
-                await self._changed.wait()
+        super().__init__(parse_seen)
 
     async def wait_for_more(self, count: int = TICKS_BETWEEN_FAULTS) -> None:
-        target = len(self.seen) + count
-        await self.wait_until(lambda: len(self.seen) >= target)
+        target = len(self.rows) + count
+        await self.wait_until(lambda: len(self.rows) >= target)
 
     async def wait_resumed(self, after_us: int) -> int:
         """Until a handler run is written after ``after_us`` (server clock): how long after."""
 
         def resumed() -> bool:
-            return any(seen.at_us > after_us for seen in self.seen)
+            return any(seen.at_us > after_us for seen in self.rows)
 
         await self.wait_until(resumed, FAILOVER_S + EVERY_MS / 1000)
-        return min(seen.at_us for seen in self.seen if seen.at_us > after_us) - after_us
+        return min(seen.at_us for seen in self.rows if seen.at_us > after_us) - after_us
 
 
 async def server_now_us(conn: Connection) -> int:
@@ -214,7 +200,7 @@ async def test_a_schedule_fires_each_instant_once_across_sigkill_and_a_rolling_r
             await create_ticks(conn, prefix)
             scenario = Scenario(conn, cluster, prefix, Ticks())
             async with trio.open_nursery() as nursery:
-                await nursery.start(scenario.ticks.follow, listener, prefix)
+                await nursery.start(scenario.ticks.follow, listener, ticks_table(prefix))
                 await scenario.start(3)
                 await scenario.kill_holder()
                 await scenario.start()
