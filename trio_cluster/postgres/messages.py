@@ -11,10 +11,14 @@ owner's reply are strictly ordered.
 Requests and replies are written by group commit (see ``writer``): what
 concurrent callers queue goes to the server in one statement per batch, one
 transaction and one WAL flush for all, with one ``pg_notify`` per batch (and
-channel) announcing every row of it. Reply notices carry the reply itself, so a
-caller on another runner reads nothing back unless the reply is too large for a
-notice. Rows travel as one JSON array per batch (``json_to_recordset``), so one
-prepared statement serves every batch size.
+channel) announcing every row of it. Notices carry what their receiver needs:
+a reply notice the reply itself, so a caller on another runner reads nothing
+back; a stored request's notice the request and its transaction's id, so the
+shard's owner reads nothing back unless a read of the shard may already have
+returned it (the fence, see ``carried``). Either falls back to the id alone,
+and a read, when too large for a notice. Rows travel as one JSON array per
+batch (``json_to_recordset``), so one prepared statement serves every batch
+size.
 
 Every statement here runs once or more per persisted message, so each is
 prepared on its connection (``prepare=True``): the server plans it once per
@@ -52,8 +56,10 @@ from ..storage.base import (
 from ..storage.notices import open_follower
 from .batching import fits, pack_notes
 from .boundary import translated
+from .carried import Carried, CarriedRequests
 from .interrupts import mark_interrupted
 from .leases import RECONNECT
+from .snapshots import Snapshot, parse
 from .writer import GroupWriter
 
 log = logging.getLogger("trio_cluster.postgres.messages")
@@ -64,6 +70,12 @@ _COLUMNS = (
 )
 _READ = f"{_COLUMNS}, interrupted"
 """What a read returns: the stored request and whether its caller withdrew it."""
+_SNAPSHOT = (
+    "SELECT snap.taken, m.* FROM (SELECT pg_current_snapshot()::text AS taken) AS snap"
+    " LEFT JOIN LATERAL ({}) AS m ON true ORDER BY m.request_id"
+)
+"""A read of requests with its snapshot (see ``carried``): one row, all null but the
+snapshot, when no request matches, so an empty read is recorded too."""
 
 
 class _Meta(msgspec.Struct, array_like=True):
@@ -136,18 +148,64 @@ class _ReplyRow(msgspec.Struct):
 
 _encode_json = msgspec.json.Encoder().encode
 _encode_note = msgspec.msgpack.Encoder().encode
-_decode_stored = msgspec.msgpack.Decoder(tuple[int, str, int, int]).decode
+
+
+class _RequestNote(msgspec.Struct, array_like=True):
+    """What a stored request's note carries beyond its id: what ``_envelope`` rebuilds."""
+
+    entity_type: str
+    entity_id: str
+    rpc: str
+    payload: bytes
+    primary_key: str | None
+    deliver_at_ms: int | None
+    meta: bytes
+
+
+class _StoredNote(msgspec.Struct, array_like=True):
+    origin: int
+    group: str
+    index: int
+    request_id: int
+    request: _RequestNote | None = None
+
+
+_decode_stored = msgspec.msgpack.Decoder(_StoredNote).decode
 _decode_replied = msgspec.msgpack.Decoder(tuple[int, int, bytes | None]).decode
 
-_STORED = "S:"
+_CARRIED = "C:"
 _REPLIED = "R:"
 """Batch notices: the prefix, then notes separated by commas, each the base64 of a
-msgpack array: ``[origin, group, index, request_id]`` for a stored request,
-``[origin, request_id, reply or nil]`` for a reply (nil: too large to carry)."""
+msgpack array: ``[origin, group, index, request_id, request or absent]`` for a
+stored request (absent: too large to carry), ``[origin, request_id, reply or
+nil]`` for a reply (nil: too large to carry). A stored request's batch notice
+has its inserting transaction's id after the prefix, then a colon:
+``C:<xid>:<notes>``. Earlier versions sent ``S:<notes>``, ids only."""
+_CARRIED_HEADER = len(_CARRIED) + len(str(2**64)) + 1
+"""The longest prefix of a ``C:`` payload: an xid8 has at most 20 digits."""
 
 
 def _note(value: object) -> str:
     return base64.b64encode(_encode_note(value)).decode()
+
+
+def _stored_note(origin: int, envelope: Envelope, meta: bytes) -> str:
+    e = envelope
+    ids = (origin, e.shard_group, e.shard_index, e.request_id)
+    request = _RequestNote(
+        e.entity_type, e.entity_id, e.rpc, e.payload, e.primary_key, e.deliver_at_ms, meta
+    )
+    note = _note(_StoredNote(*ids, request))
+    return note if fits(note, _CARRIED_HEADER) else _note(_StoredNote(*ids))
+
+
+def _stored(note: _StoredNote, xid: int | None, carried: list[Carried]) -> Stored:
+    """The notice of one stored request; what it carries, usable with its xid, is kept."""
+    request = note.request
+    if request is not None and xid is not None:
+        row = (note.request_id, note.group, note.index, *msgspec.structs.astuple(request), False)
+        carried.append(Carried(xid, _envelope(row)))
+    return Stored(ShardId(note.group, note.index), note.request_id, note.origin)
 
 
 def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
@@ -155,37 +213,50 @@ def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
     return note if fits(note, len(_REPLIED)) else _note((origin, request_id, None))
 
 
-def _parse_notice(payload: str) -> list[Notice]:
-    """A batch notice (``S:``, ``R:``), a membership notice (``m:``), or one of the
-    single-row notices (``i:`` for an interrupt; ``s:``, ``r:`` of earlier
-    versions, as a rolling upgrade still sends them)."""
+def _parse_notice(payload: str) -> tuple[list[Notice], list[Carried]]:
+    """The notices of a batch notice (``C:``, ``R:``), a membership notice (``m:``), or
+    one of the single-row notices (``i:`` for an interrupt; ``S:``, ``s:``, ``r:`` of
+    earlier versions, as a rolling upgrade still sends them); and the requests
+    they carry."""
     kind, _, rest = payload.partition(":")
+    carried: list[Carried] = []
     try:
-        if kind == "S":
-            notices: list[Notice] = []
-            for note in rest.split(","):
-                origin, group, index, request_id = _decode_stored(base64.b64decode(note))
-                notices.append(Stored(ShardId(group, index), request_id, origin))
-            return notices
+        if kind in ("C", "S"):
+            xid_text, _, notes = rest.partition(":") if kind == "C" else ("", "", rest)
+            xid = int(xid_text) if xid_text else None
+            stored: list[Notice] = [
+                _stored(_decode_stored(base64.b64decode(note)), xid, carried)
+                for note in notes.split(",")
+            ]
+            return stored, carried
         if kind == "R":
             replied: list[Notice] = []
             for note in rest.split(","):
                 origin, request_id, reply = _decode_replied(base64.b64decode(note))
                 replied.append(Replied(request_id, origin, reply))
-            return replied
+            return replied, carried
         if kind == "m":
-            return [MembershipChanged()]
+            return [MembershipChanged()], carried
         if kind == "r":
             origin_text, request_text = rest.split(":")
-            return [Replied(int(request_text), int(origin_text))]
+            return [Replied(int(request_text), int(origin_text))], carried
         if kind in ("s", "i"):
             origin_text, group, index_text, request_text = rest.split(":")
             notice = Stored if kind == "s" else InterruptStored
-            return [notice(ShardId(group, int(index_text)), int(request_text), int(origin_text))]
+            shard = ShardId(group, int(index_text))
+            return [notice(shard, int(request_text), int(origin_text))], carried
     except (ValueError, msgspec.MsgspecError):
         pass
     log.warning("ignoring unknown notification %r", payload[:200])
-    return []
+    return [], []
+
+
+def _snapshot(text: str) -> Snapshot | None:
+    try:
+        return parse(text)
+    except ValueError:
+        log.warning("unreadable snapshot %r; reading carried requests back", text[:200])
+        return None
 
 
 class _SaveRequest(NamedTuple):
@@ -222,6 +293,9 @@ class PgMessageStorage:
         self.replies: GroupWriter[_SaveReply, None] = GroupWriter(
             "store replies", self._write_replies, keys=_reply_keys
         )
+        self.carried = CarriedRequests()
+        self.reads = 0
+        """Reads of requests made (a figure for tests and benchmarks)."""
         p = prefix
         self._insert_sql = (
             "WITH input AS (SELECT * FROM json_to_recordset($1::json) AS t(i int,"
@@ -233,7 +307,8 @@ class PgMessageStorage:
             " decode(payload, 'base64'), primary_key, deliver_at_ms, decode(meta, 'base64'),"
             " dedup_key FROM input ORDER BY i"
             " ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
-            f" sent AS (SELECT pg_notify($2, '{_STORED}' || string_agg(input.note, ','"
+            f" sent AS (SELECT pg_notify($2, '{_CARRIED}' || pg_current_xact_id()::text || ':'"
+            " || string_agg(input.note, ','"
             " ORDER BY input.i)) FROM input JOIN ins USING (request_id) WHERE input.grp >= 0"
             " GROUP BY input.grp)"
             " SELECT request_id, (SELECT count(*) FROM sent) FROM ins"
@@ -288,14 +363,12 @@ class PgMessageStorage:
 
     async def _write_requests(self, items: list[_SaveRequest]) -> list[Saved | ClusterError]:
         """One INSERT for the batch, skipping stored dedup keys, one NOTIFY per payload."""
+        metas = [_encode_meta(_Meta(i.envelope.headers, i.envelope.call_chain)) for i in items]
         notes = [
-            _note((item.origin, e.shard_group, e.shard_index, e.request_id))
-            if item.announce
-            else None
-            for item in items
-            for e in (item.envelope,)
+            _stored_note(item.origin, item.envelope, meta) if item.announce else None
+            for item, meta in zip(items, metas, strict=True)
         ]
-        groups = pack_notes(notes, len(_STORED))
+        groups = pack_notes(notes, _CARRIED_HEADER)
         rows = [
             _RequestRow(
                 i,
@@ -308,12 +381,14 @@ class PgMessageStorage:
                 e.payload,
                 e.primary_key,
                 e.deliver_at_ms,
-                _encode_meta(_Meta(e.headers, e.call_chain)),
+                meta,
                 e.dedup_key,
                 note,
                 group,
             )
-            for i, (item, note, group) in enumerate(zip(items, notes, groups, strict=True))
+            for i, (item, meta, note, group) in enumerate(
+                zip(items, metas, notes, groups, strict=True)
+            )
             for e in (item.envelope,)
         ]
         inserted = {
@@ -454,18 +529,28 @@ class PgMessageStorage:
         return await self._read(sql, params, shard)
 
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
-        ids = "{" + ",".join(str(int(i)) for i in request_ids) + "}"
-        return await self._read(
+        """What notices carried and no read of the shard saw, with no read (see
+        ``carried``); the rest read, ``NOT processed``, as before notices carried any."""
+        found, rest = self.carried.take(shard, request_ids)
+        if not rest:
+            return found
+        ids = "{" + ",".join(str(int(i)) for i in rest) + "}"
+        found += await self._read(
             f"SELECT {_READ} FROM {self._prefix}messages WHERE request_id = ANY($1::int8[])"
-            " AND shard_group = $2 AND shard_index = $3 AND NOT processed ORDER BY request_id",
+            " AND shard_group = $2 AND shard_index = $3 AND NOT processed"
+            " ORDER BY request_id",
             [ids, shard.group, shard.index],
             shard,
         )
+        return sorted(found, key=lambda e: e.request_id)
 
     async def _read(self, sql: str, params: Sequence[Any], shard: ShardId) -> list[Envelope]:
+        """Read requests, recording the read's snapshot for the fence (see ``carried``)."""
         with translated("read requests of %s", shard):
-            rows = await self._pool.fetch(sql, params, prepare=True)
-        return [_envelope(row) for row in rows]
+            rows = await self._pool.fetch(_SNAPSHOT.format(sql), params, prepare=True)
+        self.reads += 1
+        self.carried.saw(shard, _snapshot(rows[0][0]))
+        return [_envelope(row[1:]) for row in rows if row[1] is not None]
 
     @asynccontextmanager
     async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
@@ -498,7 +583,10 @@ class PgMessageStorage:
                     delays = RECONNECT.delays()
                     while True:
                         notification = await conn.wait_notification()
-                        for notice in _parse_notice(notification.payload):
+                        notices, carried = _parse_notice(notification.payload)
+                        for request in carried:
+                            self.carried.keep(request)
+                        for notice in notices:
                             follower.send(notice)
             except (PgError, OSError) as error:
                 if first:
