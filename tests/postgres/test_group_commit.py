@@ -5,16 +5,21 @@ once keep every guarantee they have alone: two requests with one primary key
 store one request, a reply from a stale lease is refused (its writer alone
 learns it) while the others in flight are stored, a state is written exactly
 with its reply, and reply notices carry the reply. PostgreSQL only: concurrent
-writes share statements, a bad row fails alone, and a reply too large for a
-notice is announced without it.
+writes share statements, a bad row fails alone, a reply too large for a
+notice is announced without it, and a stored request's notice carries it: its
+owner uses that copy with no read unless a read of the shard may have returned
+the request (then it reads, so a processed request is not run again), or the
+request was too large to carry.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
+import msgspec
 import pytest
 import trio
 
@@ -24,7 +29,15 @@ from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.postgres import PostgresStorage, open_postgres_storage
-from trio_cluster.storage import Lease, MemoryStorage, Replied, Saved, StateWrite, Stored
+from trio_cluster.storage import (
+    Lease,
+    MemoryStorage,
+    Notice,
+    Replied,
+    Saved,
+    StateWrite,
+    Stored,
+)
 
 T = TypeVar("T")
 
@@ -246,3 +259,99 @@ async def test_requests_wait_for_the_commit_of_their_batch(pg_dsn: str) -> None:
         async with open_connection(pg_dsn) as conn:
             count = await conn.fetchval(f"SELECT count(*) FROM {storage._prefix}messages")
         assert count == len(requests)
+
+
+async def stored_notices(notices: trio.MemoryReceiveChannel[Notice], *request_ids: int) -> None:
+    """Wait until the stored-request notices of ``request_ids`` have all arrived."""
+    wanted = set(request_ids)
+    with trio.fail_after(10):
+        while wanted:
+            notice = await notices.receive()
+            if isinstance(notice, Stored):
+                wanted.discard(notice.request_id)
+
+
+async def test_a_carried_request_is_delivered_with_no_read(pg_dsn: str) -> None:
+    async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
+        messages = storage.messages
+        shard = shard_of("e0")
+        sent = Envelope(
+            **{
+                **msgspec.structs.asdict(envelope("e0", key="k")),
+                "deliver_at_ms": 1_700_000_000_000,
+                "headers": {"traceparent": "00-1-2-01"},
+                "call_chain": ("Caller/c",),
+            }
+        )
+        async with messages.notices() as notices:
+            assert await messages.unprocessed(shard) == []  # the owner's first scan
+            await messages.save_request(sent, origin=1, announce=True)
+            await stored_notices(notices, sent.request_id)
+            reads = messages.reads
+            assert await messages.fetch(shard, [sent.request_id]) == [sent]
+            assert messages.reads == reads
+            assert messages.carried.used == 1
+            assert await messages.unprocessed(shard) == [sent]  # what a read returns
+
+
+async def test_a_request_a_read_returned_is_read_again_so_it_is_not_run_twice(
+    pg_dsn: str,
+) -> None:
+    async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
+        messages = storage.messages
+        shard = shard_of("e0")
+        done, running = envelope("e0"), envelope("e0")
+        async with (
+            messages.notices() as notices,
+            storage.runners.session(RunnerSpec("r"), lambda _: None) as session,
+        ):
+            lease = await session.acquire(shard)
+            assert lease is not None
+            await all_at_once(
+                *(messages.save_request(e, origin=1, announce=True) for e in (done, running))
+            )
+            assert await messages.unprocessed(shard) == [done, running]  # a scan ran them
+            await messages.save_reply(done.request_id, b"ok", lease)
+            await stored_notices(notices, done.request_id, running.request_id)
+            reads = messages.reads
+            assert await messages.fetch(shard, [done.request_id, running.request_id]) == [running]
+            assert messages.reads == reads + 1
+            assert messages.carried.used == 0
+
+
+async def test_a_request_too_large_for_a_notice_is_announced_by_id_and_read(
+    pg_dsn: str,
+) -> None:
+    async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
+        messages = storage.messages
+        shard = shard_of("e0")
+        big = Envelope(**{**msgspec.structs.asdict(envelope("e0")), "payload": b"x" * 7000})
+        small = envelope("e0")
+        async with messages.notices() as notices:
+            assert await messages.unprocessed(shard) == []
+            await all_at_once(
+                *(messages.save_request(e, origin=1, announce=True) for e in (big, small))
+            )
+            await stored_notices(notices, big.request_id, small.request_id)
+            reads = messages.reads
+            assert await messages.fetch(shard, [small.request_id, big.request_id]) == [
+                big,
+                small,
+            ]
+            assert (messages.reads, messages.carried.used) == (reads + 1, 1)
+
+
+async def test_notices_of_earlier_versions_are_still_understood(pg_dsn: str) -> None:
+    async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
+        messages = storage.messages
+        ids_only = base64.b64encode(msgspec.msgpack.encode([7, "default", 1, 42])).decode()
+        async with messages.notices() as notices, open_connection(pg_dsn) as conn:
+            for payload in (f"S:{ids_only},{ids_only}", "s:7:default:2:43"):
+                await conn.execute("SELECT pg_notify($1, $2)", [messages.channel, payload])
+            with trio.fail_after(10):
+                received = [await notices.receive() for _ in range(3)]
+        assert received == [
+            Stored(ShardId("default", 1), 42, 7),
+            Stored(ShardId("default", 1), 42, 7),
+            Stored(ShardId("default", 2), 43, 7),
+        ]
