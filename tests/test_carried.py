@@ -63,8 +63,8 @@ def test_a_copy_no_read_saw_is_used_once() -> None:
     carried = CarriedRequests()
     carried.saw(SHARD, parse("100:100:"))
     carried.keep(Carried(100, envelope(1)))
-    assert carried.take(SHARD, [1]) == ([envelope(1)], [])
-    assert carried.take(SHARD, [1]) == ([], [1])
+    assert carried.take(SHARD, [1], owned=True) == ([envelope(1)], [])
+    assert carried.take(SHARD, [1], owned=True) == ([], [1])
     assert carried.used == 1
 
 
@@ -74,16 +74,16 @@ def test_a_copy_a_read_may_have_returned_is_read_again() -> None:
     carried.saw(SHARD, parse("98:101:99"))  # the union sees 100, not 99
     for xid, request_id in [(100, 1), (99, 2), (101, 3), (94, 4)]:
         carried.keep(Carried(xid, envelope(request_id)))
-    assert carried.take(SHARD, [1, 2, 3, 4]) == ([envelope(2), envelope(3)], [1, 4])
+    assert carried.take(SHARD, [1, 2, 3, 4], owned=True) == ([envelope(2), envelope(3)], [1, 4])
 
 
 def test_without_a_read_of_the_shard_or_for_another_shard_copies_are_read() -> None:
     carried = CarriedRequests()
     carried.keep(Carried(100, envelope(1)))
-    assert carried.take(SHARD, [1]) == ([], [1])
+    assert carried.take(SHARD, [1], owned=True) == ([], [1])
     carried.saw(SHARD, parse("50:50:"))
     carried.keep(Carried(100, envelope(2, ShardId("default", 2))))
-    assert carried.take(SHARD, [2]) == ([], [2])
+    assert carried.take(SHARD, [2], owned=True) == ([], [2])
 
 
 def test_an_unreadable_snapshot_forgets_what_the_shard_saw() -> None:
@@ -91,7 +91,7 @@ def test_an_unreadable_snapshot_forgets_what_the_shard_saw() -> None:
     carried.saw(SHARD, parse("50:50:"))
     carried.saw(SHARD, None)
     carried.keep(Carried(100, envelope(1)))
-    assert carried.take(SHARD, [1]) == ([], [1])
+    assert carried.take(SHARD, [1], owned=True) == ([], [1])
 
 
 def test_the_oldest_copies_are_evicted_beyond_capacity() -> None:
@@ -99,4 +99,12 @@ def test_the_oldest_copies_are_evicted_beyond_capacity() -> None:
     carried.saw(SHARD, parse("50:50:"))
     for request_id in (1, 2, 3):
         carried.keep(Carried(100, envelope(request_id)))
-    assert carried.take(SHARD, [1, 2, 3]) == ([envelope(2), envelope(3)], [1])
+    assert carried.take(SHARD, [1, 2, 3], owned=True) == ([envelope(2), envelope(3)], [1])
+
+
+def test_a_shard_not_surely_owned_reads_every_copy() -> None:
+    carried = CarriedRequests()
+    carried.saw(SHARD, parse("50:50:"))
+    carried.keep(Carried(100, envelope(1)))
+    assert carried.take(SHARD, [1], owned=False) == ([], [1])
+    assert carried.take(SHARD, [1], owned=True) == ([], [1])  # dropped all the same

@@ -8,8 +8,8 @@ with its reply, and reply notices carry the reply. PostgreSQL only: concurrent
 writes share statements, a bad row fails alone, a reply too large for a
 notice is announced without it, and a stored request's notice carries it: its
 owner uses that copy with no read unless a read of the shard may have returned
-the request (then it reads, so a processed request is not run again), or the
-request was too large to carry.
+the request (then it reads, so a processed request is not run again), the
+request was too large to carry, or the runner does not surely hold the shard.
 """
 
 from __future__ import annotations
@@ -283,7 +283,11 @@ async def test_a_carried_request_is_delivered_with_no_read(pg_dsn: str) -> None:
                 "call_chain": ("Caller/c",),
             }
         )
-        async with messages.notices() as notices:
+        async with (
+            messages.notices() as notices,
+            storage.runners.session(RunnerSpec("r"), lambda _: None) as session,
+        ):
+            assert await session.acquire(shard) is not None
             assert await messages.unprocessed(shard) == []  # the owner's first scan
             await messages.save_request(sent, origin=1, announce=True)
             await stored_notices(notices, sent.request_id)
@@ -292,6 +296,22 @@ async def test_a_carried_request_is_delivered_with_no_read(pg_dsn: str) -> None:
             assert messages.reads == reads
             assert messages.carried.used == 1
             assert await messages.unprocessed(shard) == [sent]  # what a read returns
+
+
+async def test_a_runner_not_surely_holding_the_shard_reads_carried_requests(
+    pg_dsn: str,
+) -> None:
+    async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
+        messages = storage.messages
+        shard = shard_of("e0")
+        sent = envelope("e0")
+        async with messages.notices() as notices:
+            assert await messages.unprocessed(shard) == []
+            await messages.save_request(sent, origin=1, announce=True)
+            await stored_notices(notices, sent.request_id)
+            reads = messages.reads
+            assert await messages.fetch(shard, [sent.request_id]) == [sent]
+            assert (messages.reads, messages.carried.used) == (reads + 1, 0)
 
 
 async def test_a_request_a_read_returned_is_read_again_so_it_is_not_run_twice(
@@ -327,7 +347,11 @@ async def test_a_request_too_large_for_a_notice_is_announced_by_id_and_read(
         shard = shard_of("e0")
         big = Envelope(**{**msgspec.structs.asdict(envelope("e0")), "payload": b"x" * 7000})
         small = envelope("e0")
-        async with messages.notices() as notices:
+        async with (
+            messages.notices() as notices,
+            storage.runners.session(RunnerSpec("r"), lambda _: None) as session,
+        ):
+            assert await session.acquire(shard) is not None
             assert await messages.unprocessed(shard) == []
             await all_at_once(
                 *(messages.save_request(e, origin=1, announce=True) for e in (big, small))

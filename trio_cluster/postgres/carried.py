@@ -13,7 +13,12 @@ it was when the notice's read raced a scan.
 Every ownership of a shard begins with a scan, and what is announced during
 it is read again by id once it is done (see ``runtime.shard``), so a request
 completed by an earlier owner is visible in that scan's snapshot: its carried
-copy is refused. A shard with no recorded read at all reads too.
+copy is refused. A shard with no recorded read at all reads too. The snapshots
+say nothing of a later owner: a runner frozen past its lease (SIGSTOP, a
+stalled VM) that runs again may still think the shard its own while another
+runner completes its requests, so copies are used only while the lease is
+provably held (the caller says: ``owned``); otherwise the read's ``NOT
+processed`` filter keeps what the new owner completed from running here.
 
 Carried requests wait in a bounded cache, oldest evicted first: an evicted or
 refused copy only costs the read the owner made before notices carried any.
@@ -70,10 +75,13 @@ class CarriedRequests:
         else:
             self._seen[shard] = snapshot if seen is None else union(seen, snapshot)
 
-    def take(self, shard: ShardId, request_ids: Sequence[int]) -> tuple[list[Envelope], list[int]]:
+    def take(
+        self, shard: ShardId, request_ids: Sequence[int], *, owned: bool
+    ) -> tuple[list[Envelope], list[int]]:
         """The carried requests of ``request_ids`` that no read of ``shard`` saw, and
-        the ids still to read. Every copy asked for is dropped: it is used once."""
-        seen = self._seen.get(shard)
+        the ids still to read; all of them to read unless the shard is ``owned``
+        for sure. Every copy asked for is dropped: it is used once."""
+        seen = self._seen.get(shard) if owned else None
         found: list[Envelope] = []
         rest: list[int] = []
         for request_id in request_ids:

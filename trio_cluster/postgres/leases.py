@@ -90,6 +90,20 @@ class LeaseTiming:
                 f" the lock session between two heartbeats (got {self.idle_session_timeout_ms})"
             )
 
+    @property
+    def held_for_sure(self) -> float:
+        """Seconds after the lock connection last answered during which its locks are
+        surely still held: the runner's own bound on declaring them lost, or the
+        server's on freeing them, whichever is sooner (an operator terminating the
+        backend aside)."""
+        server = [
+            self.user_timeout_ms / 1000,
+            self.keepalive_idle + self.keepalive_interval * self.keepalive_count,
+        ]
+        if self.idle_session_timeout_ms:
+            server.append(self.idle_session_timeout_ms / 1000)
+        return min(self.heartbeat_interval + self.liveness_timeout, *server)
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:
         """Load from plain data; same rules as ``ShardingConfig.from_mapping``."""
@@ -133,6 +147,8 @@ class PgLeaseSession:
         self._held: dict[ShardId, Lease] = {}
         self._namespaces: dict[str, int] = {}
         self._registered = trio.Event()
+        self._answered = -math.inf
+        """When the last statement that the lock connection answered was sent."""
 
     @property
     def machine_id(self) -> int:
@@ -145,6 +161,13 @@ class PgLeaseSession:
     def held(self) -> list[Lease]:
         """The leases held now (the shards whose processed requests this runner purges)."""
         return list(self._held.values())
+
+    def surely_holds(self, shard: ShardId) -> bool:
+        """Whether ``shard``'s lease is held and provably still ours: the lock connection
+        answered within ``LeaseTiming.held_for_sure``. A runner that was frozen (SIGSTOP,
+        a stalled VM) past that no longer knows, whatever ``held`` still says."""
+        recent = trio.current_time() - self._answered < self._timing.held_for_sure
+        return recent and shard in self._held
 
     @property
     def backend_pid(self) -> int | None:
@@ -169,7 +192,9 @@ class PgLeaseSession:
             failure: BaseException | None = None
             try:
                 async with self._connect() as conn:
+                    sent = trio.current_time()
                     await self._register(conn)
+                    self._answered = sent
                     self._conn = conn
                     self._registered.set()
                     if first:
@@ -273,11 +298,13 @@ class PgLeaseSession:
         timing = self._timing
         while True:
             await trio.sleep(timing.heartbeat_interval)
+            sent = trio.current_time()
             with trio.move_on_after(timing.liveness_timeout) as deadline:
                 await conn.execute(
                     f"UPDATE {self._prefix}runners SET heartbeat_at = now() WHERE machine_id = $1",
                     [self._machine_id],
                 )
+                self._answered = sent
             if deadline.cancelled_caught:
                 log.error(
                     "lock connection silent for %s s: giving up its leases", timing.liveness_timeout

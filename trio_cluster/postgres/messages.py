@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
@@ -251,6 +251,11 @@ def _parse_notice(payload: str) -> tuple[list[Notice], list[Carried]]:
     return [], []
 
 
+def never_owned(shard: ShardId) -> bool:
+    """No lease session: no shard is provably owned."""
+    return False
+
+
 def _snapshot(text: str) -> Snapshot | None:
     try:
         return parse(text)
@@ -294,6 +299,9 @@ class PgMessageStorage:
             "store replies", self._write_replies, keys=_reply_keys
         )
         self.carried = CarriedRequests()
+        self.owned: Callable[[ShardId], bool] = never_owned
+        """Whether a shard's lease is provably still this runner's (its session's
+        ``surely_holds``): a stale owner uses no carried request."""
         self.reads = 0
         """Reads of requests made (a figure for tests and benchmarks)."""
         p = prefix
@@ -531,7 +539,7 @@ class PgMessageStorage:
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
         """What notices carried and no read of the shard saw, with no read (see
         ``carried``); the rest read, ``NOT processed``, as before notices carried any."""
-        found, rest = self.carried.take(shard, request_ids)
+        found, rest = self.carried.take(shard, request_ids, owned=self.owned(shard))
         if not rest:
             return found
         ids = "{" + ",".join(str(int(i)) for i in rest) + "}"

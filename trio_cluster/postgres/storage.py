@@ -22,7 +22,7 @@ from ..storage.status import ClusterStatus
 from .boundary import translated
 from .deferreds import PgDeferredStorage
 from .leases import LeaseTiming, PgLeaseSession
-from .messages import PgMessageStorage
+from .messages import PgMessageStorage, never_owned
 from .schedules import PgScheduleStorage
 from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
@@ -123,6 +123,7 @@ class PostgresStorage:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
+            self._messages.owned = session.surely_holds
             if self._retention is not None:
                 nursery.start_soon(
                     sweep_forever, self._retention, session.held, self._messages.purge
@@ -130,6 +131,7 @@ class PostgresStorage:
             try:
                 yield session
             finally:
+                self._messages.owned = never_owned
                 with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                     await session.unregister()
                 nursery.cancel_scope.cancel()
