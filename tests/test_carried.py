@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from trio_cluster import ShardId
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.postgres.carried import Carried, CarriedRequests
+from trio_cluster.postgres.leases import LeaseTiming
 from trio_cluster.postgres.snapshots import Snapshot, parse, union, visible
 
 
@@ -108,3 +109,9 @@ def test_a_shard_not_surely_owned_reads_every_copy() -> None:
     carried.keep(Carried(100, envelope(1)))
     assert carried.take(SHARD, [1], owned=False) == ([], [1])
     assert carried.take(SHARD, [1], owned=True) == ([], [1])  # dropped all the same
+
+
+def test_a_lease_is_surely_held_for_the_smaller_of_both_sides_bounds() -> None:
+    assert LeaseTiming().held_for_sure == 3.0  # heartbeat 1 s + liveness 2 s; server 5 s
+    assert LeaseTiming(idle_session_timeout_ms=1500).held_for_sure == 1.5
+    assert LeaseTiming(user_timeout_ms=2500, idle_session_timeout_ms=0).held_for_sure == 2.5
