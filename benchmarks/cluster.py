@@ -691,7 +691,7 @@ LOADED_KEYS: Final = ("load.volatile.p99", "load.persisted.p99")
 SLA_LIMIT_US: Final = 100_000
 
 
-def _format(value: float, unit: str) -> str:
+def format_figure(value: float, unit: str) -> str:
     if unit in ("s", "count"):
         return f"{value:,.2f}"
     if unit in ("µs", "ms") and value < 100:
@@ -710,7 +710,7 @@ def results_table(values: Values) -> str:
                 ratio = "(baseline)"
             else:
                 ratio = f"{statistics.median(multiples):.1f}" if multiples else ""
-            fmt = partial(_format, unit=metric.unit)
+            fmt = partial(format_figure, unit=metric.unit)
             yield [*measurement_cells(metric.label, metric.unit, series, fmt), ratio]
 
     return markdown_table(
@@ -736,7 +736,9 @@ def targets_table(values: Values) -> str:
     def rows() -> Iterator[list[str]]:
         for target in TARGETS:
             measured, met = evaluate(target, values)
-            shown = "-" if measured is None else f"{_format(measured, target.unit)} {target.unit}"
+            shown = (
+                "-" if measured is None else f"{format_figure(measured, target.unit)} {target.unit}"
+            )
             if target.multiple and measured is not None:
                 shown = f"{measured:.1f}x"
             result = "n/a" if met is None else ("PASS" if met else "MISS")
