@@ -15,8 +15,10 @@ Two modes, both started by the benchmark from the repository root:
     ``ready <host:port>``.
 
 Both answer ``status`` on stdin with one line,
-``status <process CPU seconds> <messages processed> <shards owned>``,
-which is how the benchmark weighs the CPU each message costs here.
+``status <process CPU seconds> <messages processed> <shards owned> <requests refused>``,
+which is how the benchmark weighs the CPU each message costs here (and
+counts the refusals, ``MailboxFull`` and others, a fire-and-forget
+sender never hears).
 A runner also answers ``cancelled`` with
 ``cancelled <count> <key>:<ns> ...``: when each ``hang`` handler since the
 last ``cancelled`` was cancelled, on the system-wide ``CLOCK_MONOTONIC``
@@ -112,7 +114,11 @@ class Counts:
         runner = self.runner
         processed = self.frames if runner is None else runner.snapshot().processed
         shards = 0 if runner is None else len(runner.shards)
-        return f"status {time.process_time():.6f} {processed} {shards}"
+        refused = 0
+        if runner is not None:
+            snapshot = runner.snapshot()
+            refused = snapshot.mailbox_full + snapshot.refused
+        return f"status {time.process_time():.6f} {processed} {shards} {refused}"
 
 
 async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:

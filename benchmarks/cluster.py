@@ -154,6 +154,7 @@ class Status:
     cpu: float
     processed: int
     shards: int
+    refused: int
 
 
 class Node:
@@ -169,8 +170,8 @@ class Node:
         self.address = line.split()[1]
 
     async def status(self) -> Status:
-        _, cpu, processed, shards = (await self.child.ask("status")).split()
-        return Status(float(cpu), int(processed), int(shards))
+        _, cpu, processed, shards, refused = (await self.child.ask("status")).split()
+        return Status(float(cpu), int(processed), int(shards), int(refused))
 
 
 _names = count(1)
