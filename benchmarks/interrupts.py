@@ -26,7 +26,8 @@ another process. Each repeat, on fresh tables:
   refused, or stop moving), how many were refused (raised ``MailboxFull``),
   how many were lost unheard, and how many the owners counted as refused
   (``MailboxFull`` and others, heard or not); and the client's and runners'
-  CPU per tell.
+  CPU per tell. A volatile ``ask`` of the same RPC by the same senders is
+  measured beside them, for reference.
 
 Medians over the repeats (5, or 3 with ``--quick``). Nothing here asserts on a time.
 """
@@ -40,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, get_args
 
 import trio
 
@@ -167,8 +168,11 @@ async def handler_cancellations(cluster: Cluster, keys: set[str]) -> dict[str, i
     return seen
 
 
-async def tell_throughput(cluster: Cluster, sizes: Sizes, values: Values, *, ack: bool) -> None:
-    name = "ack" if ack else "fire"
+SendKind = Literal["fire", "ack", "ask"]
+"""``tell(ack=False)``, ``tell()`` (acknowledged), and ``ask`` for reference."""
+
+
+async def send_throughput(cluster: Cluster, sizes: Sizes, values: Values, name: SendKind) -> None:
     entities = [f"tell-{i}" for i in range(SENDERS)]
     cluster.check_cross_process(entities)
     for entity_id in entities:  # activate them all first
@@ -179,10 +183,12 @@ async def tell_throughput(cluster: Cluster, sizes: Sizes, values: Values, *, ack
     async def sender(i: int) -> None:
         nonlocal refused
         for j in range(per_sender):
+            entity_id = entities[(i + j) % SENDERS]
             try:
-                await cluster.client.tell(
-                    echo, entities[(i + j) % SENDERS], Payload(1, ""), ack=ack
-                )
+                if name == "ask":
+                    await cluster.client.ask(echo, entity_id, Payload(1, ""))
+                else:
+                    await cluster.client.tell(echo, entity_id, Payload(1, ""), ack=name == "ack")
             except ClusterError:
                 refused += 1
 
@@ -239,8 +245,8 @@ async def measure_all(
             await interrupt_latency(cluster, sizes, values, persisted=False)
             await interrupt_latency(cluster, sizes, values, persisted=True)
             log(f"repeat {repeat}: tells")
-            await tell_throughput(cluster, sizes, values, ack=False)
-            await tell_throughput(cluster, sizes, values, ack=True)
+            for kind in get_args(SendKind):
+                await send_throughput(cluster, sizes, values, kind)
     return values
 
 
@@ -273,6 +279,13 @@ METRICS: Final = (
     Metric("tell.ack.cpu_client", "Tell ack=True: client CPU per tell", "µs",
            baseline="tell.fire.cpu_client"),
     Metric("tell.ack.cpu_runner", "Tell ack=True: runner CPU per handled tell", "µs",
+           baseline="tell.fire.cpu_runner"),
+    Metric("tell.ask.sent", "Volatile ask, same senders (reference)", "msg/s", rate=True,
+           baseline="tell.fire.sent"),
+    Metric("tell.ask.refused", "Volatile ask: refusals raised", "count"),
+    Metric("tell.ask.cpu_client", "Volatile ask: client CPU per ask", "µs",
+           baseline="tell.fire.cpu_client"),
+    Metric("tell.ask.cpu_runner", "Volatile ask: runner CPU per ask", "µs",
            baseline="tell.fire.cpu_runner"),
 )  # fmt: skip
 
