@@ -8,11 +8,31 @@ so hands every shard off.
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
-from trio_cluster import Runner
+from trio_cluster import Runner, wait_for_termination
+
+
+@asynccontextmanager
+async def termination() -> AsyncIterator[trio.Event]:
+    """An event set by SIGTERM or SIGINT, listened for from the start of the block.
+
+    Listening before anything else starts: a signal that arrives while the
+    runner starts is a request to stop, not a crash.
+    """
+    terminated = trio.Event()
+
+    async def watch_signals() -> None:
+        await wait_for_termination()
+        terminated.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals)
+        yield terminated
+        nursery.cancel_scope.cancel()
 
 
 async def serve_until_terminated(runner: Runner, terminated: trio.Event) -> None:

@@ -23,13 +23,13 @@ import sys
 
 import trio
 
-from trio_cluster import EntityOptions, open_runner, wait_for_termination
+from trio_cluster import EntityOptions, open_runner
 from trio_cluster.pgdriver import Connection, Pool, open_connection, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
 
 from ..interrupt_entities import Recorder, sleepers
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, termination
 from .cluster_app import transport
 
 MAILBOX_CAPACITY = 1
@@ -81,30 +81,22 @@ async def release_on_notify(
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
-        async with (
-            open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
-            open_pool(dsn, size=2, application_name="interrupt_app") as pool,
-        ):
-            async with pool.connection() as conn:
-                await create_handled(conn, prefix)
-            impl, recorder = sleepers(EntityOptions(mailbox_capacity=MAILBOX_CAPACITY))
-            async with trio.open_nursery() as recording:
-                recording.start_soon(write_records, recorder, pool, prefix)
-                await recording.start(release_on_notify, recorder, dsn, prefix)
-                async with open_runner(
-                    impl, storage=storage, config=TEST_CONFIG, transport=transport(prefix)
-                ) as runner:
-                    await serve_until_terminated(runner, terminated)
-                recording.cancel_scope.cancel()
-        nursery.cancel_scope.cancel()
+    async with (
+        termination() as terminated,
+        open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
+        open_pool(dsn, size=2, application_name="interrupt_app") as pool,
+    ):
+        async with pool.connection() as conn:
+            await create_handled(conn, prefix)
+        impl, recorder = sleepers(EntityOptions(mailbox_capacity=MAILBOX_CAPACITY))
+        async with trio.open_nursery() as recording:
+            recording.start_soon(write_records, recorder, pool, prefix)
+            await recording.start(release_on_notify, recorder, dsn, prefix)
+            async with open_runner(
+                impl, storage=storage, config=TEST_CONFIG, transport=transport(prefix)
+            ) as runner:
+                await serve_until_terminated(runner, terminated)
+            recording.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> None:
