@@ -78,6 +78,7 @@ SLACK = Fraction(1, 4)
 
 _COARSE = 8
 """Shares below this get exact ceilings as caps, larger ones slack and coarse steps."""
+_SORT_CHUNK = 128
 _RING = 2**32
 _STEP = 0x9E3779B9  # 2**32 / golden ratio: the most even spread of 0, 1, 2, ...
 _MAX_INDEX = 2**64
@@ -169,17 +170,26 @@ def _ring_points(address: str) -> tuple[int, ...]:
 class _Ring:
     """The ring of some runners: sorted positions and, for each, its runner's position.
 
-    Two runners on one position (about one pair in a ring of 90,000 points) stay in
-    runner order: the sort is stable, and ``bisect_left`` finds the first.
+    Each point is sorted as one integer, its position above its runner's, so two
+    runners on one position (about one pair in a ring of 90,000 points) stay in
+    runner order, and ``bisect_left`` finds the first.  The sort runs on chunks of
+    128 runners first, then on their concatenation (a merge of sorted runs): no
+    single C call holds the GIL long enough to stall the event loop meanwhile.
     """
 
     __slots__ = ("owners", "positions")
 
     def __init__(self, points: list[tuple[int, ...]]) -> None:
-        every = list(itertools.chain.from_iterable(points))
-        order = sorted(range(len(every)), key=every.__getitem__)
-        self.positions = list(map(every.__getitem__, order))
-        self.owners = [point // VNODES for point in order]
+        bits = max(1, (len(points) - 1).bit_length())
+        keys: list[int] = []
+        for first in range(0, len(points), _SORT_CHUNK):
+            chunk = points[first : first + _SORT_CHUNK]
+            keys += sorted(
+                (point << bits) | r for r, runner in enumerate(chunk, first) for point in runner
+            )
+        keys.sort()
+        self.positions = [key >> bits for key in keys]
+        self.owners = list(map(((1 << bits) - 1).__and__, keys))
 
 
 def _caps(n: int, weights: list[float]) -> list[int]:
@@ -235,18 +245,13 @@ class _Matching:
         self.counts: Counter[int] = Counter()
         self.kept: dict[int, list[tuple[float, int]]] = {}
         """Per full runner, a max-heap of what it holds, as (-cost, -shard)."""
-        self.members: defaultdict[int, list[int]] | None = None
-        """Per runner not in ``kept``, what it holds (built on the first need)."""
         self.walks: dict[int, Iterator[tuple[float, int]]] = {}
 
     def solve(self) -> list[int]:
-        if self.one_weight:
-            refused = self._first_asks()
-            for k in refused:
-                self.walks[k] = walk = self._asks(k)
-                next(walk)  # the first ask, just refused
-        else:
-            refused = list(range(len(self.spots)))
+        refused = self._first_asks()
+        for k in refused:
+            self.walks[k] = walk = self._asks(k)
+            next(walk)  # the first ask, just refused
         while refused:
             k = refused.pop()
             walk = self.walks.get(k) or self.walks.setdefault(k, self._asks(k))
@@ -293,50 +298,73 @@ class _Matching:
             yield heapq.heappop(pending)
 
     def _first_asks(self) -> list[int]:
-        """With one weight every shard's first ask is its next point: settle them at once.
+        """Settle every shard's first ask at once; return the shards refused.
 
-        Each runner asked by more shards than its cap keeps its cheapest; return the rest.
+        With one weight the first ask is the next point's runner; with several, the
+        cheapest runner met before the distance over the heaviest weight passes its
+        cost (as in :meth:`_asks`).  Each runner asked by more shards than its cap
+        keeps its cheapest.
         """
-        positions = self.ring.positions
-        self.owner = owner = list(map(self.ring.owners.__getitem__, self.starts))
-        distances = map(operator.sub, map(positions.__getitem__, self.starts), self.spots)
-        cost: list[float] = list(map(_RING.__rmod__, distances))
-        self.cost = cost
-        self.counts = Counter(owner)
+        if self.one_weight:
+            positions = self.ring.positions
+            owner = list(map(self.ring.owners.__getitem__, self.starts))
+            distances = map(operator.sub, map(positions.__getitem__, self.starts), self.spots)
+            cost: list[float] = list(map(_RING.__rmod__, distances))
+        else:
+            owner, cost = self._cheapest()
+        self.owner, self.cost, self.counts = owner, cost, Counter(owner)
         over = sorted(r for r, count in self.counts.items() if count > self.caps[r])
-        asked: defaultdict[int, list[int]] = defaultdict(list)
-        overfull = set(over)
-        for k, r in enumerate(owner):
-            if r in overfull:
-                asked[r].append(k)
+        asked = itertools.compress(range(len(owner)), map(set(over).__contains__, owner))
+        ranked = sorted(asked, key=lambda k: (owner[k], cost[k], k))
         refused: list[int] = []
-        for r in over:
-            cap = self.caps[r]
-            ranked = sorted(asked[r], key=lambda k: (cost[k], k))
-            self.kept[r] = held = [(-cost[k], -k) for k in ranked[:cap]]
+        for r, shards in itertools.groupby(ranked, key=owner.__getitem__):
+            ordered, cap = list(shards), self.caps[r]
+            self.kept[r] = held = [(-cost[k], -k) for k in ordered[:cap]]
             heapq.heapify(held)
-            for k in ranked[cap:]:
+            for k in ordered[cap:]:
                 owner[k] = -1
             self.counts[r] = cap
-            refused.extend(ranked[cap:])
+            refused.extend(ordered[cap:])
         return refused
+
+    def _cheapest(self) -> tuple[list[int], list[float]]:
+        """Each shard's cheapest runner and its cost, with mixed weights."""
+        positions, owners, size = self.ring.positions, self.ring.owners, len(self.ring.positions)
+        inverse = self.inverse
+        bound = min(inverse)
+        owner: list[int] = []
+        cost: list[float] = []
+        for spot, start in zip(self.spots, self.starts, strict=True):
+            q = start % size
+            best_r = owners[q]
+            best = ((positions[q] - spot) % _RING) * inverse[best_r]
+            for step in range(1, size):
+                q = (start + step) % size
+                distance = (positions[q] - spot) % _RING
+                if distance * bound > best:
+                    break
+                r = owners[q]
+                price = distance * inverse[r]
+                best, best_r = min((best, best_r), (price, r))
+            owner.append(best_r)
+            cost.append(best)
+        return owner, cost
 
     def _take(self, k: int, r: int, price: float) -> None:
         self.counts[r] += 1
         self.owner[k], self.cost[k] = r, price
         if r in self.kept:
             heapq.heappush(self.kept[r], (-price, -k))
-        elif self.members is not None:
-            self.members[r].append(k)
 
     def _held(self, r: int) -> list[tuple[float, int]]:
-        """Full runner ``r``'s heap, built from what it holds on its first refusal."""
+        """Full runner ``r``'s heap, built from what it holds on its first refusal.
+
+        Found by a scan in C (``compress``), once per runner that fills up: a few
+        dozen of them, where indexing every runner's shards would cost more.
+        """
         held = self.kept.get(r)
         if held is None:
-            if self.members is None:
-                self.members = defaultdict(list)
-                for k, owner in enumerate(self.owner):
-                    self.members[owner].append(k)
-            held = self.kept[r] = [(-self.cost[k], -k) for k in self.members[r]]
+            holds = itertools.compress(range(len(self.owner)), map(r.__eq__, self.owner))
+            held = self.kept[r] = [(-self.cost[k], -k) for k in holds]
             heapq.heapify(held)
         return held
