@@ -59,9 +59,9 @@ import math
 import operator
 import struct
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -69,6 +69,8 @@ from .hashing import ShardId
 from .validation import number
 
 __all__ = ["VNODES", "RunnerSpec", "assign"]
+
+_T = TypeVar("_T")
 
 _PERSON = b"tc-assign-v2"
 """Domain separation: the positions must differ from any other BLAKE2b use of these names."""
@@ -83,7 +85,10 @@ SLACK = Fraction(1, 4)
 
 _COARSE = 8
 """Shares below this get exact ceilings as caps, larger ones slack and coarse steps."""
-_SORT_CHUNK = 128
+_SLICE = 4096
+"""Elements per C-level pass.  A worker thread holds the GIL for all of one C call,
+so passes over every shard or point are cut into slices: between two, the event
+loop's thread can take the GIL (each slice is well under a millisecond)."""
 _RING = 2**32
 _STEP = 0x9E3779B9  # 2**32 / golden ratio: the most even spread of 0, 1, 2, ...
 _MAX_INDEX = 2**64
@@ -148,9 +153,10 @@ def assign(shards: Iterable[ShardId], runners: Iterable[RunnerSpec]) -> dict[Sha
         members = by_group[group]
         indices = sorted(members)
         owners = _assign_group(group, indices, ring, [spec.weight for spec in eligible])
-        result.update(
-            zip(map(members.__getitem__, indices), map(addresses.__getitem__, owners), strict=True)
-        )
+        for first in range(0, len(indices), _SLICE):
+            some = indices[first : first + _SLICE]
+            placed = map(addresses.__getitem__, owners[first : first + _SLICE])
+            result.update(zip(map(members.__getitem__, some), placed, strict=True))
     return result
 
 
@@ -177,24 +183,37 @@ class _Ring:
 
     Each point is sorted as one integer, its position above its runner's, so two
     runners on one position (about one pair in a ring of 90,000 points) stay in
-    runner order, and ``bisect_left`` finds the first.  The sort runs on chunks of
-    128 runners first, then on their concatenation (a merge of sorted runs): no
-    single C call holds the GIL long enough to stall the event loop meanwhile.
+    runner order, and ``bisect_left`` finds the first.  The points are sorted by
+    buckets of their top bits, each on its own, so that no single C call sorts them
+    all (see ``_SLICE``).
     """
 
     __slots__ = ("owners", "positions")
 
     def __init__(self, points: list[tuple[int, ...]]) -> None:
         bits = max(1, (len(points) - 1).bit_length())
+        count = len(points) * VNODES
+        spread = max(0, (count // _SLICE).bit_length())
+        shift = 32 + bits - spread
+        buckets: list[list[int]] = [[] for _ in range(1 << spread)]
+        for r, runner in enumerate(points):
+            for point in runner:
+                key = (point << bits) | r
+                buckets[key >> shift].append(key)
         keys: list[int] = []
-        for first in range(0, len(points), _SORT_CHUNK):
-            chunk = points[first : first + _SORT_CHUNK]
-            keys += sorted(
-                (point << bits) | r for r, runner in enumerate(chunk, first) for point in runner
-            )
-        keys.sort()
+        for bucket in buckets:
+            bucket.sort()
+            keys += bucket
         self.positions = [key >> bits for key in keys]
-        self.owners = list(map(((1 << bits) - 1).__and__, keys))
+        self.owners = _sliced(((1 << bits) - 1).__and__, keys)
+
+
+def _sliced(function: Callable[..., _T], *columns: Sequence[Any]) -> list[_T]:
+    """``list(map(function, *columns))``, a slice at a time (see ``_SLICE``)."""
+    result: list[_T] = []
+    for first in range(0, len(columns[0]), _SLICE):
+        result += map(function, *(column[first : first + _SLICE] for column in columns))
+    return result
 
 
 def _caps(n: int, weights: list[float]) -> list[int]:
@@ -312,14 +331,18 @@ class _Matching:
         """
         if self.one_weight:
             positions = self.ring.positions
-            owner = list(map(self.ring.owners.__getitem__, self.starts))
-            distances = map(operator.sub, map(positions.__getitem__, self.starts), self.spots)
-            cost: list[float] = list(map(_RING.__rmod__, distances))
+            owner = _sliced(self.ring.owners.__getitem__, self.starts)
+            distances = _sliced(
+                operator.sub, _sliced(positions.__getitem__, self.starts), self.spots
+            )
+            cost: list[float] = _sliced(_RING.__rmod__, distances)
         else:
             owner, cost = self._cheapest()
-        self.owner, self.cost, self.counts = owner, cost, Counter(owner)
+        self.owner, self.cost = owner, cost
+        for first in range(0, len(owner), _SLICE):
+            self.counts.update(owner[first : first + _SLICE])
         over = sorted(r for r, count in self.counts.items() if count > self.caps[r])
-        asked = itertools.compress(range(len(owner)), map(set(over).__contains__, owner))
+        asked = itertools.compress(range(len(owner)), _sliced(set(over).__contains__, owner))
         ranked = sorted(asked, key=lambda k: (owner[k], cost[k], k))
         refused: list[int] = []
         for r, shards in itertools.groupby(ranked, key=owner.__getitem__):
@@ -364,12 +387,12 @@ class _Matching:
     def _held(self, r: int) -> list[tuple[float, int]]:
         """Full runner ``r``'s heap, built from what it holds on its first refusal.
 
-        Found by a scan in C (``compress``), once per runner that fills up: a few
+        Found by a scan mostly in C, once per runner that fills up: a few
         dozen of them, where indexing every runner's shards would cost more.
         """
         held = self.kept.get(r)
         if held is None:
-            holds = itertools.compress(range(len(self.owner)), map(r.__eq__, self.owner))
+            holds = itertools.compress(range(len(self.owner)), _sliced(r.__eq__, self.owner))
             held = self.kept[r] = [(-self.cost[k], -k) for k in holds]
             heapq.heapify(held)
         return held
