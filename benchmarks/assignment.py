@@ -38,7 +38,7 @@ from trio_cluster.runtime.keeper import plan_off_loop
 
 from .common import bench_parser, log, markdown_table, repeats_of, utc_now, write_json
 
-SIZES = [(10, 1_000), (100, 3_000), (100, 10_000), (1_000, 30_000)]
+SIZES = [(10, 1_000), (16, 10_000), (100, 3_000), (100, 10_000), (1_000, 30_000)]
 QUICK_SIZES = [(10, 1_000), (100, 3_000)]
 SPREAD = range(-2, 3)
 """Cluster sizes around each ``runners`` whose joins and leaves are measured, in steps

@@ -133,9 +133,11 @@ def assign(shards: Iterable[ShardId], runners: Iterable[RunnerSpec]) -> dict[Sha
             raise ValueError(f"two runners share the address {before.address!r}")
     by_group: defaultdict[str, dict[int, ShardId]] = defaultdict(dict)
     for shard in shards:
-        if not 0 <= shard.index < _MAX_INDEX:
-            raise ValueError(f"shard index out of range: {shard}")
         by_group[shard.group][shard.index] = shard
+    for members in by_group.values():
+        for extreme in (min(members), max(members)):
+            if not 0 <= extreme < _MAX_INDEX:
+                raise ValueError(f"shard index out of range: {members[extreme]}")
     points: dict[str, tuple[int, ...]] = {}
     rings: dict[tuple[str, ...], _Ring] = {}
     result: dict[ShardId, str] = {}
@@ -257,9 +259,8 @@ class _Matching:
     def __init__(self, spots: list[int], ring: _Ring, weights: list[float]) -> None:
         self.spots = spots
         self.ring = ring
-        self.starts = [
-            bisect.bisect_left(ring.positions, spot) % len(ring.positions) for spot in spots
-        ]
+        positions, size = ring.positions, len(ring.positions)
+        self.starts = [bisect.bisect_left(positions, spot) % size for spot in spots]
         self.caps = _caps(len(spots), weights)
         self.one_weight = len(set(weights)) == 1
         self.inverse = [1.0 / weight for weight in weights]
