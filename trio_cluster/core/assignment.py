@@ -88,7 +88,7 @@ _COARSE = 8
 _SLICE = 4096
 """Elements per C-level pass.  A worker thread holds the GIL for all of one C call,
 so passes over every shard or point are cut into slices: between two, the event
-loop's thread can take the GIL (each slice is well under a millisecond)."""
+loop's thread can take the GIL (a slice takes about a millisecond at most)."""
 _RING = 2**32
 _STEP = 0x9E3779B9  # 2**32 / golden ratio: the most even spread of 0, 1, 2, ...
 _MAX_INDEX = 2**64
