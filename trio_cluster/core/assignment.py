@@ -229,6 +229,8 @@ def _caps(n: int, weights: list[float]) -> list[int]:
     caps change every ~7% of membership instead of at every step of the share.
     Fractions: the rounding must come out alike on every runner.
     """
+    if len(set(weights)) == 1:  # one cap for all: no Fractions per runner and group
+        return [_cap(Fraction(n, len(weights)))] * len(weights)
     exact = [Fraction(w) for w in weights]
     total = sum(exact, Fraction(0))
     return [_cap(n * w / total) for w in exact]
