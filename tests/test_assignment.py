@@ -1,7 +1,10 @@
 """Shard assignment: the same on every runner, balanced, and stable when runners come and go."""
 
 import math
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from fractions import Fraction
 
@@ -78,6 +81,34 @@ def test_pinned_assignment() -> None:
     owners = assign(shards_of(12), runners)
     last_digits = "".join(owners[ShardId("default", i)][7] for i in range(12))
     assert last_digits == "233323211121"
+
+
+SCRIPT = """
+import hashlib, sys
+from trio_cluster.core.assignment import RunnerSpec, assign
+from trio_cluster.core.hashing import ShardId
+runners = [
+    RunnerSpec(f"10.0.0.{i}:7000", weight=(1.0, 2.5)[i % 2], groups={"a", "b"} - {"ab"[i % 3 == 0]})
+    for i in range(40)
+]
+shards = [ShardId(group, index) for group in "ab" for index in range(500)]
+owners = assign(shards, runners)
+text = ";".join(f"{shard}={owners.get(shard)}" for shard in shards)
+sys.stdout.write(hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "4242"])
+def test_the_same_in_every_process(seed: str) -> None:
+    # Nothing may depend on str hashing (salted per process) or set order.
+    def run(hash_seed: str) -> str:
+        environ = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-c", SCRIPT], env=environ, capture_output=True, text=True, check=True
+        )
+        return done.stdout
+
+    assert run(seed) == run("random")
 
 
 def cheapest_pairs_first(shards: list[ShardId], runners: list[RunnerSpec]) -> dict[ShardId, str]:
