@@ -10,7 +10,9 @@ Pure computation, no database: ``assign`` depends on the live runners alone.
   ``shards`` over ``runners`` with equal weights, and at 1,000 x 30,000 also with
   mixed weights (1, 2 and 4); the median of the repeats.  CPU time is the figure to
   compare on a busy machine: it leaves out the time other processes had the cores.
-- **Movement**: for several cluster sizes around each ``runners``, the shards that
+- **Movement**: the ``N + 1``-th runner joining the largest cluster (five
+  different newcomers) and one of the ``N + 1`` leaving again, against the ideal
+  ``shards / (N + 1)``; and for several cluster sizes around each ``runners``, the shards that
   change owner when one runner joins (the ``N + 1``-th) and when one leaves, against
   the ideal ``shards / N`` (``shards / (N + 1)`` for a join); and against what the
   runner that came or went holds, which separates the cascade from the mover's own
@@ -65,6 +67,23 @@ def timed(shards: list[ShardId], runners: list[RunnerSpec], repeats: int) -> dic
 
 def moved(before: dict[ShardId, str], after: dict[ShardId, str]) -> int:
     return sum(1 for shard, owner in before.items() if after.get(shard) != owner)
+
+
+def one_more(shards: list[ShardId], size: int, trials: int = 5) -> dict[str, list[float]]:
+    """The ``size + 1``-th runner joining (one of ``trials`` newcomers), and then one of
+    the ``size + 1`` leaving again, against the ideal ``shards / (size + 1)``."""
+    everyone = runner_specs(size + trials)
+    before = assign(shards, everyone[:size])
+    ideal = len(shards) / (size + 1)
+    joins, leaves = [], []
+    for trial in range(trials):
+        grown = [*everyone[:size], everyone[size + trial]]
+        joined = assign(shards, grown)
+        gone = grown[trial * size // trials]
+        left = assign(shards, [spec for spec in grown if spec is not gone])
+        joins.append(moved(before, joined) / ideal)
+        leaves.append(moved(joined, left) / ideal)
+    return {"join_vs_ideal": joins, "leave_vs_ideal": leaves}
 
 
 def movement(shards: list[ShardId], size: int) -> dict[str, Any]:
@@ -160,6 +179,7 @@ def main() -> None:
     weighted = runner_specs(runners, lambda i: (1.0, 2.0, 4.0)[i % 3])
     mixed = timed(shard_ids(shards), weighted, repeats)
     gap, idle_gap = trio.run(loop_gaps, shards, runner_specs(runners))
+    exact = one_more(shard_ids(shards), runners)
     print(
         markdown_table(
             [
@@ -178,6 +198,13 @@ def main() -> None:
         )
     )
     print()
+    joins, leaves = exact["join_vs_ideal"], exact["leave_vs_ideal"]
+    print(
+        f"Runner {runners + 1:,} joining {runners:,} at {shards:,} shards (5 newcomers):"
+        f" {statistics.mean(joins):.2f} x ideal ({min(joins):.2f}-{max(joins):.2f}); one of the"
+        f" {runners + 1:,} leaving again: {statistics.mean(leaves):.2f} x ideal"
+        f" ({min(leaves):.2f}-{max(leaves):.2f})."
+    )
     print(
         f"Mixed weights (1, 2, 4) at {runners:,} x {shards:,}: wall {mixed['wall_s'] * 1000:,.1f}"
         f" ms, CPU {mixed['cpu_s'] * 1000:,.1f} ms (medians of {repeats})."
@@ -190,7 +217,14 @@ def main() -> None:
         gaps = {"loop_gap_s": gap, "idle_loop_gap_s": idle_gap}
         write_json(
             Path(args.json),
-            {"when": utc_now(), "repeats": repeats, "sizes": report, "mixed": mixed, **gaps},
+            {
+                "when": utc_now(),
+                "repeats": repeats,
+                "sizes": report,
+                "one_more": exact,
+                "mixed": mixed,
+                **gaps,
+            },
         )
 
 
