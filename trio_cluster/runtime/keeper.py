@@ -51,9 +51,10 @@ PEER_LOST_WATCH = 0.5
 INLINE_WORK = 5_000
 """Plans of at most this much work (shards + VNODES x runners) run on the event loop.
 
-About 1 µs of CPU a unit, so at most ~5 ms; larger ones (94,000 units at 1,000
-runners x 30,000 shards, about 0.1 s) run in a worker thread, and the event loop keeps
-serving meanwhile (the GIL passes back every ``sys.getswitchinterval()``, 5 ms).
+About 1 to 2 µs of CPU a unit, so at most ~5 to 10 ms; larger ones (94,000 units at
+1,000 runners x 30,000 shards, 0.1 to 0.2 s) run in a worker thread, and the event loop
+keeps serving meanwhile: the GIL passes back every ``sys.getswitchinterval()`` (5 ms),
+and ``assign`` cuts its C-level passes into short slices so that it can.
 """
 
 
