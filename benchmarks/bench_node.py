@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import trio
@@ -49,9 +50,21 @@ class Payload(msgspec.Struct, frozen=True):
     key: str
 
 
+class Ticks(msgspec.Struct, frozen=True):
+    n: int
+    size: int = 0
+
+
+class Tick(msgspec.Struct, frozen=True):
+    i: int
+    pad: bytes = b""
+
+
 Bench = Entity("ClusterBench")
 echo = Bench.rpc("echo", Payload, int)
 persist = Bench.rpc("persist", Payload, int, persisted=True, primary_key=lambda p: p.key)
+ticks = Bench.stream("ticks", Ticks, Tick)
+"""``n`` chunks of ``size`` bytes of padding each (``benchmarks.streaming``)."""
 
 
 class BenchHandler:
@@ -67,6 +80,12 @@ class BenchHandler:
     async def on_persist(self, payload: Payload) -> int:
         self.count += payload.n
         return self.count
+
+    @ticks.handler
+    async def on_ticks(self, t: Ticks) -> AsyncIterator[Tick]:
+        pad = b"x" * t.size
+        for i in range(t.n):
+            yield Tick(i, pad)
 
 
 # -- the stdin commands -------------------------------------------------------------
