@@ -62,8 +62,10 @@ async def closed(recorder: Recorder) -> int:
 async def test_chunks_arrive_in_order_and_the_stream_ends(where: str) -> None:
     async with stream_caller(where) as (runner, recorder):
         async with runner.stream(count, "t", Count(100), window=3) as chunks:
+            assert runner.snapshot().waiting_callers == 1
             assert [tick.i async for tick in chunks] == list(range(100))
         await recorder.wait_for("closed", 100)
+        assert runner.snapshot().waiting_callers == 0
 
 
 @WHERE

@@ -262,7 +262,7 @@ class Client:
         delays = self._config.send_retry.delays()
         while True:
             slot = StreamSlot(window)
-            delivery = Delivery(envelope, slot)
+            delivery = Delivery(envelope, slot, stream=slot)
             link = await self._deliver(delivery, stream=slot)
             try:
                 await slot.wait_started()

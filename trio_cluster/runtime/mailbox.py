@@ -570,7 +570,7 @@ class ActiveEntity:
         """Run the handler under the defect retry policy and encode what it said
         (SUSPENSION when it suspended on a deferred, see ``ctx.deferred``).
 
-        A stream handler's chunks go to its delivery's target as it yields
+        A stream handler's chunks go to its delivery's stream as it yields
         them; its reply ends the stream. A defect in it is not retried: the
         chunks it sent would be sent again.
         """
@@ -581,7 +581,7 @@ class ActiveEntity:
         if rpc is None:
             missing = MalformedMessage(f"{self.address} has no RPC {envelope.rpc!r}")
             return self._error(missing, envelope)
-        sink = delivery.target if isinstance(delivery.target, ChunkSink) else None
+        sink = delivery.stream
         if rpc.stream != (sink is not None):
             shape = "a stream, sent as a request" if rpc.stream else "no stream, sent as one"
             return self._error(MalformedMessage(f"{rpc!r} is {shape}"), envelope)

@@ -132,6 +132,10 @@ class LinkReply:
     def resolve(self, reply: bytes) -> None:
         self.link.send_reply(self.request_id, reply)
 
+    def sink(self) -> ChunkSink | None:
+        """Where the handler's chunks go: nowhere, but for a streaming request."""
+        return None
+
 
 class LinkStream(LinkReply, ChunkSink):
     """A peer's streaming request: its chunks go out on the link as its credit allows."""
@@ -143,6 +147,9 @@ class LinkStream(LinkReply, ChunkSink):
         self._window = window
         self._credit = window
         self._granted = trio.Event()
+
+    def sink(self) -> ChunkSink:
+        return self
 
     def grant(self, credits: int) -> None:
         self._credit = granted(self._credit, credits, self._window)
