@@ -22,6 +22,7 @@ from trio_cluster import (
     MalformedMessage,
     RpcClientError,
     Runner,
+    RunnerUnavailable,
     SendTimeout,
 )
 from trio_cluster.core import reply as replies
@@ -150,6 +151,25 @@ async def test_no_chunk_within_the_timeout_raises_send_timeout_and_interrupts(
                 async for _ in chunks:
                     pass
         await recorder.wait_for("closed", 1)
+
+
+async def test_a_stream_whose_link_closes_ends_there_and_its_handler_here() -> None:
+    impl, recorder = tickers()
+    async with open_test_cluster(impl, runners=2) as cluster:
+        shard = Ticker.shard_of("t", TEST_CONFIG.shards_per_group)
+        owner = next(r for r in cluster.runners if shard in r.shards)
+        sender = next(r for r in cluster.runners if r is not owner)
+        received: list[int] = []
+        with pytest.raises(RunnerUnavailable):
+            async with sender.stream(count, "t", Count(-1), window=4) as chunks:
+                await recorder.wait_for("produced", 4)
+                assert sender._router.network is not None
+                sender._router.network._links[owner.address].close("going away")
+                async for tick in chunks:  # a loop: the chunks before the error are kept
+                    received.append(tick.i)  # noqa: PERF401
+        assert received == [0, 1, 2, 3]
+        assert await closed(recorder) == 4  # interrupted at its yield, waiting for credit
+        assert owner.snapshot().defects == 0
 
 
 async def test_a_stream_is_refused_by_ask_and_an_rpc_by_stream() -> None:

@@ -620,6 +620,11 @@ class ActiveEntity:
                     # Suspended, a refused call cycle, a malformed call out:
                     # deterministic, so a restart could only repeat it.
                     return self._error(defect, envelope)
+                if sink is not None and isinstance(defect, RunnerUnavailable):
+                    # From the sink: the stream's caller is gone (its link closed),
+                    # no defect of the handler's. From a call the handler made: a
+                    # stream is never run again anyway. Either way it ends here.
+                    return self._error(defect, envelope)
                 # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
                 self._forget_state()
