@@ -203,12 +203,12 @@ class Client:
         the first iteration raises that, as ``ask`` would), and
         ``async for chunk in chunks`` takes them. At most ``window`` chunks
         are in flight: the handler suspends at its ``yield`` until this
-        caller has consumed enough of them.
-        Leaving the block before the end (a break, an exception, a
-        cancellation) interrupts the handler. The end raises the declared
-        error or ClusterError the handler ended in, after every chunk it
-        sent. ``timeout`` (default ``ShardingConfig.send_timeout``) bounds
-        each wait, for the start and for every chunk: SendTimeout.
+        caller has consumed enough of them. Leaving the block before the
+        end (a break, an exception, a cancellation) interrupts the handler.
+        The end raises the declared error or ClusterError the handler ended
+        in, after every chunk it sent. ``timeout`` (default
+        ``ShardingConfig.send_timeout``) bounds each wait, for the start and
+        for every chunk: SendTimeout.
         """
         if not isinstance(rpc, StreamRpc):
             raise TypeError(f"stream takes a StreamRpc (got {rpc!r})")
@@ -235,11 +235,7 @@ class Client:
         try:
             yield chunks
         finally:
-            interrupt = not slot.answered
-            if link is not None:
-                link.withdraw(envelope.request_id, interrupt=interrupt)
-            elif interrupt:
-                delivery.interrupt()
+            _withdraw(delivery, link, interrupt=not slot.answered)
             self._hooks.request_finished(call, chunks.outcome)
 
     async def _open_stream(
@@ -267,10 +263,7 @@ class Client:
             try:
                 await slot.wait_started()
             except BaseException:
-                if link is not None:
-                    link.withdraw(envelope.request_id, interrupt=True)
-                else:
-                    delivery.interrupt()
+                _withdraw(delivery, link, interrupt=True)
                 raise
             final = slot.final
             delay = None
@@ -484,11 +477,7 @@ class Client:
         try:
             return await slot.wait()
         finally:
-            interrupt = withdraw and not slot.answered
-            if link is not None:
-                link.withdraw(envelope.request_id, interrupt=interrupt)
-            elif interrupt:
-                delivery.interrupt()
+            _withdraw(delivery, link, interrupt=withdraw and not slot.answered)
 
     async def _acknowledged(self, envelope: Envelope) -> None:
         """A volatile tell, returning once its owner queued it; its refusal raised."""
@@ -556,6 +545,15 @@ class Client:
                 if delay is None:
                     raise
                 await trio.sleep(delay)
+
+
+def _withdraw(delivery: Delivery, link: PeerLink | None, *, interrupt: bool) -> None:
+    """The caller stopped waiting for a volatile request: forget it on its link (and
+    interrupt its handler there), or interrupt it here, where it was queued."""
+    if link is not None:
+        link.withdraw(delivery.envelope.request_id, interrupt=interrupt)
+    elif interrupt:
+        delivery.interrupt()
 
 
 def _refuse_cycle(envelope: Envelope, chain: tuple[str, ...]) -> None:
