@@ -24,6 +24,7 @@ from trio_cluster import (
     Runner,
     RunnerUnavailable,
     SendTimeout,
+    ShardId,
 )
 from trio_cluster.core import reply as replies
 from trio_cluster.core.streaming import MAX_WINDOW, CreditWindow, granted
@@ -170,6 +171,33 @@ async def test_a_stream_whose_link_closes_ends_there_and_its_handler_here() -> N
         assert received == [0, 1, 2, 3]
         assert await closed(recorder) == 4  # interrupted at its yield, waiting for credit
         assert owner.snapshot().defects == 0
+
+
+class _WrongOnce(dict[ShardId, str]):
+    """An assignment naming ``wrong`` as the owner of ``shard`` the first time only."""
+
+    def __init__(self, real: dict[ShardId, str], shard: ShardId, wrong: str) -> None:
+        super().__init__(real)
+        self._wrong = {shard: wrong}
+
+    def get(self, key: ShardId, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self._wrong.pop(key, None) or super().get(key, default)
+
+
+async def test_a_stream_sent_to_a_runner_that_does_not_own_it_is_resent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    impl, recorder = tickers()
+    async with open_test_cluster(impl, runners=3) as cluster:
+        shard = Ticker.shard_of("t", TEST_CONFIG.shards_per_group)
+        owner = next(r for r in cluster.runners if shard in r.shards)
+        sender, bystander = [r for r in cluster.runners if r is not owner]
+        router = sender._router
+        router.assignment = _WrongOnce(router.assignment, shard, bystander.address)
+        async with sender.stream(count, "t", Count(5)) as chunks:
+            assert [tick.i async for tick in chunks] == list(range(5))
+        assert produced(recorder) == list(range(5))  # run once, by the owner
+        assert bystander.snapshot().refused == 1
 
 
 async def test_a_stream_is_refused_by_ask_and_an_rpc_by_stream() -> None:
