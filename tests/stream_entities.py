@@ -42,6 +42,8 @@ count = Ticker.stream("count", Count, Tick, errors=(Exhausted,))
 """Records ``produced`` before each yield and ``closed`` in its ``finally``."""
 stall = Ticker.stream("stall", Count, Tick)
 """Yields ``n`` chunks, then records ``waiting`` and waits for ever: cancelled there."""
+arm_stream = Ticker.rpc("arm_stream", Count, str)
+"""Tries to arm a timer sending ``count``; answers the TypeError's message."""
 
 
 class TickerHandler:
@@ -67,6 +69,14 @@ class TickerHandler:
                 i += 1
         finally:
             self.recorder.record("closed", i)
+
+    @arm_stream.handler
+    async def arm_stream(self, job: Count) -> str:
+        try:
+            await self.ctx.timers.arm("t", count.rpc, job, after=1.0)
+        except TypeError as error:
+            return str(error)
+        return "armed"
 
     @stall.handler
     async def stall(self, job: Count) -> AsyncIterator[Tick]:

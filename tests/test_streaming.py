@@ -31,7 +31,16 @@ from trio_cluster.core.streaming import MAX_WINDOW, CreditWindow, granted
 from trio_cluster.testing import TEST_CONFIG, open_test_cluster, open_test_runner
 
 from .interrupt_entities import Recorder
-from .stream_entities import Count, Exhausted, Tick, Ticker, count, stall, tickers
+from .stream_entities import (
+    Count,
+    Exhausted,
+    Tick,
+    Ticker,
+    arm_stream,
+    count,
+    stall,
+    tickers,
+)
 
 
 @asynccontextmanager
@@ -208,6 +217,7 @@ async def test_a_stream_is_refused_by_ask_and_an_rpc_by_stream() -> None:
         with pytest.raises(TypeError, match="window"):
             async with runner.stream(count, "t", Count(1), window=0):
                 pass  # pragma: no cover
+        assert "no stream" in await runner.ask(arm_stream, "t", Count(1))
 
 
 async def test_a_plain_request_for_a_stream_rpc_is_malformed() -> None:
