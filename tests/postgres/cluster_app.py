@@ -39,12 +39,11 @@ from trio_cluster import (
     ShardingConfig,
     TransportConfig,
     open_runner,
-    wait_for_termination,
 )
 from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres.storage import open_postgres_storage
 
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, watching_termination
 
 
 class Post(msgspec.Struct, frozen=True):
@@ -169,32 +168,22 @@ class WorkerHandler:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
-    async with trio.open_nursery() as nursery:
-        # Listening for SIGTERM before anything else: a signal that arrives
-        # while the runner starts is a request to stop, not a crash.
-        nursery.start_soon(watch_signals)
-        async with (
-            open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
-            open_pool(dsn, size=4, application_name="cluster_app") as pool,
-        ):
-            async with pool.connection() as conn:
-                await create_runs(conn, prefix)
-            handler = type("ConfiguredWorker", (WorkerHandler,), {"pool": pool, "prefix": prefix})
-            async with open_runner(
-                Worker.implement(handler),
-                storage=storage,
-                config=CONFIG,
-                transport=transport(prefix),
-            ) as runner:
-                await serve_until_terminated(runner, terminated)
-            # Leaving the block above handed every shard off.
-        nursery.cancel_scope.cancel()
+    async with (
+        watching_termination() as terminated,
+        open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
+        open_pool(dsn, size=4, application_name="cluster_app") as pool,
+    ):
+        async with pool.connection() as conn:
+            await create_runs(conn, prefix)
+        handler = type("ConfiguredWorker", (WorkerHandler,), {"pool": pool, "prefix": prefix})
+        async with open_runner(
+            Worker.implement(handler),
+            storage=storage,
+            config=CONFIG,
+            transport=transport(prefix),
+        ) as runner:
+            await serve_until_terminated(runner, terminated)
+        # Leaving the block above handed every shard off.
 
 
 def main(argv: list[str]) -> None:
