@@ -33,6 +33,11 @@ class Tick(msgspec.Struct, frozen=True):
     pad: bytes = b""
 
 
+class Relay(msgspec.Struct, frozen=True):
+    source: str
+    n: int
+
+
 class Exhausted(Exception):
     pass
 
@@ -42,6 +47,8 @@ count = Ticker.stream("count", Count, Tick, errors=(Exhausted,))
 """Records ``produced`` before each yield and ``closed`` in its ``finally``."""
 stall = Ticker.stream("stall", Count, Tick)
 """Yields ``n`` chunks, then records ``waiting`` and waits for ever: cancelled there."""
+relay = Ticker.rpc("relay", Relay, list[int])
+"""Streams ``n`` ticks of ``count`` from the Ticker ``source``, from inside an entity."""
 arm_stream = Ticker.rpc("arm_stream", Count, str)
 """Tries to arm a timer sending ``count``; answers the TypeError's message."""
 
@@ -69,6 +76,11 @@ class TickerHandler:
                 i += 1
         finally:
             self.recorder.record("closed", i)
+
+    @relay.handler
+    async def relay(self, job: Relay) -> list[int]:
+        async with self.ctx.client.stream(count, job.source, Count(job.n)) as chunks:
+            return [tick.i async for tick in chunks]
 
     @arm_stream.handler
     async def arm_stream(self, job: Count) -> str:

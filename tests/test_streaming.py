@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_cluster import (
+    AlreadyProcessingMessage,
     Entity,
     MalformedMessage,
     RpcClientError,
@@ -34,10 +35,12 @@ from .interrupt_entities import Recorder
 from .stream_entities import (
     Count,
     Exhausted,
+    Relay,
     Tick,
     Ticker,
     arm_stream,
     count,
+    relay,
     stall,
     tickers,
 )
@@ -207,6 +210,25 @@ async def test_a_stream_sent_to_a_runner_that_does_not_own_it_is_resent(
             assert [tick.i async for tick in chunks] == list(range(5))
         assert produced(recorder) == list(range(5))  # run once, by the owner
         assert bystander.snapshot().refused == 1
+
+
+@WHERE
+async def test_a_stream_that_never_starts_raises_send_timeout_and_is_interrupted(
+    where: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with stream_caller(where) as (runner, recorder):
+        with pytest.raises(SendTimeout, match="did not start"):
+            async with runner.stream(stall, "t", Count(0), timeout=5.0):
+                pass  # pragma: no cover
+        await recorder.wait_for("closed", 0)
+
+
+async def test_an_entity_streams_from_another_but_not_from_itself() -> None:
+    impl, _ = tickers()
+    async with open_test_runner(impl) as (runner, _):
+        assert await runner.ask(relay, "a", Relay("b", 3)) == [0, 1, 2]
+        with pytest.raises(AlreadyProcessingMessage):
+            await runner.ask(relay, "a", Relay("a", 3))  # a call cycle, refused
 
 
 async def test_a_stream_is_refused_by_ask_and_an_rpc_by_stream() -> None:
