@@ -261,7 +261,7 @@ class Client:
             delivery = Delivery(envelope, slot, stream=slot)
             link = await self._deliver(delivery, stream=slot)
             try:
-                await slot.wait_started()
+                await slot.wait_ready()
             except BaseException:
                 _withdraw(delivery, link, interrupt=True)
                 raise

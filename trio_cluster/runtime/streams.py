@@ -55,8 +55,9 @@ class StreamSlot(ChunkSink, ChunkReceiver):
         return self._final
 
     @property
-    def started(self) -> bool:
-        """A chunk or the end came: the request reached its handler, or was refused."""
+    def ready(self) -> bool:
+        """A chunk or the end is here (the first time: the request reached its handler,
+        or was refused)."""
         return bool(self._chunks) or self._final is not None
 
     def grant_with(self, grant: Callable[[int], None]) -> None:
@@ -81,14 +82,18 @@ class StreamSlot(ChunkSink, ChunkReceiver):
             self._final = reply
             self._wake_consumer()
 
-    async def wait_started(self) -> None:
-        while not self.started:
+    async def wait_ready(self) -> None:
+        while not self.ready:
             await self._consumer.wait()
 
     async def next(self) -> bytes | None:
         """The next chunk, or None once the stream has ended (its reply in ``final``)."""
-        while not self._chunks and self._final is None:
-            await self._consumer.wait()
+        await self.wait_ready()
+        return self.take()
+
+    def take(self) -> bytes | None:
+        """The next chunk if one is here (its credit granted back as the window says),
+        else None: the stream has ended, or nothing came yet."""
         if not self._chunks:
             return None
         chunk = self._chunks.popleft()
@@ -134,10 +139,18 @@ class Chunks(Generic[C]):
 
     async def __anext__(self) -> C:
         rpc = self._rpc
-        with trio.move_on_after(self._timeout) as waited:
-            chunk = await self._slot.next()
+        slot = self._slot
+        # A chunk already here is taken without a cancel scope, which would cost
+        # more than the rest of the chunk's way; a cancellation is still seen.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        timed_out = False
+        if not slot.ready:
+            with trio.move_on_after(self._timeout) as waited:
+                await slot.wait_ready()
+            timed_out = waited.cancelled_caught
+        chunk = slot.take()
         try:
-            if waited.cancelled_caught:
+            if timed_out:
                 raise SendTimeout(
                     f"no chunk of {rpc!r} within {self._timeout} s",
                     entity_id=self._entity_id,
@@ -153,8 +166,8 @@ class Chunks(Generic[C]):
                         request_id=self._request_id,
                     ) from exc
                 return value
-            final = self._slot.final
-            assert final is not None  # next() returns None only once the end came
+            final = slot.final
+            assert final is not None  # ready, and no chunk: the end came
             replies.decode(
                 final,
                 _END,
