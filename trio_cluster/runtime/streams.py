@@ -31,6 +31,8 @@ _END = msgspec.msgpack.Decoder(type(None))
 
 
 class StreamSlot(ChunkSink, ChunkReceiver):
+    """One stream's chunks waiting for its caller, at most a window of them, then its end."""
+
     __slots__ = ("_chunks", "_consumer", "_credit", "_final", "_grant", "_producer")
 
     def __init__(self, window: int) -> None:
