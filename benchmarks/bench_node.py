@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import msgspec
 import trio
@@ -56,9 +57,21 @@ class Payload(msgspec.Struct, frozen=True):
     key: str
 
 
+class Ticks(msgspec.Struct, frozen=True):
+    n: int
+    size: int = 0
+
+
+class Tick(msgspec.Struct, frozen=True):
+    i: int
+    pad: bytes = b""
+
+
 Bench = Entity("ClusterBench")
 echo = Bench.rpc("echo", Payload, int)
 persist = Bench.rpc("persist", Payload, int, persisted=True, primary_key=lambda p: p.key)
+ticks = Bench.stream("ticks", Ticks, Tick)
+"""``n`` chunks of ``size`` bytes of padding each (``benchmarks.streaming``)."""
 hang = Bench.rpc("hang", Payload, int)
 """Volatile: waits until interrupted, then notes when (``CANCELLED``)."""
 hang_persisted = Bench.rpc(
@@ -98,6 +111,12 @@ class BenchHandler:
     @hang_persisted.handler
     async def on_hang_persisted(self, payload: Payload) -> int:
         return await hang_until_cancelled(payload.key)
+
+    @ticks.handler
+    async def on_ticks(self, t: Ticks) -> AsyncIterator[Tick]:
+        pad = b"x" * t.size
+        for i in range(t.n):
+            yield Tick(i, pad)
 
 
 # -- the stdin commands -------------------------------------------------------------

@@ -66,3 +66,21 @@ def test_quick_interrupts_benchmark_completes() -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     for label in ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"):
         assert label in done.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
+)
+def test_quick_streaming_benchmark_completes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.streaming", "--quick", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for label in ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"):
+        assert label in done.stdout
