@@ -156,6 +156,7 @@ class Status:
     cpu: float
     processed: int
     shards: int
+    refused: int
 
 
 class Node:
@@ -171,8 +172,8 @@ class Node:
         self.address = line.split()[1]
 
     async def status(self) -> Status:
-        _, cpu, processed, shards = (await self.child.ask("status")).split()
-        return Status(float(cpu), int(processed), int(shards))
+        _, cpu, processed, shards, refused = (await self.child.ask("status")).split()
+        return Status(float(cpu), int(processed), int(shards), int(refused))
 
 
 _names = count(1)
@@ -703,7 +704,7 @@ LOADED_KEYS: Final = ("load.volatile.p99", "load.persisted.p99")
 SLA_LIMIT_US: Final = 100_000
 
 
-def _format(value: float, unit: str) -> str:
+def format_figure(value: float, unit: str) -> str:
     if unit in ("s", "count"):
         return f"{value:,.2f}"
     if unit in ("µs", "ms") and value < 100:
@@ -722,7 +723,7 @@ def results_table(values: Values) -> str:
                 ratio = "(baseline)"
             else:
                 ratio = f"{statistics.median(multiples):.1f}" if multiples else ""
-            fmt = partial(_format, unit=metric.unit)
+            fmt = partial(format_figure, unit=metric.unit)
             yield [*measurement_cells(metric.label, metric.unit, series, fmt), ratio]
 
     return markdown_table(
@@ -748,7 +749,9 @@ def targets_table(values: Values) -> str:
     def rows() -> Iterator[list[str]]:
         for target in TARGETS:
             measured, met = evaluate(target, values)
-            shown = "-" if measured is None else f"{_format(measured, target.unit)} {target.unit}"
+            shown = (
+                "-" if measured is None else f"{format_figure(measured, target.unit)} {target.unit}"
+            )
             if target.multiple and measured is not None:
                 shown = f"{measured:.1f}x"
             result = "n/a" if met is None else ("PASS" if met else "MISS")

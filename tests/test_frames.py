@@ -23,6 +23,8 @@ from trio_cluster.core.frames import (
     Reject,
     Reply,
     Request,
+    StreamChunk,
+    StreamCredit,
     Welcome,
     encode,
     encode_into,
@@ -55,8 +57,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Welcome, blobs),
     st.builds(Reject, texts),
     st.builds(Goodbye, texts),
-    st.builds(Request, envelopes),
+    st.builds(Request, envelopes, st.booleans(), ints),
     st.builds(Reply, ints, blobs),
+    st.builds(StreamChunk, ints, blobs),
+    st.builds(StreamCredit, ints, ints),
     st.builds(Interrupt, ints),
     st.builds(Notify, texts, ints, st.lists(ints, max_size=5)),
     st.builds(Ping, ints),
@@ -97,6 +101,8 @@ def test_wire_bytes_are_pinned() -> None:
     assert encode(Ping(1)) == b"\x00\x00\x00\x03\x92\x09\x01"
     assert encode(Hello(1, "c", "r", b"n")) == b"\x00\x00\x00\x0a\x95\x01\x01\xa1c\xa1r\xc4\x01n"
     assert encode(Interrupt(5))[4:] == msgspec.msgpack.encode([7, 5])
+    assert encode(StreamChunk(5, b"c"))[4:] == msgspec.msgpack.encode([11, 5, b"c"])
+    assert encode(StreamCredit(5, 8))[4:] == msgspec.msgpack.encode([12, 5, 8])
 
 
 def test_trailing_fields_from_a_newer_build_are_ignored() -> None:

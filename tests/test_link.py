@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import attrs
 import msgspec
@@ -16,19 +17,31 @@ import pytest
 import trio
 import trio.testing
 
-from trio_cluster import AlreadyProcessingMessage, RunnerUnavailable, SerializationError
+from trio_cluster import (
+    AlreadyProcessingMessage,
+    MalformedMessage,
+    RunnerUnavailable,
+    SerializationError,
+)
 from trio_cluster.core import reply as replies
 from trio_cluster.core.envelope import Envelope
-from trio_cluster.core.frames import Ping, Reply, Request, encode
+from trio_cluster.core.frames import Ping, Reply, Request, StreamChunk, StreamCredit, encode
 from trio_cluster.core.lifecycle import LinkState
 from trio_cluster.core.protocol import (
+    ApplicationMessage,
     Handshaken,
+    InterruptReceived,
     PeerConnection,
     ReplyReceived,
     RequestReceived,
     State,
+    StreamCreditReceived,
 )
-from trio_cluster.transport.link import LinkReply, LinkSettings, PeerLink
+from trio_cluster.runtime.delivery import Delivery
+from trio_cluster.runtime.streams import StreamSlot
+from trio_cluster.transport.link import LinkReply, LinkSettings, LinkStream, PeerLink
+
+T = TypeVar("T")
 
 SETTINGS = LinkSettings(
     our_address="server:1",
@@ -79,7 +92,7 @@ class Peer:
         if out:
             await self.stream.send_all(out)
 
-    async def send(self, *messages: Request | Reply | Ping) -> None:
+    async def send(self, *messages: ApplicationMessage) -> None:
         for message in messages:
             self.conn.send(message)
         await self.stream.send_all(self.conn.data_to_send())
@@ -266,3 +279,79 @@ async def test_a_failing_request_handler_ends_this_link_only() -> None:
 
 def msgspec_any() -> msgspec.msgpack.Decoder[object]:
     return msgspec.msgpack.Decoder()
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+async def test_chunks_beyond_the_window_end_that_stream_and_interrupt_it() -> None:
+    async with serving() as served:
+        await served.peer.handshake()
+        stream = StreamSlot(2)
+        served.link.send_stream(envelope(7), stream)
+        await served.peer.until(lambda: bool(received(served.peer, RequestReceived)))
+        assert received(served.peer, RequestReceived)[0].stream_window == 2
+        # For no stream here (ignored), then three chunks on a window of two.
+        await served.peer.send(StreamChunk(8, b"\x01"), StreamChunk(7, b"\x02"))
+        await served.peer.send(StreamChunk(7, b"\x03"), StreamChunk(7, b"\x04"))
+        await served.peer.until(lambda: bool(received(served.peer, InterruptReceived)))
+        assert [await stream.next(), await stream.next(), await stream.next()] == [
+            b"\x02",
+            b"\x03",
+            None,
+        ]
+        assert stream.final is not None
+        with pytest.raises(MalformedMessage, match="beyond the stream's window"):
+            replies.decode(stream.final, msgspec_any(), {})
+        assert served.link.ignored_stream_frames == 1
+        assert served.link.open
+
+
+async def test_credits_are_granted_back_as_chunks_are_consumed() -> None:
+    async with serving() as served:
+        await served.peer.handshake()
+        stream = StreamSlot(2)
+        served.link.send_stream(envelope(7), stream)
+        await served.peer.send(StreamChunk(7, b"\x01"), StreamChunk(7, b"\x02"))
+        assert await stream.next() == b"\x01"  # a half window: one credit back
+        await served.peer.until(lambda: bool(received(served.peer, StreamCreditReceived)))
+        assert received(served.peer, StreamCreditReceived) == [StreamCreditReceived(7, 1)]
+
+
+async def test_a_peers_stream_waits_for_credit_and_ignores_credit_it_never_earned() -> None:
+    async with serving() as served:
+        await served.peer.handshake()
+        await served.peer.send(Request(envelope(5), stream_window=1), StreamCredit(99, 5))
+        await served.peer.until(lambda: bool(served.requests))
+        (route, _) = served.requests[0]
+        assert isinstance(route, LinkStream)
+        await route.send_chunk(b"\x01")
+        sent = trio.Event()
+
+        async def second() -> None:
+            await route.send_chunk(b"\x02")
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()  # no credit: it waits
+            await served.peer.send(StreamCredit(5, 10**9))
+            await sent.wait()
+        assert served.link.ignored_stream_frames == 1
+
+
+async def test_a_lost_link_interrupts_the_peers_streams_handled_here() -> None:
+    async with serving() as served:
+        await served.peer.handshake()
+        await served.peer.send(Request(envelope(5), stream_window=1))
+        await served.peer.until(lambda: bool(served.requests))
+        (route, env) = served.requests[0]
+        route.delivery = delivery = Delivery(env, route)
+        await served.peer.stream.aclose()
+        await served.ended.wait()
+        assert delivery.interrupted
+
+
+def received(peer: Peer, kind: type[T]) -> list[T]:
+    return [event for event in peer.events if isinstance(event, kind)]

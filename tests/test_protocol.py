@@ -19,6 +19,8 @@ from trio_cluster.core.frames import (
     Reject,
     Reply,
     Request,
+    StreamChunk,
+    StreamCredit,
     Welcome,
     encode,
     encode_many,
@@ -40,6 +42,8 @@ from trio_cluster.core.protocol import (
     ReplyReceived,
     RequestReceived,
     State,
+    StreamChunkReceived,
+    StreamCreditReceived,
 )
 
 from .test_frames import envelopes, ints, split
@@ -202,7 +206,16 @@ def test_short_peer_nonce_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [Request(ENVELOPE), Reply(1, b""), Ping(1), Pong(1), Notify("g", 1, []), Interrupt(1)],
+    [
+        Request(ENVELOPE),
+        Reply(1, b""),
+        Ping(1),
+        Pong(1),
+        Notify("g", 1, []),
+        Interrupt(1),
+        StreamChunk(1, b""),
+        StreamCredit(1, 1),
+    ],
 )
 def test_application_message_before_handshake_is_refused(message: Message) -> None:
     b = server()
@@ -252,15 +265,23 @@ def test_requests_replies_and_the_rest_flow_both_ways() -> None:
     a.send(Request(ENVELOPE))
     a.send(Notify("default", 3, [42, 43]))
     a.send(Interrupt(42))
+    a.send(Request(ENVELOPE, stream_window=4))
+    a.send(StreamCredit(42, 2))
     events_a, events_b = exchange(a, b)
     assert events_a == []
     assert events_b == [
         RequestReceived(ENVELOPE),
         NotifyReceived(ShardId("default", 3), [42, 43]),
         InterruptReceived(42),
+        RequestReceived(ENVELOPE, stream_window=4),
+        StreamCreditReceived(42, 2),
     ]
+    b.send(StreamChunk(42, b"chunk"))
     b.send(Reply(42, b"reply"))
-    assert exchange(a, b) == ([ReplyReceived(42, b"reply")], [])
+    assert exchange(a, b) == (
+        [StreamChunkReceived(42, b"chunk"), ReplyReceived(42, b"reply")],
+        [],
+    )
 
 
 def test_ping_is_answered_by_the_connection_itself() -> None:
@@ -467,6 +488,8 @@ application_messages: st.SearchStrategy[ApplicationMessage] = st.one_of(
     st.builds(Request, envelopes),
     st.builds(Reply, ints, st.binary(max_size=32)),
     st.builds(Interrupt, ints),
+    st.builds(StreamChunk, ints, st.binary(max_size=32)),
+    st.builds(StreamCredit, ints, ints),
     st.builds(Notify, st.text(max_size=10), ints, st.lists(ints, max_size=4)),
     st.builds(Ping, ints),
 )

@@ -53,7 +53,8 @@ SHARDS = CONFIG.shards_per_group
 
 
 class Sink:
-    """A reply target; also stands in for a peer's LinkReply (``ack``, ``delivery``)."""
+    """A reply target; also stands in for a peer's LinkReply (``ack``, ``delivery``,
+    ``sink``: a plain request, no stream)."""
 
     def __init__(self, *, ack: bool = False) -> None:
         self.replies: list[bytes] = []
@@ -64,6 +65,9 @@ class Sink:
     def resolve(self, reply: bytes) -> None:
         self.replies.append(reply)
         self.got.set()
+
+    def sink(self) -> None:
+        return None
 
     def value(self) -> Any:
         return replies.decode(self.replies[-1], msgspec.msgpack.Decoder(), {})

@@ -17,7 +17,7 @@ from .broadcast import (
 from .config import ConfigError, EntityOptions, ShardingConfig
 from .core.hashing import ShardId
 from .core.retry import RetryPolicy
-from .entity import Entity, Implementation, Rpc
+from .entity import Entity, Implementation, Rpc, StreamRpc
 from .errors import (
     CLUSTER_ERRORS,
     AlreadyProcessingMessage,
@@ -121,6 +121,7 @@ __all__ = [
     "StateStorage",
     "StatusStorage",
     "Storage",
+    "StreamRpc",
     "Suspended",
     "Tell",
     "TimerStorage",

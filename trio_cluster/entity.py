@@ -24,7 +24,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 P = TypeVar("P")
 S = TypeVar("S")
+C = TypeVar("C")
 H = TypeVar("H")
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -66,6 +68,10 @@ class Rpc(Generic[P, S]):
 
     ``interruptible=False`` keeps a handler running to its end when its
     caller stops waiting: for work that must not be cut short halfway.
+
+    ``stream``: the handler is an async generator and ``success_type`` the
+    type of each chunk it yields (declared with :meth:`Entity.stream`, which
+    wraps it in a :class:`StreamRpc`, so that ``ask`` cannot take it).
     """
 
     entity: Entity
@@ -76,6 +82,7 @@ class Rpc(Generic[P, S]):
     primary_key: Callable[[P], str] | None
     persisted: bool
     interruptible: bool = True
+    stream: bool = False
     payload_decoder: msgspec.msgpack.Decoder[P] = attrs.field(init=False)
     success_decoder: msgspec.msgpack.Decoder[S] = attrs.field(init=False)
     errors_by_name: Mapping[str, type[Exception]] = attrs.field(init=False)
@@ -97,6 +104,38 @@ class Rpc(Generic[P, S]):
         returns its success type.
         """
         setattr(method, _IMPLEMENTS, self)
+        return method
+
+
+@attrs.frozen(eq=False, repr=False)
+class StreamRpc(Generic[P, C]):
+    """An RPC whose handler yields a stream of ``C`` chunks (see :meth:`Entity.stream`).
+
+    A wrapper rather than an :class:`Rpc` subclass: its handler has another
+    shape (an async generator, not a coroutine), and ``ask``, ``tell`` and
+    ``broadcast``, which take an ``Rpc``, refuse it before it is sent.
+    """
+
+    rpc: Rpc[P, C]
+
+    @property
+    def entity(self) -> Entity:
+        return self.rpc.entity
+
+    @property
+    def name(self) -> str:
+        return self.rpc.name
+
+    def __repr__(self) -> str:
+        return f"<StreamRpc {self.entity.name}.{self.name}>"
+
+    def handler(
+        self, method: Callable[[H, P], AsyncIterator[C]]
+    ) -> Callable[[H, P], AsyncIterator[C]]:
+        """Mark an async generator method as this stream's implementation: it yields
+        chunks of the declared type, and its end (return, a declared error, a
+        defect) ends the stream."""
+        setattr(method, _IMPLEMENTS, self.rpc)
         return method
 
 
@@ -166,21 +205,44 @@ class Entity:
         ``interruptible=False``: the handler runs to its end even when its
         caller stops waiting (see ``Client.ask``'s ``interrupt``).
         """
-        _check_name("rpc", name)
-        if name in self.rpcs:
-            raise ValueError(f"{self.name} already has an RPC named {name!r}")
         if primary_key is not None and not persisted:
             raise ValueError(
                 f"{self.name}.{name}: a primary key needs persisted=True, "
                 "because a duplicate is answered from the stored reply"
             )
-        for error in errors:
-            if not (isinstance(error, type) and issubclass(error, Exception)):
-                raise TypeError(f"{self.name}.{name}: declared errors must be Exception classes")
-        rpc: Rpc[Any, Any] = Rpc(
-            self, name, payload, success, errors, primary_key, persisted, interruptible
+        return self._declare(
+            Rpc(self, name, payload, success, errors, primary_key, persisted, interruptible)
         )
-        self.rpcs[name] = rpc
+
+    def stream(
+        self,
+        name: str,
+        payload: type[P],
+        chunk: type[C],
+        *,
+        errors: tuple[type[Exception], ...] = (),
+    ) -> StreamRpc[P, C]:
+        """Declare a streaming RPC: the handler yields ``chunk`` values, which the
+        caller iterates (``Client.stream``) with a bounded window in flight.
+
+        Volatile and always interruptible: a caller that stops iterating
+        cancels the handler (its ``finally`` blocks run), which would
+        otherwise wait for ever for room in the window. See docs/concepts.md
+        (Streaming replies).
+        """
+        rpc: Rpc[P, C] = Rpc(self, name, payload, chunk, errors, None, False, True, stream=True)
+        return StreamRpc(self._declare(rpc))
+
+    def _declare(self, rpc: Rpc[P, S]) -> Rpc[P, S]:
+        _check_name("rpc", rpc.name)
+        if rpc.name in self.rpcs:
+            raise ValueError(f"{self.name} already has an RPC named {rpc.name!r}")
+        for error in rpc.errors:
+            if not (isinstance(error, type) and issubclass(error, Exception)):
+                raise TypeError(
+                    f"{self.name}.{rpc.name}: declared errors must be Exception classes"
+                )
+        self.rpcs[rpc.name] = rpc
         return rpc
 
     def shard_of(self, entity_id: str, shards_per_group: int) -> ShardId:
@@ -242,7 +304,9 @@ class Implementation:
     handler: Callable[..., object]
     options: EntityOptions | None = None
     state: StateCodec | None = None
-    methods: Mapping[str, Callable[[Any, Any], Awaitable[Any]]] = attrs.field(init=False)
+    methods: Mapping[str, Callable[[Any, Any], Any]] = attrs.field(init=False)
+    """Each RPC's handler method: a coroutine function, or an async generator
+    function for a stream."""
     on_activate: Callable[[Any], Awaitable[None]] | None = attrs.field(init=False)
     on_passivate: Callable[[Any], Awaitable[None]] | None = attrs.field(init=False)
 
@@ -254,8 +318,8 @@ class Implementation:
 
 def _collect_methods(
     entity: Entity, handler: Callable[[Any], object]
-) -> dict[str, Callable[[Any, Any], Awaitable[Any]]]:
-    methods: dict[str, Callable[[Any, Any], Awaitable[Any]]] = {}
+) -> dict[str, Callable[[Any, Any], Any]]:
+    methods: dict[str, Callable[[Any, Any], Any]] = {}
     for klass in reversed(getattr(handler, "__mro__", (handler,))):
         for attr in vars(klass).values():
             rpc = getattr(attr, _IMPLEMENTS, None)
@@ -263,6 +327,9 @@ def _collect_methods(
                 continue
             if rpc.entity is not entity:
                 raise TypeError(f"{handler!r} implements {rpc!r}, which belongs to another entity")
+            if rpc.stream != inspect.isasyncgenfunction(attr):
+                shape = "an async generator" if rpc.stream else "a coroutine function"
+                raise TypeError(f"{handler!r} must implement {rpc!r} as {shape}")
             methods[rpc.name] = attr
     missing = sorted(set(entity.rpcs) - set(methods))
     if missing:

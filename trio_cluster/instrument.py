@@ -13,10 +13,11 @@ does with its instruments): a bug in observability never fails a message.
 Where each event happens, so that an instrument may keep per-task context
 (a current span, say) between a pair of events:
 
-- ``request_sent`` and ``request_finished`` bracket one ``ask`` or
-  ``tell`` in the caller's task. ``request_sent`` may add to
-  ``call.headers``: they travel with the request, through storage when it
-  is persisted, and reach the handler (trace context goes this way).
+- ``request_sent`` and ``request_finished`` bracket one ``ask``, ``tell``
+  or ``stream`` (from sending to leaving its block) in the caller's task.
+  ``request_sent`` may add to ``call.headers``: they travel with the
+  request, through storage when it is persisted, and reach the handler
+  (trace context goes this way).
 - ``handling_started`` and ``handling_finished`` bracket one delivery of
   one request in the task that runs its handler, the storing of its reply
   included.

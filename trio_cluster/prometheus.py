@@ -96,7 +96,9 @@ class PrometheusMetrics(Instrument):
             registry=r,
         )
         self.waiting_callers = prom.Gauge(
-            "trio_cluster_waiting_callers", "Asks made here waiting for their reply.", registry=r
+            "trio_cluster_waiting_callers",
+            "Asks and streams made here waiting for their end.",
+            registry=r,
         )
         self.mailbox_depth = prom.Gauge(
             "trio_cluster_mailbox_depth",
@@ -295,11 +297,11 @@ class PrometheusMetrics(Instrument):
         self.schedules.set_function(lambda: len(runner.schedules))
 
     def request_sent(self, call: Call) -> None:
-        if call.kind == "ask":
+        if call.kind != "tell":
             self.waiting_callers.inc()
 
     def request_finished(self, call: Call, outcome: Outcome) -> None:
-        if call.kind == "ask":
+        if call.kind != "tell":
             self.waiting_callers.dec()
         elapsed = _elapsed(call.started)
         self.requests.labels(call.entity_type, call.rpc, call.kind, outcome).observe(elapsed)

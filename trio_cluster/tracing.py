@@ -56,7 +56,7 @@ class Tracing(Instrument):
     # -- the caller's side ------------------------------------------------------------
 
     def request_sent(self, call: Call) -> None:
-        kind = trace.SpanKind.CLIENT if call.kind == "ask" else trace.SpanKind.PRODUCER
+        kind = trace.SpanKind.PRODUCER if call.kind == "tell" else trace.SpanKind.CLIENT
         span = self._tracer.start_span(
             f"{call.kind} {call.entity_type}.{call.rpc}",
             kind=kind,

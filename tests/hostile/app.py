@@ -46,6 +46,8 @@ slow = Target.rpc("slow", Slow, str)
 """Holds a request in flight until its gate is released (reply forging, mailbox filling)."""
 release = Target.rpc("release", str, type(None))
 """Opens a gate: an attacker can end its own slow requests without the control channel."""
+ticks = Target.stream("ticks", int, int)
+"""A stream of 0, 1, 2, ... (``n`` of them; -1: until its caller leaves)."""
 
 
 MAX_SIZED: Final = 32 * 2**20

@@ -33,6 +33,7 @@ import ssl
 import sys
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,13 @@ class TargetHandler:
     @app.release.handler
     async def release(self, gate: str) -> None:
         GATES.opened[gate].set()
+
+    @app.ticks.handler
+    async def ticks(self, n: int) -> AsyncIterator[int]:
+        i = 0
+        while i != n:
+            yield i
+            i += 1
 
 
 # -- configuration ---------------------------------------------------------------------

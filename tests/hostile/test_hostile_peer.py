@@ -10,7 +10,8 @@ beside the attack got correct answers, the attacker's own link was closed where
 the contract says it is, and SIGTERM still ends the target with exit code 0.
 
 The regressions are named after their letter (``test_a_...`` to ``test_k_...``)
-and each is red on the library before the hardening. The fuzz (``test_fuzz_...``)
+and each is red on the library before the hardening; ``test_l_...`` holds a
+peer's stream to its window (streams came after the hardening). The fuzz (``test_fuzz_...``)
 is deterministic: one fixed seed drives every random choice, so a red run
 replays exactly. Nothing waits on time except where waiting *is* the attack
 (trickling bytes, staying silent, reading slowly); every wait is bounded.
@@ -46,6 +47,8 @@ from trio_cluster.core.frames import (
     ProtocolError,
     Reply,
     Request,
+    StreamChunk,
+    StreamCredit,
     Welcome,
 )
 from trio_cluster.core.protocol import PRE_AUTH_MAX_FRAME_SIZE, PROTOCOL_VERSION
@@ -650,6 +653,43 @@ async def test_i_large_replies_never_read(mode: Mode, tmp_path: Path) -> None:
             # Still writing (so only what is queued for us can end the link), never reading.
             await keep_writing(peer, target)
             await closed_within(peer, "a peer with 96 MiB of replies unread")
+        await survived(target, budget)
+
+
+# -- L: a stream's window -----------------------------------------------------------------
+
+
+def chunks_of(peer: Peer, request_id: int) -> list[int]:
+    return [
+        msgspec.msgpack.decode(m.chunk)
+        for m in peer.messages
+        if isinstance(m, StreamChunk) and m.request_id == request_id
+    ]
+
+
+async def test_l_a_peers_stream_keeps_to_its_window(mode: Mode, tmp_path: Path) -> None:
+    """Chunks and credits for no stream are ignored, a stream request for an RPC that is
+    none is MalformedMessage, a stream sends at most its window before credit, and credit
+    the peer never earned is clamped to the window; the link stays open throughout."""
+    async with open_target(mode, tmp_path) as target:
+        budget = Budget(target, 16)
+        async with open_peer(target.ready.owner, target.credentials) as peer:
+            await peer.send_frames(
+                StreamChunk(999, b"\x01"),
+                StreamCredit(998, 10**9),
+                Request(envelope(1, "echo", "stream-l", "x"), stream_window=4),
+                Request(envelope(2, "ticks", "stream-l", -1), stream_window=3),
+            )
+            assert reasons(await answers(peer, 1)) == ["MalformedMessage"]
+            seen = lambda: f"chunks {chunks_of(peer, 2)}"  # noqa: E731
+            await until(peer, lambda: len(chunks_of(peer, 2)) == 3, seen)
+            assert await peer.roundtrip(REPLY_S)
+            assert chunks_of(peer, 2) == [0, 1, 2]
+            await peer.send_frames(StreamCredit(2, 2**62))
+            await until(peer, lambda: len(chunks_of(peer, 2)) == 6, seen)
+            assert await peer.roundtrip(REPLY_S)
+            assert chunks_of(peer, 2) == list(range(6))
+            assert not peer.closed
         await survived(target, budget)
 
 

@@ -15,6 +15,9 @@ Every ``post`` handler run writes an ``entry`` row into ``{PREFIX}runs`` when
 it starts and an ``exit`` row when it is done, with the runner's pid and the
 server's clock (``clock_timestamp()``), and sleeps briefly in between, so
 that two runs of one entity overlapping in time would show in the table.
+A ``ticks`` stream writes an ``entry`` row when it starts and an ``exit`` row
+in its ``finally`` (cancel-shielded), so its end, interrupted or not, shows
+from outside the process.
 Each row is announced by a NOTIFY on ``{PREFIX}runs`` (``<phase>:<entity_id>:<key>:<pid>``,
 sent on commit), so a test can wait for handlers without polling.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import msgspec
@@ -51,6 +55,17 @@ class Echo(msgspec.Struct, frozen=True):
     text: str
 
 
+class Ticks(msgspec.Struct, frozen=True):
+    key: str
+    n: int
+    """Chunks to yield; -1: for ever (until the caller leaves)."""
+
+
+class Tick(msgspec.Struct, frozen=True):
+    i: int
+    pid: int
+
+
 class Echoed(msgspec.Struct, frozen=True):
     text: str
     entity_id: str
@@ -63,6 +78,8 @@ post = Worker.rpc("post", Post, int, primary_key=lambda p: p.key, persisted=True
 """Persisted and idempotent by ``key``; answers the pid of the process that ran it."""
 echo = Worker.rpc("echo", Echo, Echoed)
 """Volatile: travels runner to runner over TCP; answers where it ran."""
+ticks = Worker.stream("ticks", Ticks, Tick)
+"""A volatile stream over TCP: ``n`` ticks from the process that runs it."""
 
 SHARDS = 12
 CONFIG = ShardingConfig(
@@ -119,6 +136,18 @@ class WorkerHandler:
     @echo.handler
     async def echo(self, e: Echo) -> Echoed:
         return Echoed(e.text, self.entity_id, self.runner_address, os.getpid())
+
+    @ticks.handler
+    async def ticks(self, t: Ticks) -> AsyncIterator[Tick]:
+        await self._record(ENTRY, t.key)
+        try:
+            i = 0
+            while i != t.n:
+                yield Tick(i, os.getpid())
+                i += 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._record(EXIT, t.key)
 
     async def _record(self, phase: str, key: str) -> None:
         """Insert a run row and announce it, in one statement (so one transaction)."""

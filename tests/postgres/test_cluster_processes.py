@@ -13,7 +13,9 @@ process: volatile ones over TCP, persisted ones through the database).
   and no two runs of one entity ever overlap in time (measured failover is
   printed);
 - d. a rolling restart of every runner under ask traffic: nothing lost,
-  nothing run twice.
+  nothing run twice;
+- e. a stream runs in the process owning its entity, every chunk in order,
+  and a caller that leaves it ends the handler there (its ``finally`` row).
 
 Each handler run leaves an ``entry`` and an ``exit`` row (server clock) in
 ``{prefix}runs``, announced by NOTIFY. Nothing here sleeps to synchronise:
@@ -50,12 +52,14 @@ from .cluster_app import (
     SHARDS,
     Echo,
     Post,
+    Ticks,
     Worker,
     create_runs,
     echo,
     post,
     runs_channel,
     runs_table,
+    ticks,
     transport,
 )
 
@@ -518,6 +522,39 @@ async def test_requests_cross_to_the_owning_process(pg_dsn: str) -> None:
         )
         assert overlaps(runs, {}) == []
         assert await world.unprocessed() == 0
+
+
+async def test_a_stream_crosses_to_the_owning_process_and_leaving_it_ends_the_handler(
+    pg_dsn: str,
+) -> None:
+    async with open_world(pg_dsn, "stream") as world:
+        nodes = await world.cluster.start_many(2)
+        assignment = await world.settled(nodes)
+        pid_at = {node.address: node.pid for node in nodes}
+        client = world.client
+
+        async def check(entity_id: str) -> None:
+            owner_pid = pid_at[assignment[shard_of(entity_id)]]
+            with trio.fail_after(WAIT_S):
+                async with client.stream(
+                    ticks, entity_id, Ticks(f"all-{entity_id}", 200), window=8
+                ) as chunks:
+                    received = [(tick.i, tick.pid) async for tick in chunks]
+            assert received == [(i, owner_pid) for i in range(200)]
+            # An endless stream left after 20 chunks: its handler's finally ran there.
+            key = f"left-{entity_id}"
+            with trio.fail_after(WAIT_S):
+                async with client.stream(ticks, entity_id, Ticks(key, -1), window=8) as chunks:
+                    async for tick in chunks:
+                        if tick.i == 19:
+                            break
+            await world.runs.wait_until(lambda: key in world.runs.exits)
+            assert world.runs.exits[key] == [owner_pid]
+
+        for entity_id in [bucket[0] for bucket in entities_per_shard(1)][:4]:
+            await check(entity_id)
+        for node in nodes:
+            await world.cluster.stop(node)
 
 
 async def test_join_and_leave_under_traffic(pg_dsn: str) -> None:

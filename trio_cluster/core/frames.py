@@ -11,7 +11,12 @@ Compatibility rules, since both ends of a connection may run different builds:
 * a field may only be appended, with a default; older decoders ignore trailing
   fields of an array-like struct, so such a change needs no new protocol version;
 * ``Hello`` never changes shape: it carries the version, so it must be readable by
-  every version (see :mod:`trio_cluster.core.protocol`).
+  every version (see :mod:`trio_cluster.core.protocol`);
+* a message type may be added, with a new tag, when it is only ever sent to a peer
+  that showed it knows it: an older decoder refuses an unknown tag and drops the
+  connection. So a :class:`StreamChunk` answers only a Request that asked for a
+  stream (which an older build never sends), and a :class:`StreamCredit` is sent
+  only once the peer sent a chunk of that stream: no new protocol version.
 
 Everything here is pure, with no I/O: :class:`FrameDecoder` is fed whatever bytes
 the socket delivered and hands back whole messages, like h11's connection object.
@@ -42,6 +47,8 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "StreamChunk",
+    "StreamCredit",
     "Welcome",
     "encode",
     "encode_into",
@@ -126,10 +133,15 @@ class Request(_Frame, tag=5, frozen=True):
     """A volatile request. With ``ack`` (a ``tell`` that wants to hear of a refusal),
     the Reply comes as soon as the request is queued or refused, not from its
     handler; an older receiver ignores ``ack`` and replies after the handler,
-    which the sender takes as queued all the same."""
+    which the sender takes as queued all the same.
+
+    ``stream_window`` > 0 asks for a stream (a StreamRpc): the receiver may send
+    that many StreamChunks before it hears of any StreamCredit, and the Reply
+    ends the stream."""
 
     envelope: Envelope
     ack: bool = False
+    stream_window: int = 0
 
 
 class Reply(_Frame, tag=6, frozen=True):
@@ -166,13 +178,56 @@ class Pong(_Frame, tag=10, frozen=True):
     nonce: int
 
 
+class StreamChunk(_Frame, tag=11, frozen=True):
+    """One chunk (an encoded value of the stream's chunk type) of a streaming request.
+
+    Each spends one credit of the stream's window; a chunk beyond it ends the
+    stream on the receiver's side (the peer is not keeping to the window).
+    """
+
+    request_id: int
+    chunk: bytes
+
+
+class StreamCredit(_Frame, tag=12, frozen=True):
+    """The caller consumed ``credits`` chunks of a stream: the handler may send that
+    many more."""
+
+    request_id: int
+    credits: int
+
+
 Message: TypeAlias = (
-    Hello | Welcome | Reject | Goodbye | Request | Reply | Interrupt | Notify | Ping | Pong
+    Hello
+    | Welcome
+    | Reject
+    | Goodbye
+    | Request
+    | Reply
+    | Interrupt
+    | Notify
+    | Ping
+    | Pong
+    | StreamChunk
+    | StreamCredit
 )
 
 _MESSAGE_TYPES: Final[dict[int | str | None, str]] = {
     cls.__struct_config__.tag: cls.__name__
-    for cls in (Hello, Welcome, Reject, Goodbye, Request, Reply, Interrupt, Notify, Ping, Pong)
+    for cls in (
+        Hello,
+        Welcome,
+        Reject,
+        Goodbye,
+        Request,
+        Reply,
+        Interrupt,
+        Notify,
+        Ping,
+        Pong,
+        StreamChunk,
+        StreamCredit,
+    )
 }
 
 _encoder = msgspec.msgpack.Encoder()

@@ -62,6 +62,8 @@ from .frames import (
     Reject,
     Reply,
     Request,
+    StreamChunk,
+    StreamCredit,
     Welcome,
     encode,
     encode_into,
@@ -87,6 +89,8 @@ __all__ = [
     "RequestReceived",
     "Role",
     "State",
+    "StreamChunkReceived",
+    "StreamCreditReceived",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -134,6 +138,8 @@ class RequestReceived(msgspec.Struct, frozen=True, gc=False):
     envelope: Envelope
     ack: bool = False
     """Reply once queued or refused, not after the handler (see :class:`~.frames.Request`)."""
+    stream_window: int = 0
+    """A stream: chunks the handler may send before any credit comes back."""
 
 
 class ReplyReceived(msgspec.Struct, frozen=True, gc=False):
@@ -143,6 +149,16 @@ class ReplyReceived(msgspec.Struct, frozen=True, gc=False):
 
 class InterruptReceived(msgspec.Struct, frozen=True, gc=False):
     request_id: int
+
+
+class StreamChunkReceived(msgspec.Struct, frozen=True, gc=False):
+    request_id: int
+    chunk: bytes
+
+
+class StreamCreditReceived(msgspec.Struct, frozen=True, gc=False):
+    request_id: int
+    credits: int
 
 
 class NotifyReceived(msgspec.Struct, frozen=True, gc=False):
@@ -177,16 +193,20 @@ Event: TypeAlias = (
     | RequestReceived
     | ReplyReceived
     | InterruptReceived
+    | StreamChunkReceived
+    | StreamCreditReceived
     | NotifyReceived
     | PingReceived
     | PongReceived
     | Closed
 )
 
-ApplicationMessage: TypeAlias = Request | Reply | Interrupt | Notify | Ping
+ApplicationMessage: TypeAlias = (
+    Request | Reply | Interrupt | Notify | Ping | StreamChunk | StreamCredit
+)
 """What :meth:`PeerConnection.send` takes; the state machine sends the rest itself."""
 
-_APPLICATION_TYPES: Final = (Request, Reply, Interrupt, Notify, Ping)
+_APPLICATION_TYPES: Final = (Request, Reply, Interrupt, Notify, Ping, StreamChunk, StreamCredit)
 
 
 class PeerConnection:
@@ -332,12 +352,16 @@ class PeerConnection:
         state = self._state
         if state is State.OPEN:
             match message:
-                case Request(envelope, ack):
-                    return RequestReceived(envelope, ack)
+                case Request(envelope, ack, stream_window):
+                    return RequestReceived(envelope, ack, stream_window)
                 case Reply(request_id, reply):
                     return ReplyReceived(request_id, reply)
                 case Interrupt(request_id):
                     return InterruptReceived(request_id)
+                case StreamChunk(request_id, chunk):
+                    return StreamChunkReceived(request_id, chunk)
+                case StreamCredit(request_id, credits):
+                    return StreamCreditReceived(request_id, credits)
                 case Notify(shard_group, shard_index, request_ids):
                     return NotifyReceived(ShardId(shard_group, shard_index), request_ids)
                 case Ping(nonce):

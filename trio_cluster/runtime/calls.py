@@ -76,7 +76,7 @@ class _Request:
 
 
 class Call(_Request):
-    """One ``ask`` or ``tell`` as its caller sends it: what an instrument sees of it.
+    """One ``ask``, ``tell`` or ``stream`` as its caller sends it: what an instrument sees of it.
 
     ``headers`` may be added to in ``request_sent`` (they are sent with the
     request); ``notes`` is the instruments' own scratch space for this call.
@@ -87,7 +87,7 @@ class Call(_Request):
     def __init__(self, envelope: Envelope, kind: str, runner: str) -> None:
         super().__init__(envelope, runner)
         self.kind = kind
-        """``"ask"`` or ``"tell"``."""
+        """``"ask"``, ``"tell"`` or ``"stream"``."""
         self.headers = dict(envelope.headers)
 
 

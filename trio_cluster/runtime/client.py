@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,8 +43,9 @@ from ..core.envelope import (
 )
 from ..core.hashing import ShardId, shard_index
 from ..core.reply import DROPPED
-from ..core.snowflake import SnowflakeGenerator
-from ..entity import Rpc
+from ..core.snowflake import MACHINE_IDS, SnowflakeGenerator
+from ..core.streaming import MAX_WINDOW
+from ..entity import Rpc, StreamRpc
 from ..errors import (
     AlreadyProcessingMessage,
     ClusterError,
@@ -61,6 +62,7 @@ from .delivery import Delivery
 from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
+from .streams import Chunks, StreamSlot
 from .withdrawals import Withdrawals
 
 if TYPE_CHECKING:
@@ -70,6 +72,10 @@ log = logging.getLogger("trio_cluster.client")
 
 P = TypeVar("P")
 S = TypeVar("S")
+C = TypeVar("C")
+
+DEFAULT_WINDOW = 16
+"""Chunks of a stream in flight at once unless the caller says otherwise."""
 
 
 class Client:
@@ -96,7 +102,7 @@ class Client:
         self._session = session
         self._hooks = hooks
         self._machine = session.machine_id
-        self._ids = SnowflakeGenerator(self._machine % 1024)
+        self._ids = SnowflakeGenerator(self._machine % MACHINE_IDS)
 
     def generate_id(self) -> int:
         """A Snowflake id unique in the cluster: request ids are minted with it too.
@@ -107,7 +113,7 @@ class Client:
         machine = self._session.machine_id
         if machine != self._machine:
             self._machine = machine
-            self._ids = SnowflakeGenerator(machine % 1024)
+            self._ids = SnowflakeGenerator(machine % MACHINE_IDS)
         return self._ids.next_id()
 
     async def ask(
@@ -147,14 +153,7 @@ class Client:
             primary_key=primary_key,
         )
         target = envelope.entity_key
-        if target in chain:
-            raise AlreadyProcessingMessage(
-                f"{target} is waiting, up the call chain {' -> '.join(chain)}, "
-                "for this call: at concurrency 1 it could never answer (use tell, "
-                "or raise the entity's concurrency)",
-                entity_id=entity_id,
-                request_id=envelope.request_id,
-            )
+        _refuse_cycle(envelope, chain)
         limit = self._config.send_timeout if timeout is None else timeout
         withdraw = rpc.interruptible and (not rpc.persisted if interrupt is None else interrupt)
         call = self._sending(envelope, "ask")
@@ -185,6 +184,94 @@ class Client:
             raise
         finally:
             self._hooks.request_finished(call, outcome)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        rpc: StreamRpc[P, C],
+        entity_id: str,
+        payload: P,
+        *,
+        window: int = DEFAULT_WINDOW,
+        timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[AsyncIterator[C]]:
+        """Send a streaming request; iterate the chunks its handler yields.
+
+        ``async with client.stream(rpc, id, payload) as chunks:`` enters
+        once the handler sent its first chunk (or ended, or was refused:
+        the first iteration raises that, as ``ask`` would), and
+        ``async for chunk in chunks`` takes them. At most ``window`` chunks
+        are in flight: the handler suspends at its ``yield`` until this
+        caller has consumed enough of them. Leaving the block before the
+        end (a break, an exception, a cancellation) interrupts the handler.
+        The end raises the declared error or ClusterError the handler ended
+        in, after every chunk it sent. ``timeout`` (default
+        ``ShardingConfig.send_timeout``) bounds each wait, for the start and
+        for every chunk: SendTimeout.
+        """
+        if not isinstance(rpc, StreamRpc):
+            raise TypeError(f"stream takes a StreamRpc (got {rpc!r})")
+        if not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+            raise TypeError(f"window must be an int in 1..{MAX_WINDOW} (got {window!r})")
+        chain = call_chain.get()
+        envelope = self._envelope(
+            rpc.rpc, entity_id, payload, chain=chain, deliver_at=None, headers=headers, stream=True
+        )
+        _refuse_cycle(envelope, chain)
+        limit = self._config.send_timeout if timeout is None else timeout
+        call = self._sending(envelope, "stream")
+        envelope = call.envelope
+        try:
+            opened = await self._open_stream(envelope, window, limit)
+        except ClusterError as error:
+            self._hooks.request_finished(call, error.reason)
+            raise
+        except BaseException:
+            self._hooks.request_finished(call, "cancelled")
+            raise
+        slot, delivery, link = opened
+        chunks = Chunks(slot, rpc.rpc, envelope, limit)
+        try:
+            yield chunks
+        finally:
+            _withdraw(delivery, link, interrupt=not slot.answered)
+            self._hooks.request_finished(call, chunks.outcome)
+
+    async def _open_stream(
+        self, envelope: Envelope, window: int, limit: float
+    ) -> tuple[StreamSlot, Delivery, PeerLink | None]:
+        """Send a streaming request until it starts, within ``limit`` seconds: a
+        misrouted one (refused before any chunk by a runner no longer owning its
+        shard) is resent, as ``ask`` does."""
+        with trio.move_on_after(limit if limit > 0 else math.inf):
+            return await self._start_stream(envelope, window)
+        raise SendTimeout(
+            f"{envelope.entity_key} did not start {envelope.rpc!r} within {limit} s",
+            entity_id=envelope.entity_id,
+            request_id=envelope.request_id,
+        )
+
+    async def _start_stream(
+        self, envelope: Envelope, window: int
+    ) -> tuple[StreamSlot, Delivery, PeerLink | None]:
+        delays = self._config.send_retry.delays()
+        while True:
+            slot = StreamSlot(window)
+            delivery = Delivery(envelope, slot, stream=slot)
+            link = await self._deliver(delivery, stream=slot)
+            try:
+                await slot.wait_ready()
+            except BaseException:
+                _withdraw(delivery, link, interrupt=True)
+                raise
+            final = slot.final
+            delay = None
+            if final is not None and replies.misrouted(final):
+                delay = next(delays, None)
+            if delay is None:
+                return slot, delivery, link
+            await trio.sleep(delay)
 
     async def tell(
         self,
@@ -305,10 +392,13 @@ class Client:
         deliver_at: datetime | None,
         headers: Mapping[str, str] | None,
         primary_key: str | None = None,
+        stream: bool = False,
     ) -> Envelope:
         """Check what the caller gave and build the request, before anything is sent."""
         if not isinstance(rpc, Rpc):
             raise TypeError(f"ask and tell take an Rpc (got {rpc!r})")
+        if rpc.stream != stream:
+            raise TypeError(f"{rpc!r} is {'' if rpc.stream else 'not '}a stream: use Client.stream")
         problem = text_problem("entity id", entity_id, MAX_ENTITY_ID_BYTES)
         if problem is not None:
             if not isinstance(entity_id, str):
@@ -387,11 +477,7 @@ class Client:
         try:
             return await slot.wait()
         finally:
-            interrupt = withdraw and not slot.answered
-            if link is not None:
-                link.withdraw(envelope.request_id, interrupt=interrupt)
-            elif interrupt:
-                delivery.interrupt()
+            _withdraw(delivery, link, interrupt=withdraw and not slot.answered)
 
     async def _acknowledged(self, envelope: Envelope) -> None:
         """A volatile tell, returning once its owner queued it; its refusal raised."""
@@ -431,13 +517,16 @@ class Client:
         with contextlib.suppress(EntityNotAssignedToRunner, RunnerUnavailable):
             self._router.route(Delivery(envelope, self._stored_replies.target(envelope.request_id)))
 
-    async def _deliver(self, delivery: Delivery, *, ack: bool = False) -> PeerLink | None:
+    async def _deliver(
+        self, delivery: Delivery, *, ack: bool = False, stream: StreamSlot | None = None
+    ) -> PeerLink | None:
         """Queue a volatile request, retrying while its shard has no owner here.
 
         Returns the link it went out on (None when queued here). Only routing
         failures are retried, within ``ShardingConfig.send_retry``: the
         request has then certainly not reached a handler. With ``ack``, the
-        owner on another runner replies as soon as it queued the request.
+        owner on another runner replies as soon as it queued the request;
+        with ``stream`` (the delivery's own target), it streams its chunks.
         """
         router = self._router
         envelope, target = delivery.envelope, delivery.target
@@ -448,12 +537,36 @@ class Client:
                 if owner is None:
                     return None
                 assert router.network is not None  # route names an owner only with one
+                if stream is not None:
+                    return await router.network.send_stream(owner, envelope, stream)
                 return await router.network.send_request(owner, envelope, target, ack=ack)
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:
                     raise
                 await trio.sleep(delay)
+
+
+def _withdraw(delivery: Delivery, link: PeerLink | None, *, interrupt: bool) -> None:
+    """The caller stopped waiting for a volatile request: forget it on its link (and
+    interrupt its handler there), or interrupt it here, where it was queued."""
+    if link is not None:
+        link.withdraw(delivery.envelope.request_id, interrupt=interrupt)
+    elif interrupt:
+        delivery.interrupt()
+
+
+def _refuse_cycle(envelope: Envelope, chain: tuple[str, ...]) -> None:
+    """A call to an entity waiting up this call's chain could never be answered."""
+    target = envelope.entity_key
+    if target in chain:
+        raise AlreadyProcessingMessage(
+            f"{target} is waiting, up the call chain {' -> '.join(chain)}, "
+            "for this call: at concurrency 1 it could never answer (use tell, "
+            "or raise the entity's concurrency)",
+            entity_id=envelope.entity_id,
+            request_id=envelope.request_id,
+        )
 
 
 def _keyed(envelope: Envelope, rpc: Rpc[P, Any], primary_key: str) -> Envelope:

@@ -6,6 +6,7 @@ import trio
 
 from ..core.envelope import Envelope
 from ..core.reply import ReplyTarget, failure
+from ..core.streaming import ChunkSink
 from ..errors import ClusterError
 
 
@@ -19,13 +20,20 @@ class Delivery:
     withdraw it, and no one else.
     """
 
-    __slots__ = ("_scope", "envelope", "interrupted", "redelivered", "target")
+    __slots__ = ("_scope", "envelope", "interrupted", "redelivered", "stream", "target")
 
     def __init__(
-        self, envelope: Envelope, target: ReplyTarget, *, redelivered: bool = False
+        self,
+        envelope: Envelope,
+        target: ReplyTarget,
+        *,
+        redelivered: bool = False,
+        stream: ChunkSink | None = None,
     ) -> None:
         self.envelope = envelope
         self.target = target
+        self.stream = stream
+        """A streaming request's chunks go here (its target too, which its reply ends)."""
         self.redelivered = redelivered
         """Read back by a redelivery scan: it may have run before (see RequestInfo)."""
         self.interrupted = envelope.interrupted

@@ -29,12 +29,18 @@ started, and its handler is cancelled if it runs: a Trio cancellation in
 the handler's own scope, so its ``finally`` blocks run and the entity's
 other requests are untouched. Its answer is ``Interrupted``, and what it
 changed in the durable state is rolled back, as after a defect.
+
+A stream handler (an async generator) holds its entity for the whole
+stream, like any handler: each chunk waits at its ``yield`` for room in the
+caller's window, so a slow caller slows the handler instead of filling a
+buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import msgspec
@@ -43,6 +49,7 @@ import trio
 from ..core import reply as replies
 from ..core.envelope import Envelope
 from ..core.lifecycle import ENTITY_LIFECYCLE, EntityEvent, EntityState, Lifecycle
+from ..core.streaming import ChunkSink
 from ..errors import (
     ClusterError,
     EntityNotAssignedToRunner,
@@ -436,14 +443,14 @@ class ActiveEntity:
         envelope = delivery.envelope
         rpc = self.implementation.entity.rpcs.get(envelope.rpc)
         if rpc is not None and not rpc.interruptible:
-            return await self._reply_to(envelope, current)
+            return await self._reply_to(delivery, current)
         interrupts = self.shard.interrupts if envelope.persisted else None
         starting = not delivery.interrupted if interrupts is None else interrupts.starting(delivery)
         if not starting:
             return self._interrupted(envelope, "before its handler started")
         try:
             with delivery.handler_scope():
-                return await self._reply_to(envelope, current)
+                return await self._reply_to(delivery, current)
         finally:
             if interrupts is not None:
                 interrupts.finished(delivery)
@@ -559,15 +566,25 @@ class ActiveEntity:
                 await hook(handler)
         return handler
 
-    async def _reply_to(self, envelope: Envelope, current: Handling) -> bytes | _Suspension:
+    async def _reply_to(self, delivery: Delivery, current: Handling) -> bytes | _Suspension:
         """Run the handler under the defect retry policy and encode what it said
-        (SUSPENSION when it suspended on a deferred, see ``ctx.deferred``)."""
+        (SUSPENSION when it suspended on a deferred, see ``ctx.deferred``).
+
+        A stream handler's chunks go to its delivery's stream as it yields
+        them; its reply ends the stream. A defect in it is not retried: the
+        chunks it sent would be sent again.
+        """
+        envelope = delivery.envelope
         implementation = self.implementation
         max_size = self.shard.services.config.max_message_size
         rpc = implementation.entity.rpcs.get(envelope.rpc)
         if rpc is None:
             missing = MalformedMessage(f"{self.address} has no RPC {envelope.rpc!r}")
             return self._error(missing, envelope)
+        sink = delivery.stream
+        if rpc.stream != (sink is not None):
+            shape = "a stream, sent as a request" if rpc.stream else "no stream, sent as one"
+            return self._error(MalformedMessage(f"{rpc!r} is {shape}"), envelope)
         try:
             payload = rpc.payload_decoder.decode(envelope.payload)
         except msgspec.MsgspecError as exc:
@@ -581,7 +598,11 @@ class ActiveEntity:
                 if self._handler is None:
                     self._handler = await self._build_handler()
                 current.suspended_on = None
-                value = await method(self._handler, payload)
+                if sink is None:
+                    value = await method(self._handler, payload)
+                else:
+                    await _pump(method(self._handler, payload), sink, max_size)
+                    value = None
             except StateUnreadable:
                 raise
             except rpc.errors as declared:
@@ -599,11 +620,16 @@ class ActiveEntity:
                     # Suspended, a refused call cycle, a malformed call out:
                     # deterministic, so a restart could only repeat it.
                     return self._error(defect, envelope)
+                if sink is not None and isinstance(defect, RunnerUnavailable):
+                    # From the sink: the stream's caller is gone (its link closed),
+                    # no defect of the handler's. From a call the handler made: a
+                    # stream is never run again anyway. Either way it ends here.
+                    return self._error(defect, envelope)
                 # Anything else undeclared is a defect: drop the (possibly
                 # corrupt) handler state and retry on a fresh instance.
                 self._forget_state()
                 self.shard.services.hooks.defect(current, defect)
-                delay = next(delays, None)
+                delay = None if sink is not None else next(delays, None)
                 log.warning(
                     "defect in %s handling %s (retry in %s s)",
                     self.address,
@@ -631,3 +657,14 @@ class ActiveEntity:
     def _error(self, error: ClusterError, envelope: Envelope) -> bytes:
         error.entity_id = self.address.entity_id
         return replies.failure(error, envelope.request_id)
+
+
+async def _pump(chunks: AsyncGenerator[object, None], sink: ChunkSink, max_size: int) -> None:
+    """Send each chunk a stream handler yields, waiting at its ``yield`` for credit.
+
+    Closed on every way out, so an interrupt (a cancellation while it waits)
+    reaches the generator at its ``yield``, where its ``finally`` blocks run.
+    """
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            await sink.send_chunk(replies.encode_payload(chunk, max_size))

@@ -50,11 +50,11 @@ class Counters(Instrument):
         self.schedule_failures = 0
 
     def request_sent(self, call: Call) -> None:
-        if call.kind == "ask":
+        if call.kind != "tell":
             self.waiting_callers += 1
 
     def request_finished(self, call: Call, outcome: Outcome) -> None:
-        if call.kind == "ask":
+        if call.kind != "tell":
             self.waiting_callers -= 1
         if outcome not in _NOT_ERRORS:
             self.errors[outcome] += 1
@@ -144,7 +144,7 @@ class Snapshot:
     resident_entities: int
     owned_shards: int
     waiting_callers: int
-    """Asks made on this runner that are waiting for their reply now."""
+    """Asks and streams made on this runner that are waiting for their end now."""
     redelivered: int
     """Persisted requests handled after being read back by a redelivery scan."""
     lease_losses: int

@@ -101,7 +101,7 @@ class Router:
                 shard.offer(Delivery(envelope, DROPPED))
                 reply.resolve(ACCEPTED)
                 return
-            delivery = Delivery(envelope, reply)
+            delivery = Delivery(envelope, reply, stream=reply.sink())
             shard.offer(delivery)
             reply.delivery = delivery
         except ClusterError as error:

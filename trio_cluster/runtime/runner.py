@@ -116,6 +116,7 @@ class Runner(metaclass=NoPublicConstructor):
         self.client = client
         self.ask = client.ask
         self.tell = client.tell
+        self.stream = client.stream
         self.complete_deferred = client.complete_deferred
         self.fail_deferred = client.fail_deferred
         self.generate_id = client.generate_id

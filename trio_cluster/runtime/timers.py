@@ -70,8 +70,10 @@ class EntityTimers:
         ``at``/``after``; ValueError for a name storage cannot hold.
         """
         address = self._address
-        if not isinstance(rpc, Rpc) or rpc.entity.name != address.entity_type:
-            raise TypeError(f"a timer sends one of {address.entity_type}'s own RPCs (got {rpc!r})")
+        if not isinstance(rpc, Rpc) or rpc.stream or rpc.entity.name != address.entity_type:
+            raise TypeError(
+                f"a timer sends one of {address.entity_type}'s own RPCs, no stream (got {rpc!r})"
+            )
         _check_name(name)
         if (at is None) == (after is None):
             raise TypeError("arm a timer with exactly one of at= or after=")

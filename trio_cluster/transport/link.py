@@ -18,6 +18,16 @@ not sent. An interrupt for an id not in flight (answered already, never
 received) is ignored, so the bookkeeping is the in-flight set alone, which
 ``max_requests`` bounds.
 
+A streaming request (see :mod:`trio_cluster.core.streaming`) is a request
+whose handler sends StreamChunks before its Reply, each spending a credit
+the caller granted; the caller grants more with StreamCredit frames as it
+consumes them. Chunks and credits are taken only for a stream in flight
+on this link: one for an id that is not (a race with an interrupt, or a
+peer's guess) is ignored and counted, and a chunk beyond the window ends
+that stream with MalformedMessage and interrupts its handler. When a link
+ends, the peer's streams being handled here are interrupted: no caller is
+left to grant them credit.
+
 Three tasks per link, in the link's own nursery: a reader feeding bytes to
 the state machine, a writer flushing whatever is queued in one ``send_all``
 (a burst of messages costs one system call), and a pinger that closes a link
@@ -36,7 +46,15 @@ import trio
 
 from ..core import reply as replies
 from ..core.envelope import Envelope
-from ..core.frames import FrameTooLarge, Interrupt, Ping, Reply, Request
+from ..core.frames import (
+    FrameTooLarge,
+    Interrupt,
+    Ping,
+    Reply,
+    Request,
+    StreamChunk,
+    StreamCredit,
+)
 from ..core.lifecycle import LINK_LIFECYCLE, Lifecycle, LinkEvent, LinkState
 from ..core.protocol import (
     Closed,
@@ -48,12 +66,16 @@ from ..core.protocol import (
     RequestReceived,
     Role,
     State,
+    StreamChunkReceived,
+    StreamCreditReceived,
 )
 from ..core.reply import ReplyTarget
+from ..core.streaming import ChunkReceiver, ChunkSink, granted
 from ..errors import (
     AlreadyProcessingMessage,
     ClusterError,
     MailboxFull,
+    MalformedMessage,
     RunnerUnavailable,
     SerializationError,
 )
@@ -110,6 +132,37 @@ class LinkReply:
     def resolve(self, reply: bytes) -> None:
         self.link.send_reply(self.request_id, reply)
 
+    def sink(self) -> ChunkSink | None:
+        """Where the handler's chunks go: nowhere, but for a streaming request."""
+        return None
+
+
+class LinkStream(LinkReply, ChunkSink):
+    """A peer's streaming request: its chunks go out on the link as its credit allows."""
+
+    __slots__ = ("_credit", "_granted", "_window")
+
+    def __init__(self, link: PeerLink, request_id: int, window: int) -> None:
+        super().__init__(link, request_id)
+        self._window = window
+        self._credit = window
+        self._granted = trio.Event()
+
+    def sink(self) -> ChunkSink:
+        return self
+
+    def grant(self, credits: int) -> None:
+        self._credit = granted(self._credit, credits, self._window)
+        self._granted.set()
+        self._granted = trio.Event()
+
+    async def send_chunk(self, chunk: bytes) -> None:
+        while self._credit == 0:
+            # Interrupted (withdrawn, or the link ended): the handler is cancelled here.
+            await self._granted.wait()
+        self._credit -= 1
+        self.link.send_chunk(self.request_id, chunk)
+
 
 class PeerLink:
     """A connection, opening or open, to one peer runner."""
@@ -145,9 +198,13 @@ class PeerLink:
         # Requests we sent and not yet answered, by our request id: failed at once
         # if the link drops. Replies for any other id are ignored.
         self._outbound: dict[int, ReplyTarget] = {}
+        # Our streaming requests among them, whose chunks are taken.
+        self._streams: dict[int, ChunkReceiver] = {}
         # The peer's requests being handled here, by the peer's request id.
         self._inbound: dict[int, LinkReply] = {}
         self.ignored_replies = 0
+        self.ignored_stream_frames = 0
+        """Chunks and credits for no stream in flight here (late, or a peer's guess)."""
         self.peer: str | None = None
         self.close_reason = ""
 
@@ -229,10 +286,21 @@ class PeerLink:
         stopped reading (the link then closes), SerializationError when the
         request does not fit a frame; nothing is in flight then.
         """
+        self._send_request(envelope, target, Request(envelope, ack))
+
+    def send_stream(self, envelope: Envelope, receiver: ChunkReceiver) -> None:
+        """Queue a streaming request granting ``receiver.window`` credits: its chunks go to
+        ``receiver``, which grants more through this link; refused as ``send_request``."""
+        self._send_request(envelope, receiver, Request(envelope, stream_window=receiver.window))
+        request_id = envelope.request_id
+        self._streams[request_id] = receiver
+        receiver.grant_with(lambda credits: self._send_credit(request_id, credits))
+
+    def _send_request(self, envelope: Envelope, target: ReplyTarget, request: Request) -> None:
         if not self.open:
             raise RunnerUnavailable(f"link to {self.peer} is closed: {self.close_reason}")
         try:
-            queued = self._conn.send(Request(envelope, ack))
+            queued = self._conn.send(request)
         except FrameTooLarge as error:
             raise SerializationError(
                 f"request to {self.peer} does not fit a frame: {error}",
@@ -251,10 +319,38 @@ class PeerLink:
         With ``interrupt``, and the request still unanswered, the peer is told
         to cancel its handler (at most one Interrupt frame per request).
         """
+        self._streams.pop(request_id, None)
         if self._outbound.pop(request_id, None) is None or not interrupt or not self.open:
             return
-        if not self._conn.send(Interrupt(request_id)):
+        self._send_control(Interrupt(request_id))
+
+    def _send_credit(self, request_id: int, credits: int) -> None:
+        if request_id in self._streams and self.open:
+            self._send_control(StreamCredit(request_id, credits))
+
+    def _send_control(self, message: Interrupt | StreamCredit) -> None:
+        if not self._conn.send(message):
             self._close(self._conn.close_reason or "peer is not reading")
+        self._wake_writer.set()
+
+    def send_chunk(self, request_id: int, chunk: bytes) -> None:
+        """Send a chunk of the peer's streaming request ``request_id``.
+
+        Raises RunnerUnavailable when the request is no longer in flight here
+        (withdrawn, or the link closed), SerializationError for a chunk too
+        large for a frame.
+        """
+        if request_id not in self._inbound or not self.open:
+            raise RunnerUnavailable(f"the caller of request {request_id} is gone")
+        try:
+            queued = self._conn.send(StreamChunk(request_id, chunk))
+        except FrameTooLarge as error:
+            raise SerializationError(
+                f"a chunk does not fit a frame: {error}", request_id=request_id
+            ) from None
+        if not queued:
+            self._close(self._conn.close_reason or "peer is not reading")
+            raise RunnerUnavailable(f"{self.peer} is not reading: {self.close_reason}")
         self._wake_writer.set()
 
     def send_reply(self, request_id: int, reply: bytes) -> None:
@@ -301,14 +397,23 @@ class PeerLink:
 
     def _dispatch(self, event: Event) -> None:
         match event:
-            case RequestReceived(envelope, ack):
-                self._received(envelope, ack)
+            case RequestReceived(envelope, ack, stream_window):
+                self._received(envelope, ack, stream_window)
             case ReplyReceived(request_id, reply):
                 target = self._outbound.pop(request_id, None)
+                self._streams.pop(request_id, None)
                 if target is None:
                     self.ignored_replies += 1
                 else:
                     target.resolve(reply)
+            case StreamChunkReceived(request_id, chunk):
+                self._chunk(request_id, chunk)
+            case StreamCreditReceived(request_id, credits):
+                inbound = self._inbound.get(request_id)
+                if isinstance(inbound, LinkStream):
+                    inbound.grant(credits)
+                else:
+                    self.ignored_stream_frames += 1
             case InterruptReceived(request_id):
                 # Popped: the handler's reply, if it comes, is not sent.
                 interrupted = self._inbound.pop(request_id, None)
@@ -323,6 +428,16 @@ class PeerLink:
                 # Pings are answered by the state machine; notify frames are
                 # not acted on in this version.
                 pass
+
+    def _chunk(self, request_id: int, chunk: bytes) -> None:
+        receiver = self._streams.get(request_id)
+        if receiver is None:
+            self.ignored_stream_frames += 1
+        elif not receiver.receive_chunk(chunk):
+            log.warning("%s overran the window of stream %s: ending it", self.peer, request_id)
+            self.withdraw(request_id, interrupt=True)
+            overrun = MalformedMessage(f"{self.peer} sent a chunk beyond the stream's window")
+            receiver.resolve(replies.failure(overrun, request_id))
 
     def _handshaken(self, peer_runner: str) -> None:
         problem = None
@@ -339,7 +454,7 @@ class PeerLink:
         self._life.fire(LinkEvent.HANDSHAKEN)
         self._ready.set()
 
-    def _received(self, envelope: Envelope, ack: bool) -> None:
+    def _received(self, envelope: Envelope, ack: bool, stream_window: int) -> None:
         request_id = envelope.request_id
         if request_id in self._inbound:
             # The original keeps its place; only this copy is refused.
@@ -356,7 +471,12 @@ class PeerLink:
             )
             self._reply(request_id, replies.failure(refusal, request_id))
             return
-        reply = self._inbound[request_id] = LinkReply(self, request_id, ack=ack)
+        reply = (
+            LinkStream(self, request_id, stream_window)
+            if stream_window > 0
+            else LinkReply(self, request_id, ack=ack)
+        )
+        self._inbound[request_id] = reply
         self._on_request(reply, envelope)
 
     async def _write(self) -> None:
@@ -418,7 +538,12 @@ class PeerLink:
     def _fail_in_flight(self) -> None:
         """A volatile request whose link dropped may or may not have run: say so now."""
         outbound, self._outbound = self._outbound, {}
-        self._inbound.clear()
+        inbound, self._inbound = self._inbound, {}
+        self._streams.clear()
+        for handled in inbound.values():
+            # A stream here would wait for ever for credit from a caller that is gone.
+            if isinstance(handled, LinkStream) and handled.delivery is not None:
+                handled.delivery.interrupt()
         for request_id, target in outbound.items():
             error = RunnerUnavailable(f"connection to {self.peer} lost: {self.close_reason}")
             target.resolve(replies.failure(error, request_id))

@@ -21,6 +21,7 @@ import trio
 
 from ..core.envelope import Envelope
 from ..core.reply import ReplyTarget
+from ..core.streaming import ChunkReceiver
 from ..errors import RunnerUnavailable
 from .config import TransportConfig
 from .link import LinkReply, LinkSettings, PeerLink
@@ -74,10 +75,21 @@ class Network:
         soon as the peer queued or refused it); the caller withdraws the
         request from the returned link if it stops waiting.
         """
+        link = await self.link_to(peer)
+        link.send_request(envelope, target, ack=ack)
+        return link
+
+    async def send_stream(self, peer: str, envelope: Envelope, receiver: ChunkReceiver) -> PeerLink:
+        """Queue a streaming request on the link to ``peer``, as ``send_request`` does."""
+        link = await self.link_to(peer)
+        link.send_stream(envelope, receiver)
+        return link
+
+    async def link_to(self, peer: str) -> PeerLink:
+        """The open link to ``peer``, dialled first if there is none."""
         link = self._links.get(peer)
         if link is None or not link.open:
             link = await self._dial(peer)
-        link.send_request(envelope, target, ack=ack)
         return link
 
     async def _dial(self, peer: str) -> PeerLink:
