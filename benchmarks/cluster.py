@@ -117,7 +117,6 @@ from .plot import write_latency_plot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SHARDS: Final = 100
-CONFIG: Final = ShardingConfig(shards_per_group=SHARDS)
 SENDERS: Final = 100
 """Concurrent sender tasks, and entities, in the throughput runs."""
 LATENCY_ENTITIES: Final = 10
@@ -176,8 +175,8 @@ class Node:
 _names = count(1)
 
 
-def start_node(children: Children, dsn: str, prefix: str) -> Node:
-    args = [dsn, "--prefix", prefix, "--shards", str(SHARDS)]
+def start_node(children: Children, dsn: str, prefix: str, shards: int = SHARDS) -> Node:
+    args = [dsn, "--prefix", prefix, "--shards", str(shards)]
     child = children.start(
         f"runner-{next(_names)}",
         python_module("benchmarks.bench_node", *args),
@@ -324,14 +323,16 @@ async def concurrently(per_sender: Callable[[int], Awaitable[None]]) -> int:
     return await _concurrently_among(per_sender, SENDERS)
 
 
-def ids_for_shards(prefix: str, shards: set[ShardId]) -> dict[ShardId, str]:
-    """One entity id per shard in ``shards``."""
+def ids_for_shards(
+    prefix: str, shards: set[ShardId], per_group: int = SHARDS
+) -> dict[ShardId, str]:
+    """One entity id per shard in ``shards`` (of a layout of ``per_group`` shards)."""
     found: dict[ShardId, str] = {}
     for n in count():
         if len(found) == len(shards):
             return found
         entity_id = f"{prefix}{n}"
-        shard = Bench.shard_of(entity_id, SHARDS)
+        shard = Bench.shard_of(entity_id, per_group)
         if shard in shards and shard not in found:
             found[shard] = entity_id
     raise AssertionError("unreachable")
@@ -351,9 +352,10 @@ class Cluster:
     failed_asks: int = 0
     statements: bool = False
     """Whether the server counts statements (pg_stat_statements is loaded)."""
+    shards: int = SHARDS
 
     def owner(self, entity_id: str) -> str | None:
-        return self.client.assignment.get(Bench.shard_of(entity_id, SHARDS))
+        return self.client.assignment.get(Bench.shard_of(entity_id, self.shards))
 
     def check_cross_process(self, entity_ids: list[str]) -> None:
         """Every measured entity lives in a runner process other than this one."""
@@ -392,21 +394,30 @@ class Cluster:
 
 @asynccontextmanager
 async def open_cluster(
-    children: Children, server: ThrowawayPostgres, prefix: str
+    children: Children,
+    server: ThrowawayPostgres,
+    prefix: str,
+    *,
+    runners: int = 2,
+    shards: int = SHARDS,
 ) -> AsyncIterator[Cluster]:
+    """``runners`` runner processes and a client here, on ``shards`` shards, settled."""
     dsn = server.dsn
-    nodes = [start_node(children, dsn, prefix) for _ in range(2)]
+    nodes = [start_node(children, dsn, prefix, shards) for _ in range(runners)]
     for node in nodes:
         await node.ready()
+    config = ShardingConfig(shards_per_group=shards)
     async with (
         open_postgres_storage(dsn, prefix=prefix) as storage,
         open_runner(
-            storage=storage, config=CONFIG, transport=TransportConfig(cluster=prefix)
+            storage=storage, config=config, transport=TransportConfig(cluster=prefix)
         ) as client,
     ):
         async with open_connection(dsn) as conn:
             statements = await enable_statements(conn)
-        cluster = Cluster(children, server, dsn, prefix, client, nodes, statements=statements)
+        cluster = Cluster(
+            children, server, dsn, prefix, client, nodes, statements=statements, shards=shards
+        )
         await cluster.settled()
         try:
             yield cluster
@@ -503,8 +514,8 @@ async def failover(
     """SIGKILL ``victim`` and time its shards' return; with ``restart``, start a replacement."""
     client = cluster.client
     shards = {s for s, owner in client.assignment.items() if owner == victim.address}
-    probes = ids_for_shards(f"{tag}-p", shards)
-    outage_entity = ids_for_shards(f"{tag}-o", {min(shards)})[min(shards)]
+    probes = ids_for_shards(f"{tag}-p", shards, cluster.shards)
+    outage_entity = ids_for_shards(f"{tag}-o", {min(shards)}, cluster.shards)[min(shards)]
     served: list[float] = []
     victim.child.kill()
     killed = clock()
@@ -516,7 +527,7 @@ async def failover(
 
     replacement = None
     if restart:
-        replacement = start_node(cluster.children, cluster.dsn, cluster.prefix)
+        replacement = start_node(cluster.children, cluster.dsn, cluster.prefix, cluster.shards)
 
     async def watch_assignment() -> None:
         while victim.address in client.assignment.values():
