@@ -90,6 +90,7 @@ from trio_cluster.core.frames import FrameDecoder, Reply, Request, encode_into
 from trio_cluster.demo.orchestrate import Child, Children, python_module
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.pgdriver.server import ThrowawayPostgres
+from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .bench_node import Bench, Payload, echo, persist
@@ -125,6 +126,8 @@ ASK_TIMEOUT: Final = 5.0
 PROBE_TIMEOUT: Final = 0.1
 """A failover probe gives up and asks again after this: the measuring granularity."""
 OUTAGE_TIMEOUT: Final = 60.0
+LOCK_POLL: Final = 0.005
+"""How often failover reads pg_locks for the dead runner's shards held again."""
 STARTUP_TIMEOUT: Final = 60.0
 
 
@@ -506,6 +509,25 @@ class Outage:
     first_shard: float | None = None
     all_shards: float | None = None
     persisted: float | None = None
+    held: float | None = None
+    """When every one of its shards' locks was held again (by a survivor), seen in pg_locks."""
+
+
+async def held_again(dsn: str, namespace: int, shards: set[ShardId], victim_pid: int) -> None:
+    """Return once every one of ``shards`` has its lock held by a backend not ``victim_pid``."""
+    indexes = ",".join(str(shard.index) for shard in shards)
+    async with open_connection(dsn) as conn:
+        # Polled: the server has no event for a lock being taken.
+        while True:
+            held = await conn.fetchval(
+                "SELECT count(DISTINCT objid) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted AND objsubid = 2 AND classid = $1::int::oid AND pid <> $3"
+                " AND objid::int8 = ANY (string_to_array($2, ',')::int8[])",
+                [namespace, indexes, victim_pid],
+            )
+            if held == len(shards):
+                return
+            await trio.sleep(LOCK_POLL)
 
 
 async def failover(
@@ -517,6 +539,12 @@ async def failover(
     probes = ids_for_shards(f"{tag}-p", shards, cluster.shards)
     outage_entity = ids_for_shards(f"{tag}-o", {min(shards)}, cluster.shards)[min(shards)]
     served: list[float] = []
+    (group,) = {shard.group for shard in shards}
+    async with open_connection(cluster.dsn) as conn:
+        namespace = await lock_namespace(conn, f"{cluster.prefix}:group:{group}")
+        victim_pid = await conn.fetchval(
+            f"SELECT lock_pid FROM {cluster.prefix}runners WHERE address = $1", [victim.address]
+        )
     victim.child.kill()
     killed = clock()
     result = Outage(killed)
@@ -550,9 +578,14 @@ async def failover(
         )
         result.persisted = since_kill()
 
+    async def watch_locks() -> None:
+        await held_again(cluster.dsn, namespace, shards, victim_pid)
+        result.held = since_kill()
+
     with trio.fail_after(OUTAGE_TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_assignment)
+            nursery.start_soon(watch_locks)
             nursery.start_soon(persisted_during_outage)
             for entity_id in probes.values():
                 nursery.start_soon(probe, entity_id)
@@ -563,7 +596,7 @@ async def failover(
     log(
         f"  {kind}: {len(shards)} shards; assignment {result.assignment:.3f} s, first shard "
         f"{result.first_shard:.3f} s, all {result.all_shards:.3f} s, persisted ask "
-        f"{result.persisted:.3f} s"
+        f"{result.persisted:.3f} s, all held again {result.held:.3f} s"
     )
     return result, replacement
 
