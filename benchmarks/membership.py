@@ -13,7 +13,7 @@ throwaway PostgreSQL with stock durability and pg_stat_statements, then:
 * idle: nothing is sent for ``--idle`` seconds; the growth of
   PostgreSQL's counters over that window (statements from
   pg_stat_statements, transactions, WAL records and WAL writes from
-  pg_stat_wal, the server's CPU) per second, and the statements per
+  pg_stat_wal, autovacuum and autoanalyze runs, the server's CPU) per second, and the statements per
   second per registered runner. Snapshots are taken after ``SETTLE_S``
   of quiet each (see ``pgstats``), so both miss the same tail and the
   difference is the steady state. The busiest idle statements are listed.
@@ -55,10 +55,12 @@ async def counters(conn: Connection) -> dict[str, float]:
         "SELECT (SELECT coalesce(sum(calls), 0) FROM pg_stat_statements"
         "        WHERE query NOT LIKE '%pg_stat%'),"
         " (SELECT sum(xact_commit) FROM pg_stat_database),"
-        " wal_records, wal_write FROM pg_stat_wal"
+        " wal_records, wal_write,"
+        " (SELECT sum(autovacuum_count + autoanalyze_count) FROM pg_stat_all_tables)"
+        " FROM pg_stat_wal"
     )
     assert row is not None
-    names = ("statements", "transactions", "wal_records", "wal_writes")
+    names = ("statements", "transactions", "wal_records", "wal_writes", "autovacuums")
     return {name: float(value) for name, value in zip(names, row, strict=True)}
 
 
@@ -68,7 +70,7 @@ async def idle(cluster: Cluster, seconds: float) -> dict[str, Any]:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         # The earlier phases' writes are vacuumed and checkpointed first, so the
         # window's WAL is what the idle cluster writes, not maintenance of before.
-        await conn.execute("VACUUM")
+        await conn.execute("VACUUM ANALYZE")
         await conn.execute("CHECKPOINT")
         await trio.sleep(SETTLE_S)
         await conn.execute("SELECT pg_stat_statements_reset()")
