@@ -511,11 +511,17 @@ class Outage:
     persisted: float | None = None
     held: float | None = None
     """When every one of its shards' locks was held again (by a survivor), seen in pg_locks."""
+    first_held: float | None = None
+    """When the first of them was: the death noticed, plus one acquisition."""
 
 
-async def held_again(dsn: str, namespace: int, shards: set[ShardId], victim_pid: int) -> None:
-    """Return once every one of ``shards`` has its lock held by a backend not ``victim_pid``."""
+async def held_again(
+    dsn: str, namespace: int, shards: set[ShardId], victim_pid: int, first: Callable[[], None]
+) -> None:
+    """Return once every one of ``shards`` has its lock held by a backend not ``victim_pid``;
+    ``first()`` is called when the first of them is."""
     indexes = ",".join(str(shard.index) for shard in shards)
+    any_held = False
     async with open_connection(dsn) as conn:
         # Polled: the server has no event for a lock being taken.
         while True:
@@ -525,6 +531,9 @@ async def held_again(dsn: str, namespace: int, shards: set[ShardId], victim_pid:
                 " AND objid::int8 = ANY (string_to_array($2, ',')::int8[])",
                 [namespace, indexes, victim_pid],
             )
+            if held and not any_held:
+                any_held = True
+                first()
             if held == len(shards):
                 return
             await trio.sleep(LOCK_POLL)
@@ -578,8 +587,11 @@ async def failover(
         )
         result.persisted = since_kill()
 
+    def first_held() -> None:
+        result.first_held = since_kill()
+
     async def watch_locks() -> None:
-        await held_again(cluster.dsn, namespace, shards, victim_pid)
+        await held_again(cluster.dsn, namespace, shards, victim_pid, first_held)
         result.held = since_kill()
 
     with trio.fail_after(OUTAGE_TIMEOUT):
@@ -596,7 +608,8 @@ async def failover(
     log(
         f"  {kind}: {len(shards)} shards; assignment {result.assignment:.3f} s, first shard "
         f"{result.first_shard:.3f} s, all {result.all_shards:.3f} s, persisted ask "
-        f"{result.persisted:.3f} s, all held again {result.held:.3f} s"
+        f"{result.persisted:.3f} s, first held again {result.first_held:.3f} s,"
+        f" all held again {result.held:.3f} s"
     )
     return result, replacement
 

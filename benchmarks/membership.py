@@ -31,6 +31,7 @@ Nothing here asserts on a time; the report prints the medians.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 from functools import partial
@@ -48,6 +49,14 @@ from .common import log, write_json
 from .pgstats import SERVER_SETTINGS, SETTLE_S, server_cpu
 
 TOP_STATEMENTS: Final = 4
+IDLE_RATES: Final = (
+    "statements_per_runner",
+    "statements",
+    "wal_records",
+    "wal_writes",
+    "transactions",
+    "server_cpu_percent",
+)
 
 
 async def counters(conn: Connection) -> dict[str, float]:
@@ -108,18 +117,23 @@ async def measure(
     prefix = f"mbench{os.getpid() % 100000}_{runners}_{shards}_"
     log(f"{runners} runners x {shards} shards ({prefix})")
     async with open_cluster(children, server, prefix, runners=runners, shards=shards) as cluster:
-        log("  idle")
-        quiet = await idle(cluster, idle_s)
-        log(f"  idle: {quiet['rates']}")
+        quiet = None
+        if idle_s > 0:
+            log("  idle")
+            quiet = await idle(cluster, idle_s)
+            log(f"  idle: {quiet['rates']}")
         failovers: list[float] = []
         held: list[float] = []
+        first: list[float] = []
         for repeat in range(repeats):
             outage, _ = await failover(
                 cluster, cluster.nodes[-1], restart=False, tag=f"m{runners}-{shards}-{repeat}"
             )
             assert outage.all_shards is not None and outage.held is not None
+            assert outage.first_held is not None
             failovers.append(outage.all_shards * 1e3)
             held.append(outage.held * 1e3)
+            first.append(outage.first_held * 1e3)
             back = start_node(children, cluster.dsn, prefix, shards)
             await back.ready()
             cluster.nodes.append(back)
@@ -132,29 +146,33 @@ async def measure(
         "failover_median_ms": statistics.median(failovers),
         "held_again_ms": held,
         "held_again_median_ms": statistics.median(held),
+        "first_held_ms": first,
+        "first_held_median_ms": statistics.median(first),
     }
 
 
 def report(results: list[dict[str, Any]]) -> str:
     lines = [
         "| runners | shards | statements/s per runner | statements/s | WAL records/s"
-        " | WAL writes/s | transactions/s | server CPU % | failover: all shards held again"
-        " (median; runs) | all shards answer a probe (median; runs) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | WAL writes/s | transactions/s | server CPU % | failover: first shard held again"
+        " (median; runs) | all shards held again | all shards answer a probe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        rates = result["idle"]["rates"]
+        rates = result["idle"]["rates"] if result["idle"] else dict.fromkeys(IDLE_RATES, math.nan)
         runs = ", ".join(f"{ms:.0f}" for ms in result["failover_all_shards_ms"])
         held = ", ".join(f"{ms:.0f}" for ms in result["held_again_ms"])
+        first = ", ".join(f"{ms:.0f}" for ms in result["first_held_ms"])
         lines.append(
             f"| {result['runners']} (+1 client) | {result['shards']}"
             f" | {rates['statements_per_runner']:.2f} | {rates['statements']:.2f}"
             f" | {rates['wal_records']:.2f} | {rates['wal_writes']:.2f}"
             f" | {rates['transactions']:.2f} | {rates.get('server_cpu_percent', float('nan')):.1f}"
+            f" | {result['first_held_median_ms']:.0f} ms ({first})"
             f" | {result['held_again_median_ms']:.0f} ms ({held})"
             f" | {result['failover_median_ms']:.0f} ms ({runs}) |"
         )
-    for result in results:
+    for result in filter(lambda result: result["idle"], results):
         top = "; ".join(f"{calls}x {query}" for calls, query in result["idle"]["top"])
         lines.append(f"\n{result['runners']} x {result['shards']} idle statements: {top}")
     return "\n".join(lines)
@@ -165,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runners", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--shards", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=3, help="failovers per pair (3)")
-    parser.add_argument("--idle", type=float, default=30.0, help="idle window, seconds (30)")
+    parser.add_argument(
+        "--idle", type=float, default=30.0, help="idle window, seconds (30; 0: failover only)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results")
     args = parser.parse_args(argv)
     server = ThrowawayPostgres(durable=True, settings=SERVER_SETTINGS)
