@@ -26,7 +26,7 @@ from trio_cluster.pgdriver import open_connection
 from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.storage.status import ClusterStatus
 
-from .cluster_app import POLL_VARIABLE
+from .cluster_app import POLL_VARIABLE, create_runs
 from .test_cluster_processes import Cluster
 from .test_status_processes import owners, poll, settled_on
 
@@ -61,9 +61,10 @@ async def test_a_silent_death_is_announced_and_its_shards_taken_over(
     prefix = f"dd{uuid.uuid4().hex[:8]}_"
     cluster = Cluster(pg_dsn, prefix, env=ENV)
     try:
-        nodes = await cluster.start_many(3)
-        ids = {node.machine_id for node in nodes}
         async with open_connection(pg_dsn) as conn:
+            await create_runs(conn, prefix)  # before the apps, which would race creating it
+            nodes = await cluster.start_many(3)
+            ids = {node.machine_id for node in nodes}
             await poll(conn, prefix, settled_on(ids))
             victim = nodes[1]
             survivors = ids - {victim.machine_id}
@@ -90,8 +91,9 @@ async def test_a_postgres_restart_heals_without_the_safety_poll(
     prefix = f"dd{uuid.uuid4().hex[:8]}_"
     cluster = Cluster(own_pg_server.dsn, prefix, env=ENV)
     try:
-        nodes = await cluster.start_many(3)
         async with open_connection(own_pg_server.dsn) as conn:
+            await create_runs(conn, prefix)  # before the apps, which would race creating it
+            nodes = await cluster.start_many(3)
             await poll(conn, prefix, settled_on({node.machine_id for node in nodes}))
         await trio.to_thread.run_sync(own_pg_server.restart)
         async with open_connection(own_pg_server.dsn) as conn:
