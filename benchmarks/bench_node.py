@@ -15,8 +15,14 @@ Two modes, both started by the benchmark from the repository root:
     ``ready <host:port>``.
 
 Both answer ``status`` on stdin with one line,
-``status <process CPU seconds> <messages processed> <shards owned>``,
-which is how the benchmark weighs the CPU each message costs here.
+``status <process CPU seconds> <messages processed> <shards owned> <requests refused>``,
+which is how the benchmark weighs the CPU each message costs here (and
+counts the refusals, ``MailboxFull`` and others, a fire-and-forget
+sender never hears).
+A runner also answers ``cancelled`` with
+``cancelled <count> <key>:<ns> ...``: when each ``hang`` handler since the
+last ``cancelled`` was cancelled, on the system-wide ``CLOCK_MONOTONIC``
+(which the caller's process reads too), for ``benchmarks.interrupts``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import os
 import sys
 import time
+from collections import deque
 
 import msgspec
 import trio
@@ -52,6 +59,22 @@ class Payload(msgspec.Struct, frozen=True):
 Bench = Entity("ClusterBench")
 echo = Bench.rpc("echo", Payload, int)
 persist = Bench.rpc("persist", Payload, int, persisted=True, primary_key=lambda p: p.key)
+hang = Bench.rpc("hang", Payload, int)
+"""Volatile: waits until interrupted, then notes when (``CANCELLED``)."""
+hang_persisted = Bench.rpc(
+    "hang_persisted", Payload, int, persisted=True, primary_key=lambda p: p.key
+)
+
+CANCELLED: deque[tuple[str, int]] = deque(maxlen=100_000)
+"""``(key, CLOCK_MONOTONIC ns)`` of each cancelled ``hang`` handler, until ``cancelled`` asks."""
+
+
+async def hang_until_cancelled(key: str) -> int:
+    try:
+        await trio.sleep_forever()
+    finally:
+        CANCELLED.append((key, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+    raise AssertionError("unreachable")
 
 
 class BenchHandler:
@@ -68,6 +91,14 @@ class BenchHandler:
         self.count += payload.n
         return self.count
 
+    @hang.handler
+    async def on_hang(self, payload: Payload) -> int:
+        return await hang_until_cancelled(payload.key)
+
+    @hang_persisted.handler
+    async def on_hang_persisted(self, payload: Payload) -> int:
+        return await hang_until_cancelled(payload.key)
+
 
 # -- the stdin commands -------------------------------------------------------------
 
@@ -83,7 +114,11 @@ class Counts:
         runner = self.runner
         processed = self.frames if runner is None else runner.snapshot().processed
         shards = 0 if runner is None else len(runner.shards)
-        return f"status {time.process_time():.6f} {processed} {shards}"
+        refused = 0
+        if runner is not None:
+            snapshot = runner.snapshot()
+            refused = snapshot.mailbox_full + snapshot.refused
+        return f"status {time.process_time():.6f} {processed} {shards} {refused}"
 
 
 async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:
@@ -102,6 +137,10 @@ async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:
                 del buffer[: end + 1]
                 if command == "status":
                     print(counts.line(), flush=True)
+                elif command == "cancelled":
+                    noted = [f"{key}:{ns}" for key, ns in CANCELLED]
+                    CANCELLED.clear()
+                    print(" ".join(["cancelled", str(len(noted)), *noted]), flush=True)
                 elif command:
                     print(f"error unknown command {command!r}", flush=True)
 

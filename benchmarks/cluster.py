@@ -39,9 +39,11 @@ What it measures, each repeat:
   time per message: each runner's ``time.process_time()`` (asked for over
   its stdin) divided by the messages it processed, this process's for the
   client, and the PostgreSQL server's (``/proc``, every process of that
-  server) divided by the messages; for persisted messages also the
-  statements, plans, transactions and WAL flushes PostgreSQL counted
-  (``benchmarks/pgstats.py``), per message;
+  server) divided by the messages, and their sum, with the cores it kept
+  busy over the run (all of them at 2.0 on this machine: the rate is then
+  bounded by CPU); for persisted messages also the statements, plans,
+  transactions and WAL flushes PostgreSQL counted (``benchmarks/pgstats.py``),
+  per message;
 * failover: SIGKILL one runner, then the time until the client's
   assignment no longer names it, until every one of its shards answers a
   volatile ask again (one probe entity per shard, re-asked every few
@@ -156,6 +158,7 @@ class Status:
     cpu: float
     processed: int
     shards: int
+    refused: int
 
 
 class Node:
@@ -171,8 +174,8 @@ class Node:
         self.address = line.split()[1]
 
     async def status(self) -> Status:
-        _, cpu, processed, shards = (await self.child.ask("status")).split()
-        return Status(float(cpu), int(processed), int(shards))
+        _, cpu, processed, shards, refused = (await self.child.ask("status")).split()
+        return Status(float(cpu), int(processed), int(shards), int(refused))
 
 
 _names = count(1)
@@ -499,7 +502,13 @@ async def throughput(cluster: Cluster, sizes: Sizes, record: Record, *, persiste
     record(f"cpu.{name}.runner_max", max(each))
     record(f"cpu.{name}.client", client_cpu / messages * 1e6)
     if server_before is not None and server_after is not None:
-        record(f"cpu.{name}.server", (server_after - server_before) / messages * 1e6)
+        server = server_after - server_before
+        record(f"cpu.{name}.server", server / messages * 1e6)
+        # What the whole machine spent: against its cores, it says whether the
+        # rate is bounded by CPU (every process of the run shares them).
+        total = runner_cpu + client_cpu + server
+        record(f"cpu.{name}.total", total / messages * 1e6)
+        record(f"busy.{name}", total / (elapsed / 1e9))
 
 
 @dataclass
@@ -686,6 +695,8 @@ METRICS: Final = (
     Metric("cpu.volatile.client", "Client CPU per volatile message", "µs",
            baseline="raw.cpu_client"),
     Metric("cpu.volatile.server", "PostgreSQL CPU per volatile message", "µs"),
+    Metric("cpu.volatile.total", "CPU per volatile message, all processes", "µs"),
+    Metric("busy.volatile", "Cores busy during the volatile run, all processes", "count"),
     Metric("cpu.persisted.runner", "Runner CPU per persisted message, both runners", "µs",
            baseline="raw.cpu_server"),
     Metric("cpu.persisted.runner_max", "Runner CPU per persisted message, costlier runner",
@@ -693,6 +704,8 @@ METRICS: Final = (
     Metric("cpu.persisted.client", "Client CPU per persisted message", "µs",
            baseline="raw.cpu_client"),
     Metric("cpu.persisted.server", "PostgreSQL CPU per persisted message", "µs"),
+    Metric("cpu.persisted.total", "CPU per persisted message, all processes", "µs"),
+    Metric("busy.persisted", "Cores busy during the persisted run, all processes", "count"),
     Metric("pg.persisted.statements", "PostgreSQL statements per persisted message", "count"),
     Metric("pg.persisted.plans", "PostgreSQL plans made per persisted message", "count"),
     Metric("pg.persisted.transactions", "PostgreSQL transactions per persisted message",
@@ -748,7 +761,7 @@ LOADED_KEYS: Final = ("load.volatile.p99", "load.persisted.p99")
 SLA_LIMIT_US: Final = 100_000
 
 
-def _format(value: float, unit: str) -> str:
+def format_figure(value: float, unit: str) -> str:
     if unit in ("s", "count"):
         return f"{value:,.2f}"
     if unit in ("µs", "ms") and value < 100:
@@ -767,7 +780,7 @@ def results_table(values: Values) -> str:
                 ratio = "(baseline)"
             else:
                 ratio = f"{statistics.median(multiples):.1f}" if multiples else ""
-            fmt = partial(_format, unit=metric.unit)
+            fmt = partial(format_figure, unit=metric.unit)
             yield [*measurement_cells(metric.label, metric.unit, series, fmt), ratio]
 
     return markdown_table(
@@ -793,7 +806,9 @@ def targets_table(values: Values) -> str:
     def rows() -> Iterator[list[str]]:
         for target in TARGETS:
             measured, met = evaluate(target, values)
-            shown = "-" if measured is None else f"{_format(measured, target.unit)} {target.unit}"
+            shown = (
+                "-" if measured is None else f"{format_figure(measured, target.unit)} {target.unit}"
+            )
             if target.multiple and measured is not None:
                 shown = f"{measured:.1f}x"
             result = "n/a" if met is None else ("PASS" if met else "MISS")

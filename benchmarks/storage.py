@@ -64,7 +64,7 @@ from trio_cluster import (
 )
 from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
-from trio_cluster.core.snowflake import SnowflakeGenerator
+from trio_cluster.core.snowflake import MACHINE_IDS, SnowflakeGenerator
 from trio_cluster.pgdriver import Connection, open_connection, open_pool
 from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
@@ -278,7 +278,7 @@ async def storage_round_trip(dsn: str, sizes: Sizes, prefix: str, record: Record
             lease = await session.acquire(shard)
             if lease is None:
                 raise RuntimeError(f"could not lease {shard}")
-            ids = SnowflakeGenerator(session.machine_id % 1024)
+            ids = SnowflakeGenerator(session.machine_id % MACHINE_IDS)
             request_times: list[int] = []
             reply_times: list[int] = []
 

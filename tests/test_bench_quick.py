@@ -1,6 +1,6 @@
-"""The cross-runner benchmark's quick mode runs to completion: how CI exercises it.
+"""The cross-runner benchmarks' quick modes run to completion: how CI exercises them.
 
-Only that it completes and prints its tables and the SLA line is checked;
+Only that each completes and prints its tables (and the SLA line) is checked;
 the figures themselves depend on the machine, so nothing here is timed.
 """
 
@@ -48,3 +48,21 @@ def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
     assert "Seed SLA, p99 cross-runner delivery < 100 ms: " in out
     if importlib.util.find_spec("matplotlib") is not None:
         assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
+)
+def test_quick_interrupts_benchmark_completes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.interrupts", "--quick", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for label in ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"):
+        assert label in done.stdout

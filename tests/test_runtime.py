@@ -506,7 +506,8 @@ async def test_two_runners_on_one_storage_never_share_a_shard() -> None:
         with trio.fail_after(5):
             await first.settled()
             await second.settled()
-        # The newcomer took half the shards, handed off by the first runner.
+        # The newcomer took half the shards (8 of them: exact shares), handed off by the
+        # first runner.
         assert not set(first.shards) & set(second.shards)
         assert len(first.shards) == len(second.shards) == TEST_CONFIG.shards_per_group // 2
 

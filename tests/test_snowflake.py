@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from trio_cluster.core.snowflake import (
     EPOCH_MS,
+    MACHINE_IDS,
     MAX_MACHINE_ID,
     MAX_SEQUENCE,
     SnowflakeGenerator,
@@ -64,6 +65,33 @@ def test_ids_order_by_time_across_machines(
         assert compose(*earlier) < compose(*later)
 
 
+@given(parts_of_ids, parts_of_ids)
+def test_different_parts_make_different_ids(
+    one: tuple[int, int, int], other: tuple[int, int, int]
+) -> None:
+    assert (compose(*one) == compose(*other)) == (one == other)
+
+
+def test_room_for_8192_machines() -> None:
+    # 1,000 runners and their client-only runners each take a machine id.
+    assert MACHINE_IDS == MAX_MACHINE_ID + 1 == 8192
+    assert parse(compose(EPOCH_MS, MAX_MACHINE_ID, MAX_SEQUENCE)).machine_id == MAX_MACHINE_ID
+
+
+@given(
+    timestamps,
+    st.integers(min_value=0, max_value=1023),
+    st.integers(min_value=0, max_value=511),
+)
+def test_ids_of_the_first_1024_machines_keep_the_earlier_layout(
+    timestamp_ms: int, machine_id: int, sequence: int
+) -> None:
+    # The earlier layout: 41 bits of time, 10 of machine id, 12 of sequence.  Runners of
+    # both versions mint disjoint ids while every live machine id is below 1,024.
+    earlier = (timestamp_ms - EPOCH_MS) << 22 | machine_id << 12 | sequence
+    assert compose(timestamp_ms, machine_id, sequence) == earlier
+
+
 @pytest.mark.parametrize(
     ("timestamp_ms", "machine_id", "sequence", "field"),
     [
@@ -96,7 +124,11 @@ def test_generator_rejects_bad_machine_id(machine_id: int) -> None:
 
 @given(
     machine_ids,
-    st.lists(st.integers(min_value=EPOCH_MS, max_value=EPOCH_MS + 10_000), min_size=1),
+    st.lists(
+        st.integers(min_value=EPOCH_MS, max_value=EPOCH_MS + 10_000),
+        min_size=1,
+        max_size=MAX_SEQUENCE + 1,
+    ),
 )
 def test_strictly_increasing_whatever_the_clock_does(machine_id: int, readings: list[int]) -> None:
     generator = SnowflakeGenerator(machine_id, ScriptedClock(readings))
@@ -105,13 +137,13 @@ def test_strictly_increasing_whatever_the_clock_does(machine_id: int, readings: 
     for position, snowflake in enumerate(ids):
         parts = parse(snowflake)
         assert parts.machine_id == machine_id == generator.machine_id
-        # Fewer than 4096 ids, so the logical clock is exactly the latest reading so far.
+        # At most 512 ids, so the logical clock is exactly the latest reading so far.
         assert parts.timestamp_ms == max(readings[: position + 1])
 
 
 def test_unique_and_ordered_within_one_frozen_millisecond() -> None:
     generator = SnowflakeGenerator(7, frozen(EPOCH_MS + 1000))
-    ids = [generator.next_id() for _ in range(10_000)]
+    ids = [generator.next_id() for _ in range(1_200)]
     assert ids == sorted(set(ids))
     parts = [parse(snowflake) for snowflake in ids]
     # The sequence overflowed twice, so the logical clock ran two ms ahead: no sleeping.
@@ -122,8 +154,8 @@ def test_unique_and_ordered_within_one_frozen_millisecond() -> None:
 
 
 def test_catches_up_with_the_clock_after_running_ahead() -> None:
-    generator = SnowflakeGenerator(0, ScriptedClock([EPOCH_MS] * 5000 + [EPOCH_MS + 5]))
-    ids = [generator.next_id() for _ in range(5001)]
+    generator = SnowflakeGenerator(0, ScriptedClock([EPOCH_MS] * 1000 + [EPOCH_MS + 5]))
+    ids = [generator.next_id() for _ in range(1001)]
     assert parse(ids[-2]).timestamp_ms == EPOCH_MS + 1
     assert parse(ids[-1]) == SnowflakeParts(EPOCH_MS + 5, 0, 0)
 

@@ -12,9 +12,9 @@ per shard (one status read of the storage, at most every
 ``backlog_interval`` seconds, so frequent scrapes cost the database
 nothing more). Labels are bounded: entity type, RPC, outcome, error
 reason, storage operation, schedule, the name of a singleton declared here;
-never an entity id. An RPC name reaches a label only once a handler ran it or
-this runner's own code sent it, so a hostile peer cannot mint label values. See
-docs/operations.md for every name.
+never an entity id, nor a timer's or a deferred's name. An RPC name reaches
+a label only once a handler ran it or this runner's own code sent it, so a
+hostile peer cannot mint label values. See docs/operations.md for every name.
 """
 
 from __future__ import annotations
@@ -178,6 +178,25 @@ class PrometheusMetrics(Instrument):
             ["group", "how"],
             registry=r,
         )
+        self.timers = prom.Counter(
+            "trio_cluster_timers",
+            "Entity timers armed (re-arming counts again), fired (once per delivery) or"
+            " cancelled before they were due, here.",
+            ["entity_type", "how"],
+            registry=r,
+        )
+        self.deferred_suspensions = prom.Counter(
+            "trio_cluster_deferred_suspensions",
+            "Runs of persisted requests that ended suspended on a deferred here.",
+            ["entity_type"],
+            registry=r,
+        )
+        self.deferred_completions = prom.Counter(
+            "trio_cluster_deferred_completions",
+            "Deferreds completed with a value, or failed, through this runner's client.",
+            ["how"],
+            registry=r,
+        )
         self.schedules = prom.Gauge(
             "trio_cluster_schedules",
             "Schedules driven by this runner (their singleton's lease held here).",
@@ -295,6 +314,8 @@ class PrometheusMetrics(Instrument):
         entity_type = handling.address.entity_type
         elapsed = _elapsed(handling.started)
         self.handling.labels(entity_type, handling.rpc, outcome).observe(elapsed)
+        if outcome == "suspended":
+            self.deferred_suspensions.labels(entity_type).inc()
 
     def defect(self, handling: Handling, error: Exception) -> None:
         self.defects.labels(handling.address.entity_type, handling.rpc).inc()
@@ -304,6 +325,12 @@ class PrometheusMetrics(Instrument):
 
     def storage_written(self, operation: str, seconds: float, outcome: Outcome) -> None:
         self.storage.labels(operation, outcome).observe(seconds)
+
+    def timer_changed(self, address: EntityAddress, name: str, how: str) -> None:
+        self.timers.labels(address.entity_type, how).inc()
+
+    def deferred_completed(self, request_id: int, name: str, failed: bool) -> None:
+        self.deferred_completions.labels("failed" if failed else "completed").inc()
 
     def entity_activated(self, address: EntityAddress) -> None:
         self.entities.labels(address.entity_type).inc()

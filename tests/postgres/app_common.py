@@ -8,11 +8,28 @@ so hands every shard off.
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
-from trio_cluster import Runner
+from trio_cluster import Runner, wait_for_termination
+
+
+@asynccontextmanager
+async def watching_termination() -> AsyncIterator[trio.Event]:
+    """An event that SIGTERM or SIGINT sets, watched from before the runner starts: a
+    signal that arrives while it starts is a request to stop, not a crash."""
+    terminated = trio.Event()
+
+    async def watch() -> None:
+        await wait_for_termination()
+        terminated.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        yield terminated
+        nursery.cancel_scope.cancel()
 
 
 async def serve_until_terminated(runner: Runner, terminated: trio.Event) -> None:

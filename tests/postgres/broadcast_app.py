@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import sys
 
-import trio
-
-from trio_cluster import TransportConfig, open_runner, wait_for_termination
+from trio_cluster import TransportConfig, open_runner
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
 
 from ..broadcast_scenarios import TALLIES, answering_whoami
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, watching_termination
 
 
 def transport(prefix: str) -> TransportConfig:
@@ -29,26 +27,20 @@ def transport(prefix: str) -> TransportConfig:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
-        async with open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage:
-            address: list[str] = []
-            async with open_runner(
-                TALLIES,
-                storage=storage,
-                config=TEST_CONFIG,
-                transport=transport(prefix),
-                runner_handlers=[answering_whoami(address)],
-            ) as runner:
-                address.append(runner.address)
-                await serve_until_terminated(runner, terminated)
-        nursery.cancel_scope.cancel()
+    async with (
+        watching_termination() as terminated,
+        open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
+    ):
+        address: list[str] = []
+        async with open_runner(
+            TALLIES,
+            storage=storage,
+            config=TEST_CONFIG,
+            transport=transport(prefix),
+            runner_handlers=[answering_whoami(address)],
+        ) as runner:
+            address.append(runner.address)
+            await serve_until_terminated(runner, terminated)
 
 
 def main(argv: list[str]) -> None:

@@ -40,13 +40,12 @@ from trio_cluster import (
     ShardingConfig,
     TransportConfig,
     open_runner,
-    wait_for_termination,
 )
 from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres.leases import LeaseTiming
 from trio_cluster.postgres.storage import open_postgres_storage
 
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, watching_termination
 
 
 class Post(msgspec.Struct, frozen=True):
@@ -164,18 +163,10 @@ class WorkerHandler:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
     async with trio.open_nursery() as nursery:
-        # Listening for SIGTERM before anything else: a signal that arrives
-        # while the runner starts is a request to stop, not a crash.
-        nursery.start_soon(watch_signals)
         nursery.start_soon(freeze_on_sigusr1)
         async with (
+            watching_termination() as terminated,
             open_postgres_storage(
                 dsn, prefix=prefix, pool_size=4, timing=LeaseTiming.from_env()
             ) as storage,

@@ -31,13 +31,12 @@ from trio_cluster import (
     SingletonContext,
     TransportConfig,
     open_runner,
-    wait_for_termination,
 )
 from trio_cluster.pgdriver import Connection, Pool, open_pool
 from trio_cluster.postgres import LeaseTiming
 from trio_cluster.postgres.storage import open_postgres_storage
 
-from .app_common import run_app, serve_until_terminated
+from .app_common import run_app, serve_until_terminated, watching_termination
 
 NAME = "reporter"
 ENTRY = "entry"
@@ -104,28 +103,20 @@ def reporter(pool: Pool, prefix: str) -> Singleton:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    terminated = trio.Event()
-
-    async def watch_signals() -> None:
-        await wait_for_termination()
-        terminated.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
-        async with (
-            open_postgres_storage(dsn, prefix=prefix, pool_size=2, timing=TIMING) as storage,
-            open_pool(dsn, size=2, application_name="singleton_app") as pool,
-        ):
-            async with pool.connection() as conn:
-                await create_runs(conn, prefix)
-            async with open_runner(
-                storage=storage,
-                config=CONFIG,
-                transport=TransportConfig(host="127.0.0.1", cluster=prefix),
-                singletons=[reporter(pool, prefix)],
-            ) as runner:
-                await serve_until_terminated(runner, terminated)
-        nursery.cancel_scope.cancel()
+    async with (
+        watching_termination() as terminated,
+        open_postgres_storage(dsn, prefix=prefix, pool_size=2, timing=TIMING) as storage,
+        open_pool(dsn, size=2, application_name="singleton_app") as pool,
+    ):
+        async with pool.connection() as conn:
+            await create_runs(conn, prefix)
+        async with open_runner(
+            storage=storage,
+            config=CONFIG,
+            transport=TransportConfig(host="127.0.0.1", cluster=prefix),
+            singletons=[reporter(pool, prefix)],
+        ) as runner:
+            await serve_until_terminated(runner, terminated)
 
 
 def main(argv: list[str]) -> None:

@@ -35,7 +35,6 @@ import itertools
 import os
 import signal
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import attrs
@@ -43,12 +42,12 @@ import trio
 
 from trio_cluster.pgdriver import Connection, open_connection
 
+from .announced import WAIT_S, Announced
 from .singleton_app import CANCELLED, ENTRY, EXIT, LEASE_LOSS_S, STOPPED, create_runs, runs_table
 from .test_cluster_processes import Cluster, Node
 
 FAILOVER_S = 3.0
 """A dead holder's singleton runs again on another runner within this (about 0.5 s here)."""
-WAIT_S = 15.0
 
 
 @attrs.frozen
@@ -59,29 +58,16 @@ class Row:
     how: str
 
 
-class Runs:
+def parse_row(payload: str) -> Row:
+    phase, epoch, pid, how = payload.split(":")
+    return Row(phase, int(epoch), int(pid), how)
+
+
+class Runs(Announced[Row]):
     """The singleton's entries and exits as their NOTIFYs announce them."""
 
     def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self._changed = trio.Event()
-
-    async def follow(
-        self, listener: Connection, prefix: str, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        await listener.listen(runs_table(prefix))
-        task_status.started()
-        while True:
-            notification = await listener.wait_notification()
-            phase, epoch, pid, how = notification.payload.split(":")
-            self.rows.append(Row(phase, int(epoch), int(pid), how))
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool], bound_s: float = WAIT_S) -> None:
-        with trio.fail_after(bound_s):
-            while not condition():
-                await self._changed.wait()
+        super().__init__(parse_row)
 
     def running(self) -> Row | None:
         """The latest run if it has not exited."""
@@ -260,7 +246,7 @@ async def test_singleton_survives_sigkill_sigstop_and_a_rolling_restart(pg_dsn: 
             await create_runs(conn, prefix)
             scenario = Scenario(conn, cluster, Runs())
             async with trio.open_nursery() as nursery:
-                await nursery.start(scenario.runs.follow, listener, prefix)
+                await nursery.start(scenario.runs.follow, listener, runs_table(prefix))
                 await scenario.start(3)
                 killed = await scenario.kill_holder()
                 await scenario.start()

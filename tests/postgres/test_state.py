@@ -192,6 +192,20 @@ async def open_world(kind: str, dsn: str | None) -> AsyncIterator[World]:
         yield World(pg, terminate)
 
 
+async def lose_and_regain(world: World, runner: Runner) -> None:
+    """Take a runner's leases away and wait until it holds each shard again on a newer
+    epoch: ``settled()`` alone may return before the runner has noticed the loss."""
+    lost = dict(runner.shards)
+    await world.lose_leases(runner)
+    with trio.fail_after(10):
+        while any(
+            shard not in runner.shards or runner.shards[shard].epoch <= lease.epoch
+            for shard, lease in lost.items()
+        ):
+            await runner.changed()
+        await runner.settled()
+
+
 @pytest.fixture(params=["memory", "postgres"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
     dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
@@ -348,9 +362,7 @@ async def test_volatile_changes_are_lost_with_the_lease_in_passivation_mode(worl
     async with open_runner(impl, storage=world.storage, config=CONFIG) as runner:
         await runner.ask(add_item, "c1", Item("apple", key()))
         await runner.ask(add_volatile, "c1", Item("pear"))
-        await world.lose_leases(runner)
-        with trio.fail_after(10):
-            await runner.settled()
+        await lose_and_regain(world, runner)
         # The volatile change was never stored; the persisted one was.
         assert await runner.ask(peek, "c1", Nothing()) == ["apple"]
 
@@ -400,9 +412,7 @@ async def test_a_stale_lease_cannot_write_state(world: World) -> None:
         await runner.ask(add_item, "c1", Item("apple", key()))
         shard = Cart.shard_of("c1", CONFIG.shards_per_group)
         stale = runner.shards[shard]
-        await world.lose_leases(runner)
-        with trio.fail_after(10):
-            await runner.settled()
+        await lose_and_regain(world, runner)
         assert runner.shards[shard].epoch > stale.epoch
         with pytest.raises(EntityNotAssignedToRunner):
             await world.storage.states.save_state(stale, StateWrite("Cart", "c1", b"\x80"))

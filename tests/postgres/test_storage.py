@@ -22,9 +22,11 @@ from trio_cluster import (
 from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
+from trio_cluster.core.snowflake import SnowflakeGenerator, parse
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.leases import LeaseTiming
+from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
 
@@ -134,6 +136,19 @@ async def test_two_sessions_never_hold_the_same_shard(pg_dsn: str) -> None:
                 [one.backend_pid, two.backend_pid],
             )
         assert holders == []
+
+
+async def test_machine_ids_go_beyond_1024(pg_dsn: str) -> None:
+    # 1,024 live runners hold the first 1,024 machine ids; the next one still registers,
+    # and the ids it mints carry its machine id.
+    async with storage_for(pg_dsn, "beyond_") as storage, open_connection(pg_dsn) as others:
+        namespace = await lock_namespace(others, "beyond_:runners")
+        await others.execute(
+            "SELECT pg_advisory_lock($1, g) FROM generate_series(0, 1023) AS g", [namespace]
+        )
+        async with storage.session(RunnerSpec("late"), lambda _: None) as session:
+            assert session.machine_id == 1024
+            assert parse(SnowflakeGenerator(session.machine_id).next_id()).machine_id == 1024
 
 
 async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str) -> None:

@@ -36,10 +36,13 @@ from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import ShardId, shard_index
 from trio_cluster.postgres.storage import open_postgres_storage
+from trio_cluster.prometheus import PrometheusMetrics
 from trio_cluster.runtime.calls import Handling
 from trio_cluster.runtime.deferreds import parse_token, resume_token
 from trio_cluster.storage import NO_ORIGIN, Lease, Storage, Stored
 from trio_cluster.testing import TEST_CONFIG
+
+from ..probe_client import sample
 
 CONFIG = attrs.evolve(TEST_CONFIG, shards_per_group=4)
 WAIT_S = 20.0
@@ -284,7 +287,10 @@ async def test_a_timer_armed_on_one_runner_fires_on_the_next_and_cancel_and_rear
     storage: Storage,
 ) -> None:
     impl, seen = clock()
-    async with open_runner(impl, storage=storage, config=CONFIG) as runner:
+    armed_here, fired_here = PrometheusMetrics(), PrometheusMetrics()
+    async with open_runner(
+        impl, storage=storage, config=CONFIG, instruments=[armed_here]
+    ) as runner:
         await runner.ask(arm, "c1", Arm("later", "first", 3600))
         await runner.ask(arm, "c1", Arm("gone", "cancelled", 3600))
         assert await runner.ask(cancel, "c1", Name("gone"))
@@ -295,17 +301,41 @@ async def test_a_timer_armed_on_one_runner_fires_on_the_next_and_cancel_and_rear
         assert (snapshot.timers_armed, snapshot.timers_cancelled) == (3, 1)
     assert seen.ticks == []  # the runner left before anything was due
     impl, seen = clock()
-    async with open_runner(impl, storage=storage, config=CONFIG) as runner:
+    async with open_runner(
+        impl, storage=storage, config=CONFIG, instruments=[fired_here]
+    ) as runner:
         with trio.fail_after(WAIT_S):
             await seen.ticked.wait()
         assert seen.ticks == [("replaced", "later")]
         assert runner.snapshot().timers_fired == 1
+    assert timer_counts(armed_here) == {"armed": 3, "fired": 0, "cancelled": 1}
+    assert timer_counts(fired_here) == {"armed": 0, "fired": 1, "cancelled": 0}
+
+
+def timer_counts(metrics: PrometheusMetrics) -> dict[str, float]:
+    exposition = metrics.exposition()
+    return {
+        how: sample(exposition, "trio_cluster_timers_total", entity_type="Clock", how=how)
+        for how in ("armed", "fired", "cancelled")
+    }
+
+
+def deferred_counts(metrics: PrometheusMetrics) -> tuple[float, float, float]:
+    """Suspensions, completions and failures of deferreds counted by ``metrics``."""
+    exposition = metrics.exposition()
+    completions = "trio_cluster_deferred_completions_total"
+    return (
+        sample(exposition, "trio_cluster_deferred_suspensions_total", entity_type="Clock"),
+        sample(exposition, completions, how="completed"),
+        sample(exposition, completions, how="failed"),
+    )
 
 
 async def test_a_suspended_request_resumes_on_the_next_runner_and_its_caller_gets_the_result(
     storage: Storage,
 ) -> None:
-    async with open_runner(storage=storage, config=CONFIG) as caller:
+    completer, suspender = PrometheusMetrics(), PrometheusMetrics()
+    async with open_runner(storage=storage, config=CONFIG, instruments=[completer]) as caller:
         outcome: list[str] = []
         answered = trio.Event()
 
@@ -317,7 +347,7 @@ async def test_a_suspended_request_resumes_on_the_next_runner_and_its_caller_get
             impl, seen = clock()
             suspensions = Suspensions()
             async with open_runner(
-                impl, storage=storage, config=CONFIG, instruments=[suspensions]
+                impl, storage=storage, config=CONFIG, instruments=[suspensions, suspender]
             ) as first:
                 nursery.start_soon(ask)
                 with trio.fail_after(WAIT_S):
@@ -328,7 +358,8 @@ async def test_a_suspended_request_resumes_on_the_next_runner_and_its_caller_get
             await caller.complete_deferred(token, "approved")
             with pytest.raises(DeferredAlreadyCompleted):
                 await caller.fail_deferred(token, "too late")
-            assert caller.snapshot().deferreds_completed == 1
+            completions = caller.snapshot()
+            assert (completions.deferreds_completed, completions.deferreds_failed) == (1, 0)
             impl, seen = clock()
             async with open_runner(impl, storage=storage, config=CONFIG):
                 with trio.fail_after(WAIT_S):
@@ -337,13 +368,16 @@ async def test_a_suspended_request_resumes_on_the_next_runner_and_its_caller_get
         assert seen.tokens == [token]  # the handler ran again from the start, same token
         # Answered from storage from now on, like any persisted request.
         assert await caller.ask(approve, "c2", Order("o-1")) == "o-1: approved"
+    assert deferred_counts(suspender) == (1, 0, 0)
+    assert deferred_counts(completer) == (0, 1, 0)
 
 
 async def test_a_failed_deferred_raises_in_the_handler_and_volatile_requests_cannot_suspend(
     storage: Storage,
 ) -> None:
     impl, seen = clock()
-    async with open_runner(impl, storage=storage, config=CONFIG) as runner:
+    metrics = PrometheusMetrics()
+    async with open_runner(impl, storage=storage, config=CONFIG, instruments=[metrics]) as runner:
         async with trio.open_nursery() as nursery:
             outcome: list[str] = []
 
@@ -355,6 +389,10 @@ async def test_a_failed_deferred_raises_in_the_handler_and_volatile_requests_can
                 await seen.suspended.wait()
             await runner.fail_deferred(seen.tokens[0], "over budget")
         assert outcome == ["o-2: refused (over budget)"]
+        # Failed, maybe before the handler suspended: its suspensions are 0 or 1.
+        snapshot = runner.snapshot()
+        assert (snapshot.deferreds_completed, snapshot.deferreds_failed) == (0, 1)
+        assert deferred_counts(metrics)[1:] == (0, 1)
         with pytest.raises(RpcClientError, match="volatile"):
             await runner.ask(misuse, "c3", Name("x"))
         with pytest.raises(MalformedMessage):

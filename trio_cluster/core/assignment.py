@@ -2,86 +2,96 @@
 
 There is no coordinator: each runner reads the same set of healthy runners from
 PostgreSQL and calls :func:`assign`, so the answer must depend on nothing but that
-set.  Hence the rules of this module: inputs are sorted before use, every score comes
-from BLAKE2b (never :func:`hash`, which is salted per process), and quotas are
-computed in exact fractions.  The one floating-point step that a C library could
-round differently is the logarithm used with mixed weights; two costs would have to
-agree to about 15 digits for that to change an owner.
+set.  Hence the rules of this module: inputs are sorted before use, every position
+comes from BLAKE2b (never :func:`hash`, which is salted per process), caps are
+computed in exact fractions, and ties are broken by position in the sorted inputs.
+The one floating-point step is a product ``distance * (1 / weight)`` with mixed
+weights, and IEEE rounds those the same way on every platform.
 
-The method is weighted rendezvous hashing with exact quotas:
+The method is consistent hashing with bounded loads, solved as a stable matching:
 
-* **Scores.**  Every (shard, runner) pair gets a uniform ``u`` in ``(0, 1)`` from
-  BLAKE2b, keyed by the runner's address, the shard's group and its index alone, so a
-  pair's score never changes while both exist.  The pair's cost is ``-ln(u) / weight``
-  (the logarithmic method of weighted rendezvous hashing): without quotas every shard
-  would go to its cheapest runner, and each runner would win a share proportional to
-  its weight.
-* **Quotas.**  Per group, a runner may hold at most ``ceil(n * w / W)`` and at least
-  ``floor(n * w / W)`` shards.  Rendezvous alone is balanced only on average (about
-  ``sqrt(n / N)`` off per runner), and an overloaded runner is what this module exists
-  to prevent.
-* **Greedy.**  Pairs are taken cheapest first, and a pair is kept when its shard is
-  still free and its runner is under quota; the ``n - sum(floor)`` shards above the
-  floors go to whichever runners reach them first.  The result is the stable
-  assignment for these quotas: no shard and runner prefer each other to what they
-  got.  A join or a leave changes scores only for the runner that came or went, so
-  the greedy keeps most decisions; letting the competition, rather than a fixed
-  order of runners, decide who carries the rounding extra measurably cuts movement.
+* **Ring.**  Every runner puts ``VNODES`` points on a ring of ``2**32`` positions,
+  from BLAKE2b keyed by its address alone; shard ``i`` of a group sits at
+  ``offset + i * 0x9E3779B9`` (a golden-ratio step from an offset hashed from the
+  group), so consecutive shards spread evenly and a shard's place never changes.
+  A shard's *cost* for a runner is the clockwise distance to that runner's nearest
+  point, divided by the runner's weight (the smallest of independent exponential
+  distances divided by weights falls to each runner in proportion to its weight).
+* **Caps.**  Per group, a runner's cap is its share ``n * w / W`` rounded up while
+  that is below 8; above, 5/4 of the share first rounded up to a coarse step (8 to
+  15 steps per doubling), so at most about 1.4 times the share (see ``_caps``).
+* **Matching.**  The result is what taking pairs cheapest first would give, keeping
+  a pair while its shard is free and its runner under cap: the unique stable
+  matching for these costs.  It is found by deferred acceptance: every shard asks
+  its cheapest runner, a runner over its cap keeps its cheapest shards, and a
+  refused shard walks on along the ring to its next runner.  Nine shards in ten
+  or more are settled by their first ask (one ``bisect``), so the cost grows with
+  ``shards + VNODES * runners``, not with their product.
 
-Movement, measured (``ideal`` is what the runner that came or went holds, its share
-rounded up; a leave is a join played backwards, so the figures are the same):
+Why not exact quotas: the previous version held every runner between the floor
+and the ceiling of its share (rendezvous hashing over all pairs, under quotas).  A
+join then must take exactly one shard from each of the runners that end below the
+old share, which the competition for the rounding extras cannot know; the rest is
+cascades.  At 30 shards per runner (100 runners x 3,000 shards, 200 x 6,000) a
+join or a leave moved 2.2 to 2.7 times the ideal ``n / N``.  Slack in the caps
+ends cascades within a step or two, at the price of balance: loads spread about
+as a Poisson count does around the mean (at 30 shards per runner, from about 16
+to the cap of 38 or 40).  With less slack cascades come back (with caps at 11/10
+of the share, a leave at 1,000 runners x 30,000 shards moved 12 times the ideal).
+A cap that changes costs a shard or two per runner at its cap (a leave from
+1,000 runners at 30,000 shards, where the share crosses 30, moved 3.5 times the
+ideal); the coarse steps make that rare.
 
-* 100,000 random joins, N -> N + 1 runners with N in 1..12, 1..300 shards, equal
-  weights: on average 1.14 x ideal moved; the worst case was 1.5 x ideal + 10, and
-  none exceeded 2 x ideal + 5 (``tests/test_assignment.py`` checks 2 x ideal + 10).
-  50,000 such joins with mixed weights: 1.12 x ideal on average, at most 2 x ideal + 7.
-* 1,000 shards, 20 -> 21 runners (40 joins): 1.38 x ideal on average, 1.5 x at worst.
-
-The moves beyond the ideal are rounding cascades: the newcomer takes its best shards
-from whichever runners hold them, while the quotas shrink evenly, so a runner that
-lost two shards but must shed only one takes one back from another runner, which
-takes one back in turn...  They grow like the imbalance the quotas remove (about
-``sqrt(n)``), not like ``n``; unbounded rendezvous moves exactly the ideal but leaves
-runners that much over quota.
-
-Why not a ring: the same quotas on a ring of 128 virtual nodes per runner (walking on
-to the next runner with room) did worse over 3,000 random joins of the first kind:
-1.17 x ideal on average against 1.15, and 14 joins above 1.5 x ideal + 6 against 1 (worst excess 21
-shards against 16).  On a ring a full runner's overflow lands on its neighbour, whose
-overflow moves on along the ring; rendezvous spreads a displaced shard over
-independent second choices.
-
-Speed (CPython 3.11 on a small 2-core container): 1,000 shards on 20 runners take
-about 3 ms with equal weights and 5 ms with mixed ones.  The cost is the 20,000
-scores: eight per BLAKE2b call, turned into floats by one ``struct`` call per runner,
-and the logarithm only when weights differ.
+Measured (``benchmarks/assignment.py``; the figures with their command are in
+``benchmarks/RESULTS.md``, issue 13): a join or a leave moves the shards of the
+runner that came or went plus a few percent of cascade, so on average about the
+ideal share; 1,000 runners x 30,000 shards take about 0.2 s of CPU on a loaded
+2-core machine, where rendezvous over all pairs took 7.8 s on a quiet one.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import itertools
 import math
 import operator
 import struct
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 from .hashing import ShardId
 from .validation import number
 
-__all__ = ["RunnerSpec", "assign"]
+__all__ = ["VNODES", "RunnerSpec", "assign"]
 
-_PERSON = b"tc-assign-v1"
-"""Domain separation: the scores must differ from any other BLAKE2b use of these names."""
+_T = TypeVar("_T")
 
+_PERSON = b"tc-assign-v2"
+"""Domain separation: the positions must differ from any other BLAKE2b use of these names."""
+
+VNODES = 64
+"""Ring points per runner: the spread of loads shrinks like ``1 / sqrt(VNODES)``
+down to that of the shard count itself, and building the ring costs
+``VNODES * runners``."""
+
+SLACK = Fraction(1, 4)
+"""How far above its share a runner may go: what keeps a join from cascading."""
+
+_COARSE = 8
+"""Shares below this get exact ceilings as caps, larger ones slack and coarse steps."""
+_SLICE = 4096
+"""Elements per C-level pass.  A worker thread holds the GIL for all of one C call,
+so passes over every shard or point are cut into slices: between two, the event
+loop's thread can take the GIL (a slice takes about a millisecond at most)."""
+_RING = 2**32
+_STEP = 0x9E3779B9  # 2**32 / golden ratio: the most even spread of 0, 1, 2, ...
 _MAX_INDEX = 2**64
-_EXPONENT_LOW_NIBBLE = bytes(0xF0 | (byte & 0x0F) for byte in range(256))
 
 
 def _non_empty(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -123,125 +133,269 @@ def assign(shards: Iterable[ShardId], runners: Iterable[RunnerSpec]) -> dict[Sha
             raise ValueError(f"two runners share the address {before.address!r}")
     by_group: defaultdict[str, dict[int, ShardId]] = defaultdict(dict)
     for shard in shards:
-        if not 0 <= shard.index < _MAX_INDEX:
-            raise ValueError(f"shard index out of range: {shard}")
         by_group[shard.group][shard.index] = shard
+    for members in by_group.values():
+        for extreme in (min(members), max(members)):
+            if not 0 <= extreme < _MAX_INDEX:
+                raise ValueError(f"shard index out of range: {members[extreme]}")
+    points: dict[str, tuple[int, ...]] = {}
+    rings: dict[tuple[str, ...], _Ring] = {}
     result: dict[ShardId, str] = {}
     for group in sorted(by_group):
         eligible = [spec for spec in specs if group in spec.groups]
         if not eligible:
             continue
+        addresses = tuple(spec.address for spec in eligible)
+        ring = rings.get(addresses)
+        if ring is None:
+            for address in addresses:
+                if address not in points:
+                    points[address] = _ring_points(address)
+            ring = rings[addresses] = _Ring([points[address] for address in addresses])
         members = by_group[group]
         indices = sorted(members)
-        addresses = [spec.address for spec in eligible]
-        owners = _assign_group(group, indices, eligible)
-        for index, owner in zip(indices, owners, strict=True):
-            result[members[index]] = addresses[owner]
+        owners = _assign_group(group, indices, ring, [spec.weight for spec in eligible])
+        for first in range(0, len(indices), _SLICE):
+            some = indices[first : first + _SLICE]
+            placed = map(addresses.__getitem__, owners[first : first + _SLICE])
+            result.update(zip(map(members.__getitem__, some), placed, strict=True))
     return result
 
 
-def _assign_group(group: str, indices: list[int], runners: list[RunnerSpec]) -> list[int]:
-    """Return, for each of the sorted ``indices``, the position of its runner.
+def _hasher(name: str) -> hashlib.blake2b:
+    hasher = hashlib.blake2b(digest_size=64, person=_PERSON)
+    encoded = name.encode("utf-8", "surrogatepass")
+    hasher.update(len(encoded).to_bytes(8, "big") + encoded)
+    return hasher
 
-    Equivalent to sorting all pairs by (cost, shard position, runner position) and
-    keeping each pair whose shard is free and whose runner is under quota; a heap of
-    each free shard's best remaining candidate yields the pairs in that order without
-    sorting all of them.
+
+def _ring_points(address: str) -> tuple[int, ...]:
+    """The runner's ``VNODES`` ring positions: sixteen 32-bit words per digest."""
+    base = _hasher(address)
+    digests = []
+    for block in range(VNODES // 16):
+        hasher = base.copy()
+        hasher.update(block.to_bytes(8, "big"))
+        digests.append(hasher.digest())
+    return struct.unpack(f">{VNODES}I", b"".join(digests))
+
+
+class _Ring:
+    """The ring of some runners: sorted positions and, for each, its runner's position.
+
+    Each point is sorted as one integer, its position above its runner's, so two
+    runners on one position (about one pair in a ring of 90,000 points) stay in
+    runner order, and ``bisect_left`` finds the first.  The points are sorted by
+    buckets of their top bits, each on its own, so that no single C call sorts them
+    all (see ``_SLICE``).
     """
-    n = len(indices)
-    floors, may_exceed, spare = _quotas(n, [spec.weight for spec in runners])
-    rows = list(zip(*_cost_columns(group, indices, runners), strict=True))
-    best = list(map(min, rows))
-    # tuple.index finds the first minimum: ties go to the lower runner position.
-    heap = list(zip(best, range(n), map(tuple.index, rows, best), strict=True))
-    heapq.heapify(heap)
-    counts = [0] * len(runners)
-    full = [floor == 0 and not extra for floor, extra in zip(floors, may_exceed, strict=True)]
-    owners = [-1] * n
-    rankings: dict[int, list[int]] = {}
-    while heap:
-        _, k, r = heapq.heappop(heap)
-        if not full[r]:
-            owners[k] = r
-            counts[r] += 1
-            if counts[r] > floors[r]:
-                spare -= 1
-                if spare == 0:  # no extras left: every runner at its floor is now full
-                    full = [count >= floor for count, floor in zip(counts, floors, strict=True)]
-            full[r] = counts[r] > floors[r] or (
-                counts[r] == floors[r] and (spare == 0 or not may_exceed[r])
-            )
-            continue
-        row = rows[k]
-        ranking = rankings.get(k)
-        if ranking is None:
-            # A stable sort, so equal costs rank by runner position, as in the pair order.
-            ranking = rankings[k] = sorted(range(len(row)), key=row.__getitem__)
-        # Full runners stay full, so the first one with room is the next pair in order.
-        nxt = next(candidate for candidate in ranking if not full[candidate])
-        heapq.heappush(heap, (row[nxt], k, nxt))
-    return owners
+
+    __slots__ = ("owners", "positions")
+
+    def __init__(self, points: list[tuple[int, ...]]) -> None:
+        bits = max(1, (len(points) - 1).bit_length())
+        count = len(points) * VNODES
+        spread = max(0, (count // _SLICE).bit_length())
+        shift = 32 + bits - spread
+        buckets: list[list[int]] = [[] for _ in range(1 << spread)]
+        for r, runner in enumerate(points):
+            for point in runner:
+                key = (point << bits) | r
+                buckets[key >> shift].append(key)
+        keys: list[int] = []
+        for bucket in buckets:
+            bucket.sort()
+            keys += bucket
+        self.positions = [key >> bits for key in keys]
+        self.owners = _sliced(((1 << bits) - 1).__and__, keys)
 
 
-def _quotas(n: int, weights: list[float]) -> tuple[list[int], list[bool], int]:
-    """Return each runner's floor, whether it may hold one more, and how many may.
+def _sliced(function: Callable[..., _T], *columns: Sequence[Any]) -> list[_T]:
+    """``list(map(function, *columns))``, a slice at a time (see ``_SLICE``)."""
+    result: list[_T] = []
+    for first in range(0, len(columns[0]), _SLICE):
+        result += map(function, *(column[first : first + _SLICE] for column in columns))
+    return result
 
-    Fractions, not floats: ``n * w / W`` must round the same way on every runner, and
-    a float product such as ``3.0000000000000004`` would turn a ceiling of 3 into 4.
+
+def _caps(n: int, weights: list[float]) -> list[int]:
+    """Each runner's cap: its share rounded up while below 8, else 5/4 of its share
+    rounded up to the next of 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ... first.
+
+    Small shares get no slack: a cascade is short there anyway, and with exact
+    ceilings no runner of a small cluster is left with nothing.  Above, the slack
+    ends cascades, and the coarse steps keep the caps still: a join or a leave
+    that changes a cap moves a shard or two for every runner at its cap, so the
+    caps change every ~7% of membership instead of at every step of the share.
+    Fractions: the rounding must come out alike on every runner.
     """
+    if len(set(weights)) == 1:  # one cap for all: no Fractions per runner and group
+        return [_cap(Fraction(n, len(weights)))] * len(weights)
     exact = [Fraction(w) for w in weights]
     total = sum(exact, Fraction(0))
-    shares = [n * w / total for w in exact]
-    floors = [math.floor(share) for share in shares]
-    may_exceed = [share != floor for share, floor in zip(shares, floors, strict=True)]
-    return floors, may_exceed, n - sum(floors)
+    return [_cap(n * w / total) for w in exact]
 
 
-def _cost_columns(
-    group: str, indices: list[int], runners: list[RunnerSpec]
-) -> list[tuple[float, ...] | list[float]]:
-    """For each runner, the cost ``-ln(u) / weight`` of each shard of ``group``.
+def _cap(share: Fraction) -> int:
+    if share < _COARSE:
+        return math.ceil(share)
+    step = 1 << (math.ceil(share).bit_length() - 4)  # 8 to 15 steps per doubling
+    return math.ceil((1 + SLACK) * (math.ceil(share / step) * step))
 
-    ``u`` takes 52 bits of a BLAKE2b digest keyed by (runner, group, index // 8), so a
-    pair's score depends on that pair alone, whatever else is being assigned; one
-    64-byte digest serves eight consecutive indices.  The bits become a float by
-    bytewise surgery (the IEEE exponent of 1.0 written over each word's top 12 bits)
-    and one ``struct`` call: a Python loop over 20,000 scores would cost more than
-    everything else together.  When all runners weigh the same, ``-ln(u) / weight``
-    ranks pairs exactly as ``2 - u`` does, and the logarithm is skipped.
+
+def _assign_group(group: str, indices: list[int], ring: _Ring, weights: list[float]) -> list[int]:
+    """Return, for each of the sorted ``indices``, the position of its runner."""
+    offset = int.from_bytes(_hasher(group).digest()[:4], "big")
+    spots = [(offset + index * _STEP) % _RING for index in indices]
+    return _Matching(spots, ring, weights).solve()
+
+
+class _Matching:
+    """Deferred acceptance, shards asking, for one group.
+
+    The cheapest pair wins whatever the order of asking: shards and runners rank
+    every pair by the same key (cost, shard position, runner position), so the
+    stable matching is unique.
     """
-    blocks = sorted({index >> 3 for index in indices})
-    suffixes = [block.to_bytes(8, "big") for block in blocks]
-    block_rank = {block: rank for rank, block in enumerate(blocks)}
-    positions = [block_rank[index >> 3] * 8 + (index & 7) for index in indices]
-    pick = operator.itemgetter(*positions)
-    words = 8 * len(blocks)
-    unpack = struct.Struct(f">{words}d").unpack
-    one_weight = len({spec.weight for spec in runners}) == 1
-    columns: list[tuple[float, ...] | list[float]] = []
-    for spec in runners:
-        base = hashlib.blake2b(digest_size=64, person=_PERSON)
-        for name in (spec.address, group):
-            encoded = name.encode("utf-8", "surrogatepass")
-            base.update(len(encoded).to_bytes(8, "big") + encoded)
-        stream = bytearray(b"".join([_digest(base, suffix) for suffix in suffixes]))
-        # Give every word the sign and exponent of 1.0 (its top 12 bits), keeping 52
-        # random mantissa bits: a float uniform in [1, 2), which we take as 2 - u.
-        stream[0::8] = b"\x3f" * words
-        stream[1::8] = stream[1::8].translate(_EXPONENT_LOW_NIBBLE)
-        picked = pick(unpack(stream))
-        two_minus_u: tuple[float, ...] = picked if len(positions) > 1 else (picked,)
-        if one_weight:
-            columns.append(two_minus_u)
-        else:
-            u = map(operator.sub, itertools.repeat(2.0), two_minus_u)
-            columns.append(
-                list(map(operator.mul, itertools.repeat(-1.0 / spec.weight), map(math.log, u)))
+
+    def __init__(self, spots: list[int], ring: _Ring, weights: list[float]) -> None:
+        self.spots = spots
+        self.ring = ring
+        positions, size = ring.positions, len(ring.positions)
+        self.starts = [bisect.bisect_left(positions, spot) % size for spot in spots]
+        self.caps = _caps(len(spots), weights)
+        self.one_weight = len(set(weights)) == 1
+        self.inverse = [1.0 / weight for weight in weights]
+        n = len(spots)
+        self.owner = [-1] * n
+        self.cost: list[float] = [0.0] * n
+        self.counts: Counter[int] = Counter()
+        self.kept: dict[int, list[tuple[float, int]]] = {}
+        """Per full runner, a max-heap of what it holds, as (-cost, -shard)."""
+        self.walks: dict[int, Iterator[tuple[float, int]]] = {}
+
+    def solve(self) -> list[int]:
+        refused = self._first_asks()
+        for k in refused:
+            self.walks[k] = walk = self._asks(k)
+            next(walk)  # the first ask, just refused
+        while refused:
+            k = refused.pop()
+            walk = self.walks.get(k) or self.walks.setdefault(k, self._asks(k))
+            price, r = next(walk)
+            if self.counts[r] < self.caps[r]:
+                self._take(k, r, price)
+                continue
+            held = self._held(r)
+            worst_cost, worst = held[0]
+            if (price, k) < (-worst_cost, -worst):
+                heapq.heapreplace(held, (-price, -k))
+                self.owner[-worst] = -1
+                self.owner[k], self.cost[k] = r, price
+                refused.append(-worst)
+            else:
+                refused.append(k)
+        return self.owner
+
+    def _asks(self, k: int) -> Iterator[tuple[float, int]]:
+        """Shard ``k``'s runners, cheapest first: along the ring, each at its nearest point.
+
+        No runner's point lies nearer than the next unvisited one, so no unseen runner
+        costs less than that distance over the heaviest weight.
+        """
+        positions, owners, size = self.ring.positions, self.ring.owners, len(self.ring.positions)
+        spot, start, one_weight, inverse = (
+            self.spots[k],
+            self.starts[k],
+            self.one_weight,
+            self.inverse,
+        )
+        bound = 1 if one_weight else min(inverse)
+        seen: set[int] = set()
+        pending: list[tuple[float, int]] = []
+        for q in itertools.chain(range(start, size), range(start)):
+            distance = (positions[q] - spot) % _RING
+            while pending and pending[0][0] < distance * bound:
+                yield heapq.heappop(pending)
+            r = owners[q]
+            if r not in seen:
+                seen.add(r)
+                heapq.heappush(pending, (distance if one_weight else distance * inverse[r], r))
+        while pending:
+            yield heapq.heappop(pending)
+
+    def _first_asks(self) -> list[int]:
+        """Settle every shard's first ask at once; return the shards refused.
+
+        With one weight the first ask is the next point's runner; with several, the
+        cheapest runner met before the distance over the heaviest weight passes its
+        cost (as in :meth:`_asks`).  Each runner asked by more shards than its cap
+        keeps its cheapest.
+        """
+        if self.one_weight:
+            positions = self.ring.positions
+            owner = _sliced(self.ring.owners.__getitem__, self.starts)
+            distances = _sliced(
+                operator.sub, _sliced(positions.__getitem__, self.starts), self.spots
             )
-    return columns
+            cost: list[float] = _sliced(_RING.__rmod__, distances)
+        else:
+            owner, cost = self._cheapest()
+        self.owner, self.cost = owner, cost
+        for first in range(0, len(owner), _SLICE):
+            self.counts.update(owner[first : first + _SLICE])
+        over = sorted(r for r, count in self.counts.items() if count > self.caps[r])
+        asked = itertools.compress(range(len(owner)), _sliced(set(over).__contains__, owner))
+        ranked = sorted(asked, key=lambda k: (owner[k], cost[k], k))
+        refused: list[int] = []
+        for r, shards in itertools.groupby(ranked, key=owner.__getitem__):
+            ordered, cap = list(shards), self.caps[r]
+            self.kept[r] = held = [(-cost[k], -k) for k in ordered[:cap]]
+            heapq.heapify(held)
+            for k in ordered[cap:]:
+                owner[k] = -1
+            self.counts[r] = cap
+            refused.extend(ordered[cap:])
+        return refused
 
+    def _cheapest(self) -> tuple[list[int], list[float]]:
+        """Each shard's cheapest runner and its cost, with mixed weights."""
+        positions, owners, size = self.ring.positions, self.ring.owners, len(self.ring.positions)
+        inverse = self.inverse
+        bound = min(inverse)
+        owner: list[int] = []
+        cost: list[float] = []
+        for spot, start in zip(self.spots, self.starts, strict=True):
+            q = start % size
+            best_r = owners[q]
+            best = ((positions[q] - spot) % _RING) * inverse[best_r]
+            for step in range(1, size):
+                q = (start + step) % size
+                distance = (positions[q] - spot) % _RING
+                if distance * bound > best:
+                    break
+                r = owners[q]
+                price = distance * inverse[r]
+                best, best_r = min((best, best_r), (price, r))
+            owner.append(best_r)
+            cost.append(best)
+        return owner, cost
 
-def _digest(base: hashlib.blake2b, suffix: bytes) -> bytes:
-    hasher = base.copy()
-    hasher.update(suffix)
-    return hasher.digest()
+    def _take(self, k: int, r: int, price: float) -> None:
+        self.counts[r] += 1
+        self.owner[k], self.cost[k] = r, price
+        if r in self.kept:
+            heapq.heappush(self.kept[r], (-price, -k))
+
+    def _held(self, r: int) -> list[tuple[float, int]]:
+        """Full runner ``r``'s heap, built from what it holds on its first refusal.
+
+        Found by a scan mostly in C, once per runner that fills up: a few
+        dozen of them, where indexing every runner's shards would cost more.
+        """
+        held = self.kept.get(r)
+        if held is None:
+            holds = itertools.compress(range(len(self.owner)), _sliced(r.__eq__, self.owner))
+            held = self.kept[r] = [(-self.cost[k], -k) for k in holds]
+            heapq.heapify(held)
+        return held

@@ -36,6 +36,7 @@ from ..config import LEASE_ENV_PREFIX, load_env, load_mapping, unstructure
 from ..core.assignment import RunnerSpec
 from ..core.hashing import ShardId
 from ..core.retry import RetryPolicy
+from ..core.snowflake import MACHINE_IDS
 from ..core.validation import number
 from ..errors import ClusterError, PersistenceError
 from ..pgdriver.connection import Connection, open_connection
@@ -45,9 +46,6 @@ from .boundary import translated
 from .schema import lock_namespace
 
 log = logging.getLogger("trio_cluster.postgres.leases")
-
-MACHINE_IDS = 1024
-"""Snowflake ids have 10 bits of machine id; live runners never share one."""
 
 RECONNECT = RetryPolicy(base_delay=0.05, max_delay=1.0, max_attempts=2**62, max_elapsed=2.0**62)
 

@@ -43,7 +43,7 @@ from ..core.envelope import (
 )
 from ..core.hashing import ShardId, shard_index
 from ..core.reply import DROPPED
-from ..core.snowflake import SnowflakeGenerator
+from ..core.snowflake import MACHINE_IDS, SnowflakeGenerator
 from ..entity import Rpc
 from ..errors import (
     AlreadyProcessingMessage,
@@ -96,7 +96,7 @@ class Client:
         self._session = session
         self._hooks = hooks
         self._machine = session.machine_id
-        self._ids = SnowflakeGenerator(self._machine % 1024)
+        self._ids = SnowflakeGenerator(self._machine % MACHINE_IDS)
 
     def generate_id(self) -> int:
         """A Snowflake id unique in the cluster: request ids are minted with it too.
@@ -107,7 +107,7 @@ class Client:
         machine = self._session.machine_id
         if machine != self._machine:
             self._machine = machine
-            self._ids = SnowflakeGenerator(machine % 1024)
+            self._ids = SnowflakeGenerator(machine % MACHINE_IDS)
         return self._ids.next_id()
 
     async def ask(

@@ -28,7 +28,7 @@ from typing import Protocol
 import trio
 
 from ..config import ShardingConfig
-from ..core.assignment import RunnerSpec, assign
+from ..core.assignment import VNODES, RunnerSpec, assign
 from ..core.hashing import ShardId
 from ..core.lifecycle import ShardState
 from ..core.reserved import group_indices, singleton_name
@@ -48,22 +48,44 @@ PEER_LOST_WATCH = 0.5
 """After a link to an owner drops, how long membership is re-read every HANDOFF_RETRY."""
 
 
-INLINE_PAIRS = 20_000
-"""Assignments of at most this many (shard, runner) pairs run on the event loop.
+INLINE_WORK = 5_000
+"""Plans of at most this much work (shards + VNODES x runners) run on the event loop.
 
-About 250 ns a pair, so at most ~5 ms; larger ones (244 ms at 1,000 runners x 1,000
-shards) run in a worker thread, and the event loop keeps serving meanwhile (the GIL
-passes back every ``sys.getswitchinterval()``, 5 ms).
+About 1 to 2 µs of CPU a unit, so at most ~5 to 10 ms; larger ones (94,000 units at
+1,000 runners x 30,000 shards, 0.1 to 0.2 s) run in a worker thread, and the event loop
+keeps serving meanwhile: the GIL passes back every ``sys.getswitchinterval()`` (5 ms),
+and ``assign`` cuts its C-level passes into short slices so that it can.
 """
 
 
-async def assign_off_loop(
-    shard_ids: list[ShardId], runners: list[RunnerSpec]
-) -> dict[ShardId, str]:
-    """``assign``, kept off the event loop when it would stall it."""
-    if len(shard_ids) * len(runners) <= INLINE_PAIRS:
-        return assign(shard_ids, runners)
-    return await trio.to_thread.run_sync(assign, shard_ids, runners, abandon_on_cancel=True)
+Plan = tuple[dict[ShardId, str], dict[ShardId, str]]
+"""Each entity shard's owner, and each singleton's lease shard's owner."""
+
+
+def plan(runners: list[RunnerSpec], groups: list[str], per_group: int) -> Plan:
+    """Assign every shard of ``groups``; split entity shards from singletons' lease shards."""
+    shard_ids = [
+        ShardId(group, index) for group in groups for index in group_indices(group, per_group)
+    ]
+    assignment: dict[ShardId, str] = {}
+    singletons: dict[ShardId, str] = {}
+    for shard_id, owner in assign(shard_ids, runners).items():
+        is_singleton = singleton_name(shard_id.group) is not None
+        (singletons if is_singleton else assignment)[shard_id] = owner
+    return assignment, singletons
+
+
+async def plan_off_loop(runners: list[RunnerSpec], shards_per_group: int) -> Plan:
+    """:func:`plan` for the groups the runners host, kept off the event loop when it
+    would stall it: building the shard list and splitting the answer cost about as
+    much per shard as the assignment itself."""
+    groups = sorted({group for spec in runners for group in spec.groups})
+    shards = sum(len(group_indices(group, shards_per_group)) for group in groups)
+    if shards + VNODES * len(runners) <= INLINE_WORK:
+        return plan(runners, groups, shards_per_group)
+    return await trio.to_thread.run_sync(
+        plan, runners, groups, shards_per_group, abandon_on_cancel=True
+    )
 
 
 class Held(Protocol):
@@ -275,24 +297,14 @@ class ShardKeeper:
         membership = frozenset(runners)
         if membership == self._assigned_for:
             return  # the assignment depends on the membership alone: nothing to redo
-        per_group = self._config.shards_per_group
-        groups = sorted({group for spec in runners for group in spec.groups})
-        shard_ids = [
-            ShardId(group, index) for group in groups for index in group_indices(group, per_group)
-        ]
         try:
-            everything = await assign_off_loop(shard_ids, runners)
+            assignment, singletons = await plan_off_loop(runners, self._config.shards_per_group)
         except ValueError:
             # Two runners claiming one address: a deployment mistake to
             # shout about, not a reason to stop serving what we own.
             log.exception("cannot compute the assignment")
             return
         self._assigned_for = membership
-        assignment: dict[ShardId, str] = {}
-        singletons: dict[ShardId, str] = {}
-        for shard_id, owner in everything.items():
-            is_singleton = singleton_name(shard_id.group) is not None
-            (singletons if is_singleton else assignment)[shard_id] = owner
         if assignment != self._router.assignment or singletons != self._singleton_shards:
             self._router.assignment = assignment
             self._singleton_shards = singletons

@@ -44,6 +44,7 @@ class Counters(Instrument):
         """Timer events by how: armed, fired, cancelled."""
         self.deferreds_suspended = 0
         self.deferreds_completed = 0
+        self.deferreds_failed = 0
         self.schedule_firings = 0
         self.schedule_skips = 0
         self.schedule_failures = 0
@@ -72,7 +73,10 @@ class Counters(Instrument):
         self.timers[how] += 1
 
     def deferred_completed(self, request_id: int, name: str, failed: bool) -> None:
-        self.deferreds_completed += 1
+        if failed:
+            self.deferreds_failed += 1
+        else:
+            self.deferreds_completed += 1
 
     def defect(self, handling: Handling, error: Exception) -> None:
         self.defects += 1
@@ -162,7 +166,9 @@ class Snapshot:
     deferreds_suspended: int = 0
     """Runs of persisted requests that ended suspended on a deferred here."""
     deferreds_completed: int = 0
-    """Deferreds completed or failed through this runner's client."""
+    """Deferreds completed with a value through this runner's client."""
+    deferreds_failed: int = 0
+    """Deferreds failed (``fail_deferred``) through this runner's client."""
     schedules_running: int = 0
     """Schedules driven by this runner now (their singleton's lease held here)."""
     schedule_firings: int = 0

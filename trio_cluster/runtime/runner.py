@@ -326,6 +326,7 @@ class Runner(metaclass=NoPublicConstructor):
             timers_cancelled=counters.timers["cancelled"],
             deferreds_suspended=counters.deferreds_suspended,
             deferreds_completed=counters.deferreds_completed,
+            deferreds_failed=counters.deferreds_failed,
             schedules_running=len(self.schedules),
             schedule_firings=counters.schedule_firings,
             schedule_skips=counters.schedule_skips,
