@@ -54,6 +54,7 @@ from .batching import fits, pack_notes
 from .boundary import translated
 from .interrupts import mark_interrupted
 from .leases import RECONNECT
+from .streams import parse_acked, parse_chunk
 from .writer import GroupWriter
 
 log = logging.getLogger("trio_cluster.postgres.messages")
@@ -156,7 +157,8 @@ def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
 
 
 def _parse_notice(payload: str) -> list[Notice]:
-    """A batch notice (``S:``, ``R:``), a membership notice (``m:``), or one of the
+    """A batch notice (``S:``, ``R:``), a membership notice (``m:``), a persisted stream's
+    chunk or ack (``c:``, ``a:``, see ``streams``), or one of the
     single-row notices (``i:`` for an interrupt; ``s:``, ``r:`` of earlier
     versions, as a rolling upgrade still sends them)."""
     kind, _, rest = payload.partition(":")
@@ -175,6 +177,10 @@ def _parse_notice(payload: str) -> list[Notice]:
             return replied
         if kind == "m":
             return [MembershipChanged()]
+        if kind == "c":
+            return [parse_chunk(rest)]
+        if kind == "a":
+            return [parse_acked(rest)]
         if kind == "r":
             origin_text, request_text = rest.split(":")
             return [Replied(int(request_text), int(origin_text))]
