@@ -306,8 +306,8 @@ class MemoryStorage:
     async def save_chunk(self, request_id: int, seq: int, chunk: bytes, lease: Lease) -> None:
         await self._enter()
         self._fence(lease, request_id)
-        self._chunks.setdefault(request_id, {}).setdefault(seq, chunk)
-        self._announce(ChunkStored(request_id, seq, lease.machine_id, chunk))
+        kept = self._chunks.setdefault(request_id, {}).setdefault(seq, chunk)
+        self._announce(ChunkStored(request_id, seq, lease.machine_id, kept))
 
     async def chunks(self, request_id: int, start: int, limit: int) -> list[tuple[int, bytes]]:
         await self._enter()
