@@ -59,6 +59,8 @@ journal = Ticker.stream(
 )
 """A persisted stream of ``n`` ticks: records ``started`` with its ``resume_from``, and
 ``produced`` before each yield."""
+tape = Ticker.stream("tape", Job, Tick, persisted=True, primary_key=lambda job: job.key, window=8)
+"""``journal`` with a window of 8 chunks, for the test that SIGKILLs its owner."""
 arm_stream = Ticker.rpc("arm_stream", Count, str)
 """Tries to arm a timer sending ``count``; answers the TypeError's message."""
 
@@ -102,6 +104,16 @@ class TickerHandler:
 
     @journal.handler
     async def journal(self, job: Job) -> AsyncIterator[Tick]:
+        async for tick in self._resumed(job):
+            yield tick
+
+    @tape.handler
+    async def tape(self, job: Job) -> AsyncIterator[Tick]:
+        async for tick in self._resumed(job):
+            yield tick
+
+    async def _resumed(self, job: Job) -> AsyncIterator[Tick]:
+        """Ticks from the first one the caller did not acknowledge: each is its index."""
         start = self.ctx.request.resume_from
         self.recorder.record("started", start)
         for i in range(start, job.n):
