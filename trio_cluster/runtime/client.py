@@ -298,7 +298,7 @@ class Client:
             except ClusterError as error:
                 outcome = error.reason
                 raise
-            watch = self._watchers.watch(request_id, rpc.window)
+            watch = self._watchers.caller(request_id, rpc.window)
             try:
                 chunks = StoredChunks(
                     storage=self._streams,

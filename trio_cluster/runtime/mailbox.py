@@ -666,7 +666,7 @@ class ActiveEntity:
         (the handler was given it as ``resume_from``), a window at most past it."""
         request_id = current.request_id
         services = self.shard.services
-        watch = services.watchers.watch(request_id, rpc.window)
+        watch = services.watchers.owner(request_id, rpc.window)
         try:
             sink = StoredChunkSink(
                 services.streams,

@@ -72,36 +72,47 @@ class StreamWatch:
 
 
 class StreamWatchers:
-    """The ends of persisted streams on this runner, by request id, fed by notices."""
+    """The ends of persisted streams on this runner, by request id, fed by notices:
+    callers hear of chunks, owners of acks (a stream's two ends may share a runner)."""
 
     def __init__(self) -> None:
-        self._watches: dict[int, list[StreamWatch]] = {}
+        self._callers: dict[int, list[StreamWatch]] = {}
+        self._owners: dict[int, list[StreamWatch]] = {}
 
-    def watch(self, request_id: int, window: int) -> StreamWatch:
-        watch = StreamWatch(window)
-        self._watches.setdefault(request_id, []).append(watch)
-        return watch
+    def caller(self, request_id: int, window: int) -> StreamWatch:
+        return _add(self._callers, request_id, window)
+
+    def owner(self, request_id: int, window: int) -> StreamWatch:
+        return _add(self._owners, request_id, window)
 
     def forget(self, request_id: int, watch: StreamWatch) -> None:
-        watches = self._watches.get(request_id, [])
-        if watch in watches:
-            watches.remove(watch)
-        if not watches:
-            self._watches.pop(request_id, None)
+        for watching in (self._callers, self._owners):
+            watches = watching.get(request_id, [])
+            if watch in watches:
+                watches.remove(watch)
+                if not watches:
+                    del watching[request_id]
 
     def chunk_stored(self, request_id: int, seq: int, chunk: bytes | None) -> None:
-        for watch in self._watches.get(request_id, ()):
+        for watch in self._callers.get(request_id, ()):
             watch.chunk(seq, chunk)
 
     def acked(self, request_id: int) -> None:
-        for watch in self._watches.get(request_id, ()):
+        for watch in self._owners.get(request_id, ()):
             watch.wake()
 
     def gap(self) -> None:
         """Notices were missed: every end looks in storage again."""
-        for watches in self._watches.values():
-            for watch in watches:
-                watch.wake(reread=True)
+        for watching in (self._callers, self._owners):
+            for watches in watching.values():
+                for watch in watches:
+                    watch.wake(reread=True)
+
+
+def _add(watching: dict[int, list[StreamWatch]], request_id: int, window: int) -> StreamWatch:
+    watch = StreamWatch(window)
+    watching.setdefault(request_id, []).append(watch)
+    return watch
 
 
 class StoredChunkSink:
