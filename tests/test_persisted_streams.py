@@ -13,8 +13,11 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_cluster import Entity, Runner
+from trio_cluster.runtime.stored_streams import StreamWatch
 from trio_cluster.storage.memory import MemoryStorage
 from trio_cluster.testing import TEST_CONFIG, open_test_cluster, open_test_runner
 
@@ -106,3 +109,35 @@ async def test_a_new_caller_with_the_same_key_resumes_after_the_acknowledged_chu
         async with runner.client.stream(journal, "t", Job("a", 20)) as chunks:
             assert [tick.i async for tick in chunks] == []
         assert [n for what, n in recorder.events if what == "started"] == [0]
+
+
+@given(
+    window=st.integers(1, 8),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("notice"), st.integers(0, 30), st.booleans()),
+            st.tuples(st.just("take"), st.just(0), st.just(False)),
+        ),
+        max_size=60,
+    ),
+)
+def test_a_caller_watch_holds_a_window_at_most_and_never_drops_a_notice_silently(
+    window: int, steps: list[tuple[str, int, bool]]
+) -> None:
+    """Whatever order notices come in, and whether they carry their chunk: what the
+    watch holds is from the caller's next index on, within a window, and a chunk
+    it did not keep (nor had) makes it read storage."""
+    watch = StreamWatch(window)
+    watch.reread = False
+    for kind, seq, carried in steps:
+        if kind == "take":
+            if watch.chunks.pop(watch.low, None) is not None:
+                watch.low += 1
+            continue
+        held = seq in watch.chunks
+        watch.chunk(seq, b"%d" % seq if carried else None)
+        if seq >= watch.low and not held and seq not in watch.chunks:
+            assert watch.reread
+            watch.reread = False  # the caller read storage
+        assert all(watch.low <= n < watch.low + window for n in watch.chunks)
+        assert all(chunk == b"%d" % n for n, chunk in watch.chunks.items())
