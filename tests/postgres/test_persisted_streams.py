@@ -118,6 +118,8 @@ async def test_chunks_are_fenced_kept_first_and_announced(storage: Storage) -> N
         await streams.ack(rid, 3, 7)
         assert await next_notice(notices, rid) == ChunksAcked(rid, 3, 7)
         assert await streams.acked(rid) == 3
+        await streams.ack(424242, 5, 7)  # no such request: nothing is stored
+        assert await streams.acked(424242) == 0
 
 
 async def test_a_large_chunk_is_announced_without_it(storage: Storage) -> None:

@@ -316,7 +316,8 @@ class MemoryStorage:
 
     async def ack(self, request_id: int, acked: int, origin: int) -> None:
         await self._enter()
-        if acked > self._acks.get(request_id, 0):
+        # As in PostgreSQL, whose ack row references its request: none for an unknown one.
+        if request_id in self._requests and acked > self._acks.get(request_id, 0):
             self._acks[request_id] = acked
             self._announce(ChunksAcked(request_id, acked, origin))
 
