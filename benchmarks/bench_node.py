@@ -67,11 +67,28 @@ class Tick(msgspec.Struct, frozen=True):
     pad: bytes = b""
 
 
+class StoredTicks(msgspec.Struct, frozen=True):
+    key: str
+    n: int
+
+
 Bench = Entity("ClusterBench")
 echo = Bench.rpc("echo", Payload, int)
 persist = Bench.rpc("persist", Payload, int, persisted=True, primary_key=lambda p: p.key)
 ticks = Bench.stream("ticks", Ticks, Tick)
 """``n`` chunks of ``size`` bytes of padding each (``benchmarks.streaming``)."""
+stored_ticks = Bench.stream(
+    "stored_ticks", StoredTicks, Tick, persisted=True, primary_key=lambda t: t.key
+)
+"""``n`` chunks of an int each, as a persisted stream (window 16)."""
+stored_ticks_wide = Bench.stream(
+    "stored_ticks_wide",
+    StoredTicks,
+    Tick,
+    persisted=True,
+    primary_key=lambda t: t.key,
+    window=256,
+)
 hang = Bench.rpc("hang", Payload, int)
 """Volatile: waits until interrupted, then notes when (``CANCELLED``)."""
 hang_persisted = Bench.rpc(
@@ -92,6 +109,7 @@ async def hang_until_cancelled(key: str) -> int:
 
 class BenchHandler:
     def __init__(self, ctx: EntityContext) -> None:
+        self.ctx = ctx
         self.count = 0
 
     @echo.handler
@@ -117,6 +135,20 @@ class BenchHandler:
         pad = b"x" * t.size
         for i in range(t.n):
             yield Tick(i, pad)
+
+    @stored_ticks.handler
+    async def on_stored_ticks(self, t: StoredTicks) -> AsyncIterator[Tick]:
+        async for tick in self._resumed_ticks(t):
+            yield tick
+
+    @stored_ticks_wide.handler
+    async def on_stored_ticks_wide(self, t: StoredTicks) -> AsyncIterator[Tick]:
+        async for tick in self._resumed_ticks(t):
+            yield tick
+
+    async def _resumed_ticks(self, t: StoredTicks) -> AsyncIterator[Tick]:
+        for i in range(self.ctx.request.resume_from, t.n):
+            yield Tick(i)
 
 
 # -- the stdin commands -------------------------------------------------------------

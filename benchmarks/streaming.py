@@ -8,7 +8,8 @@ Each repeat starts the cross-runner benchmark's cluster (``benchmarks.cluster``:
 a throwaway PostgreSQL server with stock durability, two ``bench_node``
 runner processes, and a client-only runner in this process), so every
 chunk measured crosses a socket from a runner process to this one. A
-stream touches no storage; PostgreSQL is there for the leases only.
+volatile stream touches no storage (PostgreSQL is there for the leases);
+a persisted one goes through it.
 
 What it measures, each repeat, after a warm-up stream:
 
@@ -18,6 +19,9 @@ What it measures, each repeat, after a warm-up stream:
 * 10 such streams at once, to 10 entities (window 16): chunks per second
   in all;
 * one stream of 1 KiB chunks (window 16): chunks per second;
+* one persisted stream (window 16, and 256): chunks per second, each
+  chunk stored, announced and read from storage (a twentieth of the
+  chunks of a volatile stream);
 * the baseline: sequential volatile ``ask`` to the same kind of entity,
   replies per second: what fetching the same items one request at a time
   would give.
@@ -35,10 +39,20 @@ from typing import Final
 
 import trio
 
+from trio_cluster import StreamRpc
 from trio_cluster.demo.orchestrate import Children
 from trio_cluster.pgdriver.server import ThrowawayPostgres
 
-from .bench_node import Payload, Ticks, echo, ticks
+from .bench_node import (
+    Payload,
+    StoredTicks,
+    Tick,
+    Ticks,
+    echo,
+    stored_ticks,
+    stored_ticks_wide,
+    ticks,
+)
 from .cluster import Cluster, open_cluster
 from .common import bench_parser, clock, log, repeats_of, write_json
 from .pgstats import SERVER_SETTINGS
@@ -70,6 +84,18 @@ async def stream_rate(
     return n * len(entity_ids) / ((clock() - start) / 1e9)
 
 
+async def stored_rate(cluster: Cluster, rpc: StreamRpc[StoredTicks, Tick], n: int) -> float:
+    """Chunks per second of one persisted stream of ``n`` chunks (a fresh primary key)."""
+    received = 0
+    start = clock()
+    key = f"bench-{clock()}"
+    async with cluster.client.stream(rpc, "p-0", StoredTicks(key, n)) as chunks:
+        async for _ in chunks:
+            received += 1
+    assert received == n, received
+    return n / ((clock() - start) / 1e9)
+
+
 async def ask_rate(cluster: Cluster, entity_id: str, n: int) -> float:
     start = clock()
     for i in range(n):
@@ -88,6 +114,7 @@ async def run_repeat(
         log(f"repeat {repeat}: warm-up")
         await stream_rate(cluster, entities, 1000, window=16)
         await ask_rate(cluster, entities[0], 500)
+        await stored_rate(cluster, stored_ticks, 200)
         measured: dict[str, Callable[[], Awaitable[float]]] = {
             "one stream, window 16": lambda: stream_rate(cluster, entities[:1], chunks, window=16),
             "one stream, window 256": lambda: stream_rate(
@@ -98,6 +125,12 @@ async def run_repeat(
             ),
             "one stream, 1 KiB chunks, window 16": lambda: stream_rate(
                 cluster, entities[:1], chunks // 2, window=16, size=1024
+            ),
+            "one persisted stream, window 16": lambda: stored_rate(
+                cluster, stored_ticks, chunks // 20
+            ),
+            "one persisted stream, window 256": lambda: stored_rate(
+                cluster, stored_ticks_wide, chunks // 20
             ),
             "baseline: sequential volatile ask": lambda: ask_rate(cluster, entities[0], asks),
         }

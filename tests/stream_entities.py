@@ -38,6 +38,11 @@ class Relay(msgspec.Struct, frozen=True):
     n: int
 
 
+class Job(msgspec.Struct, frozen=True):
+    key: str
+    n: int
+
+
 class Exhausted(Exception):
     pass
 
@@ -49,6 +54,13 @@ stall = Ticker.stream("stall", Count, Tick)
 """Yields ``n`` chunks, then records ``waiting`` and waits for ever: cancelled there."""
 relay = Ticker.rpc("relay", Relay, list[int])
 """Streams ``n`` ticks of ``count`` from the Ticker ``source``, from inside an entity."""
+journal = Ticker.stream(
+    "journal", Job, Tick, persisted=True, primary_key=lambda job: job.key, window=4
+)
+"""A persisted stream of ``n`` ticks: records ``started`` with its ``resume_from``, and
+``produced`` before each yield."""
+tape = Ticker.stream("tape", Job, Tick, persisted=True, primary_key=lambda job: job.key, window=8)
+"""``journal`` with a window of 8 chunks, for the test that SIGKILLs its owner."""
 arm_stream = Ticker.rpc("arm_stream", Count, str)
 """Tries to arm a timer sending ``count``; answers the TypeError's message."""
 
@@ -89,6 +101,24 @@ class TickerHandler:
         except TypeError as error:
             return str(error)
         return "armed"
+
+    @journal.handler
+    async def journal(self, job: Job) -> AsyncIterator[Tick]:
+        async for tick in self._resumed(job):
+            yield tick
+
+    @tape.handler
+    async def tape(self, job: Job) -> AsyncIterator[Tick]:
+        async for tick in self._resumed(job):
+            yield tick
+
+    async def _resumed(self, job: Job) -> AsyncIterator[Tick]:
+        """Ticks from the first one the caller did not acknowledge: each is its index."""
+        start = self.ctx.request.resume_from
+        self.recorder.record("started", start)
+        for i in range(start, job.n):
+            self.recorder.record("produced", i)
+            yield Tick(i)
 
     @stall.handler
     async def stall(self, job: Count) -> AsyncIterator[Tick]:

@@ -42,6 +42,7 @@ from trio_cluster.runtime.residency import Residency
 from trio_cluster.runtime.routing import Router
 from trio_cluster.runtime.services import Hosted, Services
 from trio_cluster.runtime.shard import ShardRuntime
+from trio_cluster.runtime.stored_streams import StreamWatchers
 from trio_cluster.runtime.withdrawals import Withdrawals
 from trio_cluster.storage import Lease, MemoryStorage, StateWrite
 from trio_cluster.testing import TEST_CONFIG
@@ -115,6 +116,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
     counters = Counters()
     hooks = Hooks(trusted=(counters,))
     stored = StoredReplies()
+    watchers = StreamWatchers()
     router = Router("test-runner", CONFIG, hooks, {})
     released: list[Lease] = []
     async with storage.session(RunnerSpec("test-runner"), lambda _: None) as session:
@@ -129,6 +131,8 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             messages=storage,
             deferreds=storage,
             stored_replies=stored,
+            streams=storage,
+            watchers=watchers,
             session=session,
             hooks=hooks,
             withdrawals=Withdrawals(
@@ -143,6 +147,8 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             timers=storage,
             deferreds=storage,
             stored_replies=stored,
+            streams=storage,
+            watchers=watchers,
             hooks=hooks,
             residency=Residency(100),
             hosted={"Counter": Hosted(impl, CONFIG.entity_defaults)},

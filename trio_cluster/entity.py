@@ -33,6 +33,7 @@ import msgspec
 
 from .core.hashing import ShardId, shard_index
 from .core.reserved import RESERVED_PREFIX
+from .core.streaming import MAX_WINDOW
 from .state import State, StateCodec
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class Rpc(Generic[P, S]):
     persisted: bool
     interruptible: bool = True
     stream: bool = False
+    window: int = 0
+    """A persisted stream's credit window, declared with it (0: not one)."""
     payload_decoder: msgspec.msgpack.Decoder[P] = attrs.field(init=False)
     success_decoder: msgspec.msgpack.Decoder[S] = attrs.field(init=False)
     errors_by_name: Mapping[str, type[Exception]] = attrs.field(init=False)
@@ -221,16 +224,39 @@ class Entity:
         chunk: type[C],
         *,
         errors: tuple[type[Exception], ...] = (),
+        persisted: bool = False,
+        primary_key: Callable[[P], str] | None = None,
+        window: int = 16,
     ) -> StreamRpc[P, C]:
         """Declare a streaming RPC: the handler yields ``chunk`` values, which the
         caller iterates (``Client.stream``) with a bounded window in flight.
 
-        Volatile and always interruptible: a caller that stops iterating
-        cancels the handler (its ``finally`` blocks run), which would
-        otherwise wait for ever for room in the window. See docs/concepts.md
-        (Streaming replies).
+        Volatile by default, and then always interruptible: a caller that
+        stops iterating cancels the handler (its ``finally`` blocks run),
+        which would otherwise wait for ever for room in the window.
+        ``persisted=True``: the request and every chunk are stored, and the
+        caller's progress too, so after a crash or a shard move the handler
+        runs again from ``ctx.request.resume_from``, the first chunk its
+        caller did not acknowledge; ``window`` (chunks stored ahead of the
+        caller) is then part of the declaration, known to both ends. See
+        docs/concepts.md (Streaming replies).
         """
-        rpc: Rpc[P, C] = Rpc(self, name, payload, chunk, errors, None, False, True, stream=True)
+        if primary_key is not None and not persisted:
+            raise ValueError(f"{self.name}.{name}: a primary key needs persisted=True")
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"a stream window is 1..{MAX_WINDOW} chunks (got {window})")
+        rpc: Rpc[P, C] = Rpc(
+            self,
+            name,
+            payload,
+            chunk,
+            errors,
+            primary_key,
+            persisted,
+            not persisted,
+            stream=True,
+            window=window if persisted else 0,
+        )
         return StreamRpc(self._declare(rpc))
 
     def _declare(self, rpc: Rpc[P, S]) -> Rpc[P, S]:

@@ -111,10 +111,13 @@ class World:
 
 
 @asynccontextmanager
-async def open_world(dsn: str, name: str) -> AsyncIterator[World]:
-    """Tables for a fresh prefix, a listener, and a client-only runner; no runner process yet."""
+async def open_world(
+    dsn: str, name: str, app: str = "tests.postgres.interrupt_app"
+) -> AsyncIterator[World]:
+    """Tables for a fresh prefix, a listener, and a client-only runner; no runner process
+    yet (``app``: the module the runner processes run, one writing handler records)."""
     prefix = f"intp_{name}_{uuid.uuid4().hex[:8]}_"
-    cluster = Cluster(dsn, prefix, app="tests.postgres.interrupt_app")
+    cluster = Cluster(dsn, prefix, app=app)
     seen = Seen()
     try:
         async with (

@@ -60,6 +60,7 @@ from .carried import Carried, CarriedRequests
 from .interrupts import mark_interrupted
 from .leases import RECONNECT
 from .snapshots import Snapshot, parse
+from .streams import parse_acked, parse_chunk
 from .writer import GroupWriter
 
 log = logging.getLogger("trio_cluster.postgres.messages")
@@ -214,10 +215,10 @@ def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
 
 
 def _parse_notice(payload: str) -> tuple[list[Notice], list[Carried]]:
-    """The notices of a batch notice (``C:``, ``R:``), a membership notice (``m:``), or
-    one of the single-row notices (``i:`` for an interrupt; ``S:``, ``s:``, ``r:`` of
-    earlier versions, as a rolling upgrade still sends them); and the requests
-    they carry."""
+    """The notices of a batch notice (``C:``, ``R:``), a membership notice (``m:``), a
+    persisted stream's chunk or ack (``c:``, ``a:``, see ``streams``), or one of the
+    single-row notices (``i:`` for an interrupt; ``S:``, ``s:``, ``r:`` of earlier
+    versions, as a rolling upgrade still sends them); and the requests they carry."""
     kind, _, rest = payload.partition(":")
     carried: list[Carried] = []
     try:
@@ -237,6 +238,10 @@ def _parse_notice(payload: str) -> tuple[list[Notice], list[Carried]]:
             return replied, carried
         if kind == "m":
             return [MembershipChanged()], carried
+        if kind == "c":
+            return [parse_chunk(rest)], carried
+        if kind == "a":
+            return [parse_acked(rest)], carried
         if kind == "r":
             origin_text, request_text = rest.split(":")
             return [Replied(int(request_text), int(origin_text))], carried

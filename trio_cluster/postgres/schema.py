@@ -115,6 +115,19 @@ MIGRATIONS: tuple[str, ...] = (
         fired_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 8: persisted streams: each one's chunks, and how far its caller consumed them.
+    """
+    CREATE TABLE {p}stream_chunks (
+        request_id bigint NOT NULL REFERENCES {p}messages (request_id) ON DELETE CASCADE,
+        seq bigint NOT NULL,
+        chunk bytea NOT NULL,
+        PRIMARY KEY (request_id, seq)
+    );
+    CREATE TABLE {p}stream_acks (
+        request_id bigint PRIMARY KEY REFERENCES {p}messages (request_id) ON DELETE CASCADE,
+        acked bigint NOT NULL
+    );
+    """,
 )
 
 

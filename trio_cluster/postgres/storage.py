@@ -29,6 +29,7 @@ from .schema import check_prefix, lock_namespace, migrate
 from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
 from .status import read_status
+from .streams import PgStreamStorage
 from .timers import PgTimerStorage
 from .watcher import MembershipView, PeerWatcher
 
@@ -54,6 +55,7 @@ class PostgresStorage:
         self._timers = PgTimerStorage(pool, prefix)
         self._deferreds = PgDeferredStorage(pool, prefix, messages.channel)
         self._schedules = PgScheduleStorage(pool, prefix)
+        self._streams = PgStreamStorage(pool, prefix, messages.channel)
         self._timing = timing
         self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
@@ -83,6 +85,10 @@ class PostgresStorage:
     @property
     def schedules(self) -> PgScheduleStorage:
         return self._schedules
+
+    @property
+    def streams(self) -> PgStreamStorage:
+        return self._streams
 
     async def live_runners(self) -> list[RunnerSpec]:
         """Registered runners whose lock connection still holds their machine-id lock.

@@ -98,7 +98,7 @@ class Handling(_Request):
     scratch space for it).
     """
 
-    __slots__ = ("address", "attempt", "redelivered", "suspended_on")
+    __slots__ = ("address", "attempt", "redelivered", "resume_from", "suspended_on")
 
     def __init__(
         self, envelope: Envelope, redelivered: bool, address: EntityAddress, runner: str
@@ -110,6 +110,8 @@ class Handling(_Request):
         self.attempt = 1
         self.suspended_on: str | None = None
         """The deferred the handler's last run suspended on (see ``ctx.deferred``)."""
+        self.resume_from = 0
+        """A persisted stream's first chunk to yield: the stored ack (see RequestInfo)."""
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -138,6 +140,9 @@ class RequestInfo:
     missed): an earlier owner may have run it, wholly or in part, without storing its reply."""
     attempt: int
     """1, then 2, 3, ... when the defect policy runs the handler again for this delivery."""
+    resume_from: int = 0
+    """A persisted stream's handler yields chunk ``resume_from`` first: the chunks its
+    caller acknowledged (0 on the first run) are never produced again."""
 
     @classmethod
     def of(cls, handling: Handling) -> RequestInfo:
@@ -151,6 +156,7 @@ class RequestInfo:
             deliver_at=None if due is None else datetime.fromtimestamp(due / 1000, UTC),
             redelivered=handling.redelivered,
             attempt=handling.attempt,
+            resume_from=handling.resume_from,
         )
 
 

@@ -55,13 +55,14 @@ from ..errors import (
     RunnerUnavailable,
     SendTimeout,
 )
-from ..storage.base import DeferredStorage, LeaseSession, MessageStorage, Saved
+from ..storage.base import DeferredStorage, LeaseSession, MessageStorage, Saved, StreamStorage
 from .calls import Call, call_chain
 from .deferreds import parse_token
 from .delivery import Delivery
 from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
+from .stored_streams import StoredChunks, StreamWatchers
 from .streams import Chunks, StreamSlot
 from .withdrawals import Withdrawals
 
@@ -89,6 +90,8 @@ class Client:
         messages: MessageStorage,
         deferreds: DeferredStorage,
         stored_replies: StoredReplies,
+        streams: StreamStorage,
+        watchers: StreamWatchers,
         session: LeaseSession,
         hooks: Hooks,
         withdrawals: Withdrawals,
@@ -98,6 +101,8 @@ class Client:
         self._messages = messages
         self._deferreds = deferreds
         self._stored_replies = stored_replies
+        self._streams = streams
+        self._watchers = watchers
         self._withdrawals = withdrawals
         self._session = session
         self._hooks = hooks
@@ -192,9 +197,10 @@ class Client:
         entity_id: str,
         payload: P,
         *,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - SendTimeout is part of the contract
         headers: Mapping[str, str] | None = None,
+        primary_key: str | None = None,
     ) -> AsyncIterator[AsyncIterator[C]]:
         """Send a streaming request; iterate the chunks its handler yields.
 
@@ -208,20 +214,42 @@ class Client:
         The end raises the declared error or ClusterError the handler ended
         in, after every chunk it sent. ``timeout`` (default
         ``ShardingConfig.send_timeout``) bounds each wait, for the start and
-        for every chunk: SendTimeout.
+        for every chunk: SendTimeout. ``window`` defaults to 16 chunks.
+
+        A persisted stream (declared ``persisted=True``, with its window) is
+        stored, not sent: the block is entered once it is stored, and a
+        caller asking again with the same primary key resumes after the last
+        chunk acknowledged. Leaving its block early withdraws nothing: the
+        handler waits at its ``yield`` for a caller to resume it.
         """
         if not isinstance(rpc, StreamRpc):
             raise TypeError(f"stream takes a StreamRpc (got {rpc!r})")
-        if not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        if rpc.rpc.persisted:
+            if window is not None:
+                raise TypeError(f"{rpc!r} is persisted: its window is declared with it")
+        elif window is None:
+            window = DEFAULT_WINDOW
+        elif not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
             raise TypeError(f"window must be an int in 1..{MAX_WINDOW} (got {window!r})")
         chain = call_chain.get()
         envelope = self._envelope(
-            rpc.rpc, entity_id, payload, chain=chain, deliver_at=None, headers=headers, stream=True
+            rpc.rpc,
+            entity_id,
+            payload,
+            chain=chain,
+            deliver_at=None,
+            headers=headers,
+            stream=True,
+            primary_key=primary_key,
         )
         _refuse_cycle(envelope, chain)
         limit = self._config.send_timeout if timeout is None else timeout
         call = self._sending(envelope, "stream")
         envelope = call.envelope
+        if window is None:
+            async with self._stored_stream(call, rpc.rpc, limit) as stored:
+                yield stored
+            return
         try:
             opened = await self._open_stream(envelope, window, limit)
         except ClusterError as error:
@@ -237,6 +265,61 @@ class Client:
         finally:
             _withdraw(delivery, link, interrupt=not slot.answered)
             self._hooks.request_finished(call, chunks.outcome)
+
+    @contextlib.asynccontextmanager
+    async def _stored_stream(
+        self, call: Call, rpc: Rpc[Any, C], limit: float
+    ) -> AsyncIterator[StoredChunks[C]]:
+        """Store a persisted stream's request, then read its chunks from storage.
+
+        A duplicate (its primary key stored already) reads the original's,
+        from the first chunk its callers did not acknowledge.
+        """
+        envelope = call.envelope
+        waiting = self._stored_replies
+        # Expect the reply before storing: the whole stream may end before the save returns.
+        reply = waiting.expect(envelope.request_id)
+        request_id = envelope.request_id
+        outcome = "cancelled"
+        try:
+            try:
+                saved = await self._save(envelope)
+                start = 0
+                if saved.duplicate:
+                    waiting.forget(request_id, reply)
+                    request_id = saved.request_id
+                    reply = waiting.expect(request_id)
+                    start = await self._streams.acked(request_id)
+                    final = saved.reply or await self._messages.reply_for(request_id)
+                    if final is not None:
+                        reply.resolve(final)
+                else:
+                    self._offer_here(envelope)
+            except ClusterError as error:
+                outcome = error.reason
+                raise
+            watch = self._watchers.caller(request_id, rpc.window)
+            try:
+                chunks = StoredChunks(
+                    storage=self._streams,
+                    watch=watch,
+                    reply=reply,
+                    rpc=rpc,
+                    envelope=envelope,
+                    request_id=request_id,
+                    start=start,
+                    timeout=limit,
+                    origin=self._session.machine_id,
+                )
+                try:
+                    yield chunks
+                finally:
+                    outcome = chunks.outcome
+            finally:
+                self._watchers.forget(request_id, watch)
+        finally:
+            waiting.forget(request_id, reply)
+            self._hooks.request_finished(call, outcome)
 
     async def _open_stream(
         self, envelope: Envelope, window: int, limit: float

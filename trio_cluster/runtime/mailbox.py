@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -49,7 +49,7 @@ import trio
 from ..core import reply as replies
 from ..core.envelope import Envelope
 from ..core.lifecycle import ENTITY_LIFECYCLE, EntityEvent, EntityState, Lifecycle
-from ..core.streaming import ChunkSink
+from ..entity import Rpc
 from ..errors import (
     ClusterError,
     EntityNotAssignedToRunner,
@@ -69,6 +69,7 @@ from .delivery import Delivery
 from .durable import StateKeeper, StateUnreadable
 from .interrupts import ShardInterrupts
 from .services import Hosted, Services
+from .stored_streams import StoredChunkSink
 from .timers import EntityTimers, timer_name
 
 log = logging.getLogger("trio_cluster.entity")
@@ -582,7 +583,8 @@ class ActiveEntity:
             missing = MalformedMessage(f"{self.address} has no RPC {envelope.rpc!r}")
             return self._error(missing, envelope)
         sink = delivery.stream
-        if rpc.stream != (sink is not None):
+        # A persisted stream comes from storage, never with a sink: its chunks go there too.
+        if (rpc.stream and not envelope.persisted) != (sink is not None):
             shape = "a stream, sent as a request" if rpc.stream else "no stream, sent as one"
             return self._error(MalformedMessage(f"{rpc!r} is {shape}"), envelope)
         try:
@@ -598,10 +600,13 @@ class ActiveEntity:
                 if self._handler is None:
                     self._handler = await self._build_handler()
                 current.suspended_on = None
-                if sink is None:
+                if not rpc.stream:
                     value = await method(self._handler, payload)
+                elif sink is not None:
+                    await _pump(method(self._handler, payload), sink.send_chunk, max_size)
+                    value = None
                 else:
-                    await _pump(method(self._handler, payload), sink, max_size)
+                    await self._pump_stored(method(self._handler, payload), rpc, current)
                     value = None
             except StateUnreadable:
                 raise
@@ -629,7 +634,7 @@ class ActiveEntity:
                 # corrupt) handler state and retry on a fresh instance.
                 self._forget_state()
                 self.shard.services.hooks.defect(current, defect)
-                delay = None if sink is not None else next(delays, None)
+                delay = None if rpc.stream else next(delays, None)
                 log.warning(
                     "defect in %s handling %s (retry in %s s)",
                     self.address,
@@ -654,12 +659,37 @@ class ActiveEntity:
             except ClusterError as error:
                 return self._error(error, envelope)
 
+    async def _pump_stored(
+        self, chunks: AsyncGenerator[object, None], rpc: Rpc[Any, Any], current: Handling
+    ) -> None:
+        """Store each chunk a persisted stream's handler yields, from the stored ack on
+        (the handler was given it as ``resume_from``), a window at most past it."""
+        request_id = current.request_id
+        services = self.shard.services
+        watch = services.watchers.owner(request_id, rpc.window)
+        try:
+            sink = StoredChunkSink(
+                services.streams,
+                watch,
+                self.shard.lease,
+                request_id,
+                await services.streams.acked(request_id),
+            )
+            current.resume_from = sink.seq
+            await _pump(chunks, sink.send_chunk, services.config.max_message_size)
+        finally:
+            services.watchers.forget(request_id, watch)
+
     def _error(self, error: ClusterError, envelope: Envelope) -> bytes:
         error.entity_id = self.address.entity_id
         return replies.failure(error, envelope.request_id)
 
 
-async def _pump(chunks: AsyncGenerator[object, None], sink: ChunkSink, max_size: int) -> None:
+async def _pump(
+    chunks: AsyncGenerator[object, None],
+    send: Callable[[bytes], Awaitable[None]],
+    max_size: int,
+) -> None:
     """Send each chunk a stream handler yields, waiting at its ``yield`` for credit.
 
     Closed on every way out, so an interrupt (a cancellation while it waits)
@@ -667,4 +697,4 @@ async def _pump(chunks: AsyncGenerator[object, None], sink: ChunkSink, max_size:
     """
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            await sink.send_chunk(replies.encode_payload(chunk, max_size))
+            await send(replies.encode_payload(chunk, max_size))

@@ -5,8 +5,9 @@ The follower reads what notices announce: requests for a shard served here
 rescan), the stored reply a caller here waits for when its notice could not
 carry it (a notice that carries it resolves the caller with no read), the
 interrupt of a persisted request of a shard served here (its handler is
-cancelled); a changed membership, or a gap in the notices, wakes the shard
-keeper. Notices of one batch are acted on in order of kind: stored requests
+cancelled), the chunks and acks of persisted streams whose end is here (see
+:mod:`.stored_streams`); a changed membership, or a gap in the notices, wakes the
+shard keeper. Notices of one batch are acted on in order of kind: stored requests
 are queued before interrupts are applied, so an interrupt that follows its
 request's notice finds it.
 """
@@ -22,6 +23,8 @@ import trio
 from ..core.hashing import ShardId
 from ..errors import PersistenceError
 from ..storage.base import (
+    ChunksAcked,
+    ChunkStored,
     Gap,
     InterruptStored,
     MembershipChanged,
@@ -33,6 +36,7 @@ from ..storage.base import (
 from .hooks import Hooks
 from .replies import StoredReplies
 from .shard import ShardRuntime
+from .stored_streams import StreamWatchers
 
 log = logging.getLogger("trio_cluster.runner")
 
@@ -47,6 +51,7 @@ class NoticeFollower:
         messages: MessageStorage,
         shards: Mapping[ShardId, ShardRuntime],
         stored_replies: StoredReplies,
+        watchers: StreamWatchers,
         machine_id: Callable[[], int],
         membership_changed: Callable[[], None],
         hooks: Hooks,
@@ -54,6 +59,7 @@ class NoticeFollower:
         self._messages = messages
         self._shards = shards
         self._stored_replies = stored_replies
+        self._watchers = watchers
         self._machine_id = machine_id
         self._membership_changed = membership_changed
         self._hooks = hooks
@@ -95,8 +101,14 @@ class NoticeFollower:
                     for served in list(self._shards.values()):
                         served.rescan()
                     replied = self._stored_replies.waiting()
+                    self._watchers.gap()
                     stored.clear()
                     break
+                case ChunkStored(request_id, seq, _, chunk):
+                    # From any runner: a stream's two ends may share one.
+                    self._watchers.chunk_stored(request_id, seq, chunk)
+                case ChunksAcked(request_id):
+                    self._watchers.acked(request_id)
                 case MembershipChanged():
                     self._membership_changed()
                 case Replied(request_id, origin, reply) if origin != me:

@@ -69,6 +69,7 @@ from .schedules import ScheduleServices, schedule_singleton, wall_clock
 from .services import Hosted, Services
 from .shard import ShardRuntime
 from .singletons import SingletonRuntime, SingletonServices
+from .stored_streams import StreamWatchers
 from .supervision import keep_running
 from .withdrawals import Withdrawals
 
@@ -608,6 +609,7 @@ def _assemble(
 ) -> _Parts:
     """Build the runner's parts, each given only what it uses."""
     stored_replies = StoredReplies()
+    watchers = StreamWatchers()
     residency = Residency(config.max_resident_entities)
     shards: dict[ShardId, ShardRuntime] = {}
     router = Router(address, config, hooks, shards)
@@ -623,6 +625,8 @@ def _assemble(
         messages=storage.messages,
         deferreds=storage.deferreds,
         stored_replies=stored_replies,
+        streams=storage.streams,
+        watchers=watchers,
         session=session,
         hooks=hooks,
         withdrawals=withdrawals,
@@ -635,6 +639,8 @@ def _assemble(
         timers=storage.timers,
         deferreds=storage.deferreds,
         stored_replies=stored_replies,
+        streams=storage.streams,
+        watchers=watchers,
         hooks=hooks,
         residency=residency,
         hosted=hosted,
@@ -673,6 +679,7 @@ def _assemble(
         messages=storage.messages,
         shards=shards,
         stored_replies=stored_replies,
+        watchers=watchers,
         machine_id=lambda: session.machine_id,
         membership_changed=keeper.wake,
         hooks=hooks,

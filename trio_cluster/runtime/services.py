@@ -15,10 +15,18 @@ import attrs
 
 from ..config import EntityOptions, ShardingConfig
 from ..entity import Implementation
-from ..storage.base import DeferredStorage, Lease, MessageStorage, StateStorage, TimerStorage
+from ..storage.base import (
+    DeferredStorage,
+    Lease,
+    MessageStorage,
+    StateStorage,
+    StreamStorage,
+    TimerStorage,
+)
 from .hooks import Hooks
 from .replies import StoredReplies
 from .residency import Residency
+from .stored_streams import StreamWatchers
 
 if TYPE_CHECKING:
     from .client import Client
@@ -41,6 +49,9 @@ class Services:
     timers: TimerStorage
     deferreds: DeferredStorage
     stored_replies: StoredReplies
+    streams: StreamStorage
+    watchers: StreamWatchers
+    """The persisted streams handled here, woken by their ack notices."""
     hooks: Hooks
     residency: Residency
     hosted: Mapping[str, Hosted]

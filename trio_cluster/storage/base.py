@@ -80,6 +80,30 @@ class InterruptStored:
 
 
 @attrs.frozen
+class ChunkStored:
+    """A notice that the owner of a persisted stream stored its chunk ``seq``.
+
+    Carries the ``chunk`` when it fits (None: read it from storage); its
+    caller takes it from here, or reads from storage after a missed notice.
+    """
+
+    request_id: int
+    seq: int
+    origin: int
+    chunk: bytes | None = None
+
+
+@attrs.frozen
+class ChunksAcked:
+    """A notice that the caller of a persisted stream consumed its chunks below ``acked``:
+    the owner, waiting for room in the window, looks again."""
+
+    request_id: int
+    acked: int
+    origin: int
+
+
+@attrs.frozen
 class MembershipChanged:
     """A runner registered or unregistered: owners recompute the assignment now.
 
@@ -97,7 +121,7 @@ class Gap:
     """
 
 
-Notice = Stored | Replied | InterruptStored | MembershipChanged | Gap
+Notice = Stored | Replied | InterruptStored | ChunkStored | ChunksAcked | MembershipChanged | Gap
 
 
 @attrs.frozen
@@ -336,6 +360,39 @@ class ScheduleStorage(Protocol):
         ...
 
 
+class StreamStorage(Protocol):
+    """The chunks of persisted streams, and how far each stream's caller consumed them.
+
+    A persisted stream is a persisted request whose handler yields chunks:
+    its owner stores each one, numbered from 0, fenced by its shard's lease
+    as a reply is; its caller reads them and records what it consumed (the
+    ack), so a new owner after a crash or a shard move resumes from there.
+    Its stored reply ends the stream, after every chunk. Retention deletes
+    chunks and ack with their request.
+    """
+
+    async def save_chunk(self, request_id: int, seq: int, chunk: bytes, lease: Lease) -> None:
+        """Store chunk ``seq`` of the stream and notify its caller, fenced by ``lease``.
+
+        A chunk stored twice (a new owner produced it again) keeps its first
+        copy. Raises EntityNotAssignedToRunner when ``lease`` is stale.
+        """
+        ...
+
+    async def chunks(self, request_id: int, start: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` stored chunks of the stream from index ``start``, in order."""
+        ...
+
+    async def ack(self, request_id: int, acked: int, origin: int) -> None:
+        """Record that the caller consumed every chunk below ``acked`` and notify the owner;
+        an ack below the stored one changes nothing (it only moves forward)."""
+        ...
+
+    async def acked(self, request_id: int) -> int:
+        """How many chunks the caller consumed (0 when it acknowledged none)."""
+        ...
+
+
 class StatusStorage(Protocol):
     """What the status view reads; the runtime itself never needs it.
 
@@ -371,3 +428,6 @@ class Storage(Protocol):
 
     @property
     def schedules(self) -> ScheduleStorage: ...
+
+    @property
+    def streams(self) -> StreamStorage: ...

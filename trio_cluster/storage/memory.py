@@ -31,6 +31,8 @@ from ..errors import (
 )
 from .base import (
     NO_ORIGIN,
+    ChunksAcked,
+    ChunkStored,
     InterruptStored,
     Lease,
     MembershipChanged,
@@ -94,6 +96,9 @@ class MemoryStorage:
         # (request id, deferred name) -> its outcome, None while a request waits on it.
         self._deferreds: dict[tuple[int, str], bytes | None] = {}
         self._schedules: dict[str, int] = {}
+        # Per persisted stream (request id): its chunks by index, and its caller's ack.
+        self._chunks: dict[int, dict[int, bytes]] = {}
+        self._acks: dict[int, int] = {}
         self._followers: list[Follower] = []
 
     @property
@@ -118,6 +123,10 @@ class MemoryStorage:
 
     @property
     def schedules(self) -> MemoryStorage:
+        return self
+
+    @property
+    def streams(self) -> MemoryStorage:
         return self
 
     async def _enter(self) -> None:
@@ -288,7 +297,33 @@ class MemoryStorage:
                 self._by_dedup_key.pop(stored.envelope.dedup_key, None)
             for deferred in [d for d in self._deferreds if d[0] == request_id]:
                 del self._deferreds[deferred]
+            self._chunks.pop(request_id, None)
+            self._acks.pop(request_id, None)
         return len(doomed)
+
+    # -- persisted streams --------------------------------------------------------
+
+    async def save_chunk(self, request_id: int, seq: int, chunk: bytes, lease: Lease) -> None:
+        await self._enter()
+        self._fence(lease, request_id)
+        kept = self._chunks.setdefault(request_id, {}).setdefault(seq, chunk)
+        self._announce(ChunkStored(request_id, seq, lease.machine_id, kept))
+
+    async def chunks(self, request_id: int, start: int, limit: int) -> list[tuple[int, bytes]]:
+        await self._enter()
+        stored = self._chunks.get(request_id, {})
+        return [(seq, stored[seq]) for seq in sorted(stored) if seq >= start][:limit]
+
+    async def ack(self, request_id: int, acked: int, origin: int) -> None:
+        await self._enter()
+        # As in PostgreSQL, whose ack row references its request: none for an unknown one.
+        if request_id in self._requests and acked > self._acks.get(request_id, 0):
+            self._acks[request_id] = acked
+            self._announce(ChunksAcked(request_id, acked, origin))
+
+    async def acked(self, request_id: int) -> int:
+        await self._enter()
+        return self._acks.get(request_id, 0)
 
     # -- timers -------------------------------------------------------------------
 
