@@ -148,6 +148,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             hosted={"Counter": Hosted(impl, CONFIG.entity_defaults)},
             client=client,
             release=release,
+            confirmed=session.confirmed,
             base_context=contextvars.copy_context(),
         )
         lease = await session.acquire(ShardId("default", shard_index(entity_id, SHARDS)))

@@ -147,6 +147,9 @@ class PgLeaseSession:
         self._registered = trio.Event()
         self._answered = -math.inf
         """When the last statement that the lock connection answered was sent."""
+        self._news = trio.Event()
+        """Set, and replaced, whenever ``_answered`` moves or the leases are lost: what
+        ``confirmed`` waits on."""
 
     @property
     def machine_id(self) -> int:
@@ -166,6 +169,20 @@ class PgLeaseSession:
         a stalled VM) past that no longer knows, whatever ``held`` still says."""
         recent = trio.current_time() - self._answered < self._timing.held_for_sure
         return recent and shard in self._held
+
+    async def confirmed(self, shard: ShardId) -> None:
+        """Return once ``surely_holds(shard)``, or once the lease is gone: at once in the
+        common case, else at the lock connection's next answer (or its loss)."""
+        while shard in self._held and not self.surely_holds(shard):
+            await self._news.wait()
+
+    def _answered_at(self, sent: float) -> None:
+        self._answered = sent
+        self._publish()
+
+    def _publish(self) -> None:
+        self._news.set()
+        self._news = trio.Event()
 
     @property
     def backend_pid(self) -> int | None:
@@ -192,7 +209,7 @@ class PgLeaseSession:
                 async with self._connect() as conn:
                     sent = trio.current_time()
                     await self._register(conn)
-                    self._answered = sent
+                    self._answered_at(sent)
                     self._conn = conn
                     self._registered.set()
                     if first:
@@ -302,7 +319,7 @@ class PgLeaseSession:
                     f"UPDATE {self._prefix}runners SET heartbeat_at = now() WHERE machine_id = $1",
                     [self._machine_id],
                 )
-                self._answered = sent
+                self._answered_at(sent)
             if deadline.cancelled_caught:
                 log.error(
                     "lock connection silent for %s s: giving up its leases", timing.liveness_timeout
@@ -317,6 +334,7 @@ class PgLeaseSession:
                 self._on_lease_lost(shard)
             except Exception:
                 log.exception("reporting the loss of %s failed", shard)
+        self._publish()
 
     async def _namespace(self, conn: Connection, name: str) -> int:
         number = self._namespaces.get(name)

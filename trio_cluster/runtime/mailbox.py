@@ -366,7 +366,14 @@ class ActiveEntity:
             limiter.release()
 
     async def _handle(self, delivery: Delivery, chain: tuple[str, ...]) -> None:
-        """Handle one request in the calling task: the entity's own, or a worker's."""
+        """Handle one request in the calling task: the entity's own, or a worker's.
+
+        No handler starts before the shard's lease is surely still held: a
+        runner resuming from a freeze waits here for its lock connection's
+        next answer (or the loss that stops this entity), rather than running
+        a queued request beside the shard's new owner.
+        """
+        await self.shard.services.confirmed(self.address.shard)
         envelope = delivery.envelope
         if envelope.request_id in self._withdrawn:
             self._done(envelope)
