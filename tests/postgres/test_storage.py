@@ -179,6 +179,71 @@ async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str)
         assert session.backend_pid != old_pid
 
 
+FROZEN_TIMING = LeaseTiming(
+    heartbeat_interval=10.0, liveness_timeout=2.0, user_timeout_ms=1000, idle_session_timeout_ms=0
+)
+"""Leases surely held for 1 s after an answer, and the next heartbeat 10 s on: a
+mock-clock jump in between is a runner resuming from a freeze, unsure of its leases."""
+
+
+async def test_after_a_freeze_a_lease_is_confirmed_by_the_next_heartbeat(
+    pg_dsn: str, mock_clock: trio.testing.MockClock
+) -> None:
+    shard = ShardId("default", 0)
+    prefix = f"t{next(_prefixes)}_"
+    async with (
+        open_postgres_storage(pg_dsn, prefix=prefix, timing=FROZEN_TIMING) as storage,
+        storage.session(RunnerSpec("r"), lambda _: None) as session,
+    ):
+        assert await session.acquire(shard) is not None
+        await session.confirmed(shard)  # just answered: at once
+        mock_clock.jump(1.5)
+        assert not session.surely_holds(shard)
+        confirmed = trio.Event()
+
+        async def gate() -> None:
+            await session.confirmed(shard)
+            confirmed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not confirmed.is_set()
+            mock_clock.jump(9.0)  # the heartbeat is due, and answered
+            await confirmed.wait()
+        assert session.surely_holds(shard)
+
+
+async def test_after_a_freeze_a_lost_lease_is_not_waited_on(
+    pg_dsn: str, mock_clock: trio.testing.MockClock
+) -> None:
+    shard = ShardId("default", 0)
+    lost = trio.Event()
+    async with (
+        open_postgres_storage(
+            pg_dsn, prefix=f"t{next(_prefixes)}_", timing=FROZEN_TIMING
+        ) as storage,
+        storage.session(RunnerSpec("r"), lambda _: lost.set()) as session,
+    ):
+        assert await session.acquire(shard) is not None
+        pid = session.backend_pid
+        assert pid is not None
+        mock_clock.jump(1.5)
+        confirmed = trio.Event()
+
+        async def gate() -> None:
+            await session.confirmed(shard)
+            confirmed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not confirmed.is_set()
+            await terminate(pg_dsn, pid)
+            await confirmed.wait()
+        assert lost.is_set() and not session.surely_holds(shard)
+
+
 async def test_a_stale_lease_can_never_complete_a_message(pg_dsn: str) -> None:
     async with storage_for(pg_dsn) as storage:
         messages = storage.messages
