@@ -139,6 +139,8 @@ class PgLeaseSession:
         self._channel = channel
         self._on_lease_lost = on_lease_lost
         self._timing = timing
+        self._held_for_sure = timing.held_for_sure
+        """Read before every handler starts (``confirmed``): computed once."""
         self._register_deadline = register_deadline
         self._conn: Connection | None = None
         self._machine_id = -1
@@ -167,13 +169,13 @@ class PgLeaseSession:
         """Whether ``shard``'s lease is held and provably still ours: the lock connection
         answered within ``LeaseTiming.held_for_sure``. A runner that was frozen (SIGSTOP,
         a stalled VM) past that no longer knows, whatever ``held`` still says."""
-        recent = trio.current_time() - self._answered < self._timing.held_for_sure
+        recent = trio.current_time() - self._answered < self._held_for_sure
         return recent and shard in self._held
 
     async def confirmed(self, shard: ShardId) -> None:
         """Return once ``surely_holds(shard)``, or once the lease is gone: at once in the
         common case, else at the lock connection's next answer (or its loss)."""
-        while shard in self._held and not self.surely_holds(shard):
+        while not self.surely_holds(shard) and shard in self._held:
             await self._news.wait()
 
     def _answered_at(self, sent: float) -> None:
