@@ -92,6 +92,7 @@ from trio_cluster.core.frames import FrameDecoder, Reply, Request, encode_into
 from trio_cluster.demo.orchestrate import Child, Children, python_module
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.pgdriver.server import ThrowawayPostgres
+from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .bench_node import Bench, Payload, echo, persist
@@ -119,7 +120,6 @@ from .plot import write_latency_plot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SHARDS: Final = 100
-CONFIG: Final = ShardingConfig(shards_per_group=SHARDS)
 SENDERS: Final = 100
 """Concurrent sender tasks, and entities, in the throughput runs."""
 LATENCY_ENTITIES: Final = 10
@@ -128,6 +128,8 @@ ASK_TIMEOUT: Final = 5.0
 PROBE_TIMEOUT: Final = 0.1
 """A failover probe gives up and asks again after this: the measuring granularity."""
 OUTAGE_TIMEOUT: Final = 60.0
+LOCK_POLL: Final = 0.005
+"""How often failover reads pg_locks for the dead runner's shards held again."""
 STARTUP_TIMEOUT: Final = 60.0
 
 
@@ -179,8 +181,8 @@ class Node:
 _names = count(1)
 
 
-def start_node(children: Children, dsn: str, prefix: str) -> Node:
-    args = [dsn, "--prefix", prefix, "--shards", str(SHARDS)]
+def start_node(children: Children, dsn: str, prefix: str, shards: int = SHARDS) -> Node:
+    args = [dsn, "--prefix", prefix, "--shards", str(shards)]
     child = children.start(
         f"runner-{next(_names)}",
         python_module("benchmarks.bench_node", *args),
@@ -327,14 +329,16 @@ async def concurrently(per_sender: Callable[[int], Awaitable[None]]) -> int:
     return await _concurrently_among(per_sender, SENDERS)
 
 
-def ids_for_shards(prefix: str, shards: set[ShardId]) -> dict[ShardId, str]:
-    """One entity id per shard in ``shards``."""
+def ids_for_shards(
+    prefix: str, shards: set[ShardId], per_group: int = SHARDS
+) -> dict[ShardId, str]:
+    """One entity id per shard in ``shards`` (of a layout of ``per_group`` shards)."""
     found: dict[ShardId, str] = {}
     for n in count():
         if len(found) == len(shards):
             return found
         entity_id = f"{prefix}{n}"
-        shard = Bench.shard_of(entity_id, SHARDS)
+        shard = Bench.shard_of(entity_id, per_group)
         if shard in shards and shard not in found:
             found[shard] = entity_id
     raise AssertionError("unreachable")
@@ -354,9 +358,10 @@ class Cluster:
     failed_asks: int = 0
     statements: bool = False
     """Whether the server counts statements (pg_stat_statements is loaded)."""
+    shards: int = SHARDS
 
     def owner(self, entity_id: str) -> str | None:
-        return self.client.assignment.get(Bench.shard_of(entity_id, SHARDS))
+        return self.client.assignment.get(Bench.shard_of(entity_id, self.shards))
 
     def check_cross_process(self, entity_ids: list[str]) -> None:
         """Every measured entity lives in a runner process other than this one."""
@@ -395,21 +400,30 @@ class Cluster:
 
 @asynccontextmanager
 async def open_cluster(
-    children: Children, server: ThrowawayPostgres, prefix: str
+    children: Children,
+    server: ThrowawayPostgres,
+    prefix: str,
+    *,
+    runners: int = 2,
+    shards: int = SHARDS,
 ) -> AsyncIterator[Cluster]:
+    """``runners`` runner processes and a client here, on ``shards`` shards, settled."""
     dsn = server.dsn
-    nodes = [start_node(children, dsn, prefix) for _ in range(2)]
+    nodes = [start_node(children, dsn, prefix, shards) for _ in range(runners)]
     for node in nodes:
         await node.ready()
+    config = ShardingConfig(shards_per_group=shards)
     async with (
         open_postgres_storage(dsn, prefix=prefix) as storage,
         open_runner(
-            storage=storage, config=CONFIG, transport=TransportConfig(cluster=prefix)
+            storage=storage, config=config, transport=TransportConfig(cluster=prefix)
         ) as client,
     ):
         async with open_connection(dsn) as conn:
             statements = await enable_statements(conn)
-        cluster = Cluster(children, server, dsn, prefix, client, nodes, statements=statements)
+        cluster = Cluster(
+            children, server, dsn, prefix, client, nodes, statements=statements, shards=shards
+        )
         await cluster.settled()
         try:
             yield cluster
@@ -504,6 +518,34 @@ class Outage:
     first_shard: float | None = None
     all_shards: float | None = None
     persisted: float | None = None
+    held: float | None = None
+    """When every one of its shards' locks was held again (by a survivor), seen in pg_locks."""
+    first_held: float | None = None
+    """When the first of them was: the death noticed, plus one acquisition."""
+
+
+async def held_again(
+    dsn: str, namespace: int, shards: set[ShardId], victim_pid: int, first: Callable[[], None]
+) -> None:
+    """Return once every one of ``shards`` has its lock held by a backend not ``victim_pid``;
+    ``first()`` is called when the first of them is."""
+    indexes = ",".join(str(shard.index) for shard in shards)
+    any_held = False
+    async with open_connection(dsn) as conn:
+        # Polled: the server has no event for a lock being taken.
+        while True:
+            held = await conn.fetchval(
+                "SELECT count(DISTINCT objid) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted AND objsubid = 2 AND classid = $1::int::oid AND pid <> $3"
+                " AND objid::int8 = ANY (string_to_array($2, ',')::int8[])",
+                [namespace, indexes, victim_pid],
+            )
+            if held and not any_held:
+                any_held = True
+                first()
+            if held == len(shards):
+                return
+            await trio.sleep(LOCK_POLL)
 
 
 async def failover(
@@ -512,9 +554,15 @@ async def failover(
     """SIGKILL ``victim`` and time its shards' return; with ``restart``, start a replacement."""
     client = cluster.client
     shards = {s for s, owner in client.assignment.items() if owner == victim.address}
-    probes = ids_for_shards(f"{tag}-p", shards)
-    outage_entity = ids_for_shards(f"{tag}-o", {min(shards)})[min(shards)]
+    probes = ids_for_shards(f"{tag}-p", shards, cluster.shards)
+    outage_entity = ids_for_shards(f"{tag}-o", {min(shards)}, cluster.shards)[min(shards)]
     served: list[float] = []
+    (group,) = {shard.group for shard in shards}
+    async with open_connection(cluster.dsn) as conn:
+        namespace = await lock_namespace(conn, f"{cluster.prefix}:group:{group}")
+        victim_pid = await conn.fetchval(
+            f"SELECT lock_pid FROM {cluster.prefix}runners WHERE address = $1", [victim.address]
+        )
     victim.child.kill()
     killed = clock()
     result = Outage(killed)
@@ -525,7 +573,7 @@ async def failover(
 
     replacement = None
     if restart:
-        replacement = start_node(cluster.children, cluster.dsn, cluster.prefix)
+        replacement = start_node(cluster.children, cluster.dsn, cluster.prefix, cluster.shards)
 
     async def watch_assignment() -> None:
         while victim.address in client.assignment.values():
@@ -548,9 +596,17 @@ async def failover(
         )
         result.persisted = since_kill()
 
+    def first_held() -> None:
+        result.first_held = since_kill()
+
+    async def watch_locks() -> None:
+        await held_again(cluster.dsn, namespace, shards, victim_pid, first_held)
+        result.held = since_kill()
+
     with trio.fail_after(OUTAGE_TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_assignment)
+            nursery.start_soon(watch_locks)
             nursery.start_soon(persisted_during_outage)
             for entity_id in probes.values():
                 nursery.start_soon(probe, entity_id)
@@ -561,7 +617,8 @@ async def failover(
     log(
         f"  {kind}: {len(shards)} shards; assignment {result.assignment:.3f} s, first shard "
         f"{result.first_shard:.3f} s, all {result.all_shards:.3f} s, persisted ask "
-        f"{result.persisted:.3f} s"
+        f"{result.persisted:.3f} s, first held again {result.first_held:.3f} s,"
+        f" all held again {result.held:.3f} s"
     )
     return result, replacement
 

@@ -209,6 +209,12 @@ class ShardingConfig:
     """Bytes of an encoded payload or reply; beyond it SerializationError. Keep it under
     ``TransportConfig.max_frame_size``, so that whatever one runner accepts, every other
     can carry."""
+    membership_poll_interval: float = attrs.field(
+        default=15.0, validator=number(minimum=0, inclusive=False)
+    )
+    """Seconds between safety re-reads of the live runners. Changes are announced
+    (joins, leaves, and deaths by the dead runner's watcher), so this only bounds how
+    long a change nobody announced goes unseen."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:

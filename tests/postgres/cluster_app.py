@@ -9,7 +9,9 @@ named with ``PREFIX``), listens for peers on 127.0.0.1 (cluster ``PREFIX``),
 prints ``ready <address> <machine_id>`` once the runner serves exactly the
 shards assigned to it, and runs until SIGTERM or SIGINT; it then leaves its
 ``open_runner`` block (a graceful handoff: drain, release, unregister) and
-exits 0.
+exits 0. SIGUSR1 blocks its event loop for ``FREEZE_S`` (a frozen loop, as a
+long stall on it would be). The lease timing comes from ``TRIO_CLUSTER_LEASE_*``
+and the safety poll from ``TRIO_CLUSTER_MEMBERSHIP_POLL_INTERVAL``, when set.
 
 Every ``post`` handler run writes an ``entry`` row into ``{PREFIX}runs`` when
 it starts and an ``exit`` row when it is done, with the runner's pid and the
@@ -25,10 +27,13 @@ sent on commit), so a test can wait for handlers without polling.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
+import attrs
 import msgspec
 import trio
 
@@ -41,6 +46,7 @@ from trio_cluster import (
     open_runner,
 )
 from trio_cluster.pgdriver import Connection, Pool, open_pool
+from trio_cluster.postgres.leases import LeaseTiming
 from trio_cluster.postgres.storage import open_postgres_storage
 
 from .app_common import run_app, serve_until_terminated, watching_termination
@@ -91,6 +97,24 @@ CONFIG = ShardingConfig(
 """Shared by the app and its clients: runners must agree on the shard layout."""
 
 HANDLER_SLEEP = 0.005
+FREEZE_S = 120.0
+"""How long SIGUSR1 blocks the event loop: longer than any test waits on it."""
+POLL_VARIABLE = "TRIO_CLUSTER_MEMBERSHIP_POLL_INTERVAL"
+
+
+def app_config() -> ShardingConfig:
+    """``CONFIG``, with the safety poll of ``POLL_VARIABLE`` when set (the rest stays shared)."""
+    poll = os.environ.get(POLL_VARIABLE)
+    return CONFIG if poll is None else attrs.evolve(CONFIG, membership_poll_interval=float(poll))
+
+
+async def freeze_on_sigusr1() -> None:
+    """Each SIGUSR1 blocks the event loop: nothing of the runner runs meanwhile."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            time.sleep(FREEZE_S)  # noqa: ASYNC251 - blocking the loop is the point
+
+
 ENTRY = "entry"
 EXIT = "exit"
 
@@ -168,22 +192,27 @@ class WorkerHandler:
 
 
 async def serve(dsn: str, prefix: str) -> None:
-    async with (
-        watching_termination() as terminated,
-        open_postgres_storage(dsn, prefix=prefix, pool_size=4) as storage,
-        open_pool(dsn, size=4, application_name="cluster_app") as pool,
-    ):
-        async with pool.connection() as conn:
-            await create_runs(conn, prefix)
-        handler = type("ConfiguredWorker", (WorkerHandler,), {"pool": pool, "prefix": prefix})
-        async with open_runner(
-            Worker.implement(handler),
-            storage=storage,
-            config=CONFIG,
-            transport=transport(prefix),
-        ) as runner:
-            await serve_until_terminated(runner, terminated)
-        # Leaving the block above handed every shard off.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(freeze_on_sigusr1)
+        async with (
+            watching_termination() as terminated,
+            open_postgres_storage(
+                dsn, prefix=prefix, pool_size=4, timing=LeaseTiming.from_env()
+            ) as storage,
+            open_pool(dsn, size=4, application_name="cluster_app") as pool,
+        ):
+            async with pool.connection() as conn:
+                await create_runs(conn, prefix)
+            handler = type("ConfiguredWorker", (WorkerHandler,), {"pool": pool, "prefix": prefix})
+            async with open_runner(
+                Worker.implement(handler),
+                storage=storage,
+                config=app_config(),
+                transport=transport(prefix),
+            ) as runner:
+                await serve_until_terminated(runner, terminated)
+            # Leaving the block above handed every shard off.
+        nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> None:

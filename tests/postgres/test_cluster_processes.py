@@ -27,12 +27,13 @@ server. Every wait is bounded.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -127,11 +128,19 @@ async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
 class Cluster:
     """The runner processes of one test; whatever is still alive at the end is killed."""
 
-    def __init__(self, dsn: str, prefix: str, app: str = "tests.postgres.cluster_app") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        prefix: str,
+        app: str = "tests.postgres.cluster_app",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.prefix = prefix
         self.app = app
         """The runner app's module: it takes ``DSN PREFIX`` and prints ``ready ADDRESS ID``."""
+        self.env = None if env is None else {**os.environ, **env}
+        """The processes' environment: this process's, with ``env`` on top."""
         self.processes: list[trio.Process] = []
 
     async def start(self) -> Node:
@@ -141,6 +150,7 @@ class Cluster:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         self.processes.append(process)
         assert process.stdout is not None

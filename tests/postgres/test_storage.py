@@ -310,14 +310,15 @@ async def test_losing_the_lock_connection_stops_the_runners_entities(pg_dsn: str
             assert await runner.ask(add_persisted, "a", Add(3)) == 3
 
 
-async def test_the_lock_connection_ending_mid_heartbeat_loses_leases_not_the_runner(
+async def test_the_lock_connection_ending_mid_statement_loses_leases_not_the_runner(
     pg_dsn: str,
 ) -> None:
-    """PostgreSQL ends the lock connection while a heartbeat waits on it: the runner lives.
+    """PostgreSQL ends the lock connection while a statement waits on it: the runner lives.
 
-    The heartbeat is held in flight by a table lock, so the termination lands
-    on it for certain; before the fix the lost connection escaped the lease
-    session as an ExceptionGroup and ended the runner.
+    The heartbeat touches no table, so the statement held in flight is the
+    re-registration after a first termination, blocked by a table lock; the
+    second termination lands on it for certain. (Before the fix a connection
+    lost mid-heartbeat escaped the lease session and ended the runner.)
     """
     impl, _ = counter()
     prefix = f"t{next(_prefixes)}_"
@@ -329,22 +330,26 @@ async def test_the_lock_connection_ending_mid_heartbeat_loses_leases_not_the_run
         open_connection(pg_dsn) as observer,
     ):
         assert await runner.ask(add_persisted, "a", Add(1)) == 1
-        pid = await lock_backend(pg_dsn, runner.address)
+        name = f"trio_cluster lock {runner.address}"[:63]
+        first = await lock_backend(pg_dsn, runner.address)
         async with blocker.transaction():
             await blocker.execute(f"LOCK TABLE {prefix}runners IN ACCESS EXCLUSIVE MODE")
+            await terminate(pg_dsn, first)
             with trio.fail_after(10):
                 # No notice says a statement started waiting on a lock: the server
                 # waits for it, in one statement.
                 await observer.execute_script(
                     "DO $$ BEGIN WHILE NOT EXISTS (SELECT 1 FROM pg_stat_activity"
-                    f" WHERE pid = {int(pid)} AND wait_event_type = 'Lock') LOOP"
+                    f" WHERE application_name = '{name}' AND pid <> {int(first)}"
+                    " AND wait_event_type = 'Lock') LOOP"
                     " PERFORM pg_stat_clear_snapshot(); PERFORM pg_sleep(0.005);"
                     " END LOOP; END $$"
                 )
-            await terminate(pg_dsn, pid)
+            second = await lock_backend(pg_dsn, runner.address)
+            await terminate(pg_dsn, second)
         with trio.fail_after(15):
             assert await runner.ask(add_persisted, "a", Add(2)) == 2
-        assert await lock_backend(pg_dsn, runner.address) != pid
+        assert await lock_backend(pg_dsn, runner.address) not in (first, second)
 
 
 async def test_requests_stored_while_no_runner_runs_are_delivered_on_start(pg_dsn: str) -> None:

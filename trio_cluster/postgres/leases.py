@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Self
 
 import attrs
@@ -117,6 +117,31 @@ class LeaseTiming:
     def to_mapping(self) -> dict[str, Any]:
         """Plain data that ``from_mapping`` accepts back."""
         return unstructure(self)
+
+
+@asynccontextmanager
+async def open_lock_connection(
+    dsn: str, timing: LeaseTiming, application_name: str
+) -> AsyncIterator[Connection]:
+    """A connection whose loss both ends bound by ``timing``: the lock connection, the watcher's."""
+    async with open_connection(
+        dsn,
+        keepalives_idle_s=timing.keepalive_idle,
+        keepalives_interval_s=timing.keepalive_interval,
+        keepalives_count=timing.keepalive_count,
+        tcp_user_timeout_ms=timing.user_timeout_ms,
+        application_name=application_name[:63],
+    ) as conn:
+        # The server's side of the same bound: it drops a silent holder,
+        # and with it the locks, within seconds rather than hours.
+        await conn.execute_script(
+            f"SET tcp_keepalives_idle = {timing.keepalive_idle};"
+            f"SET tcp_keepalives_interval = {timing.keepalive_interval};"
+            f"SET tcp_keepalives_count = {timing.keepalive_count};"
+            f"SET tcp_user_timeout = {timing.user_timeout_ms};"
+            f"SET idle_session_timeout = {timing.idle_session_timeout_ms};"
+        )
+        yield conn
 
 
 class PgLeaseSession:
@@ -252,27 +277,10 @@ class PgLeaseSession:
                 )
             await trio.sleep(delay)
 
-    @asynccontextmanager
-    async def _connect(self) -> AsyncIterator[Connection]:
-        timing = self._timing
-        async with open_connection(
-            self._dsn,
-            keepalives_idle_s=timing.keepalive_idle,
-            keepalives_interval_s=timing.keepalive_interval,
-            keepalives_count=timing.keepalive_count,
-            tcp_user_timeout_ms=timing.user_timeout_ms,
-            application_name=f"trio_cluster lock {self._spec.address}"[:63],
-        ) as conn:
-            # The server's side of the same bound: it drops a silent holder,
-            # and with it the locks, within seconds rather than hours.
-            await conn.execute_script(
-                f"SET tcp_keepalives_idle = {timing.keepalive_idle};"
-                f"SET tcp_keepalives_interval = {timing.keepalive_interval};"
-                f"SET tcp_keepalives_count = {timing.keepalive_count};"
-                f"SET tcp_user_timeout = {timing.user_timeout_ms};"
-                f"SET idle_session_timeout = {timing.idle_session_timeout_ms};"
-            )
-            yield conn
+    def _connect(self) -> AbstractAsyncContextManager[Connection]:
+        return open_lock_connection(
+            self._dsn, self._timing, f"trio_cluster lock {self._spec.address}"
+        )
 
     async def _register(self, conn: Connection) -> None:
         """Take a machine id (the previous one if still free) under a session lock."""
@@ -317,10 +325,10 @@ class PgLeaseSession:
             await trio.sleep(timing.heartbeat_interval)
             sent = trio.current_time()
             with trio.move_on_after(timing.liveness_timeout) as deadline:
-                await conn.execute(
-                    f"UPDATE {self._prefix}runners SET heartbeat_at = now() WHERE machine_id = $1",
-                    [self._machine_id],
-                )
+                # An empty query: one round trip that runs no statement and writes
+                # nothing, yet proves the connection answers and resets the
+                # server's idle-session timeout.
+                await conn.execute_script("")
                 self._answered_at(sent)
             if deadline.cancelled_caught:
                 log.error(

@@ -86,12 +86,20 @@ async def _fetchrow(conn: Connection, sql: str, params: list[Any]) -> tuple[Any,
 
 
 async def _runners(conn: Connection, prefix: str) -> tuple[RunnerStatus, ...]:
-    """Every registered runner; alive while its lock connection holds its machine-id lock."""
+    """Every registered runner; alive while its lock connection holds its machine-id lock.
+
+    Heartbeats write nothing, so a live runner's last heartbeat is when its lock
+    connection's backend last changed state (``pg_stat_activity``); a dead one's
+    row says when it registered.
+    """
     rows = await conn.fetch(
-        "SELECT r.machine_id, r.address, r.weight, r.groups, r.registered_at, r.heartbeat_at,"
+        "SELECT machine_id, address, weight, groups, registered_at, CASE WHEN alive THEN"
+        " coalesce((SELECT a.state_change FROM pg_stat_activity AS a WHERE a.pid = lock_pid),"
+        " heartbeat_at) ELSE heartbeat_at END, alive FROM ("
+        " SELECT r.*,"
         f" EXISTS (SELECT 1 FROM pg_locks AS l JOIN {NAMESPACES_TABLE} AS n ON n.name = $1"
         f" WHERE {_held('l', 'n')} AND l.objid = r.machine_id::oid AND l.pid = r.lock_pid)"
-        f" FROM {prefix}runners AS r ORDER BY r.machine_id",
+        f" AS alive FROM {prefix}runners AS r) AS r ORDER BY machine_id",
         [f"{prefix}:runners"],
     )
     return tuple(

@@ -22,6 +22,7 @@ from ..storage.status import ClusterStatus
 from .boundary import translated
 from .deferreds import PgDeferredStorage
 from .leases import LeaseTiming, PgLeaseSession
+from .membership import mark_dead, read_members
 from .messages import PgMessageStorage, never_owned
 from .schedules import PgScheduleStorage
 from .schema import check_prefix, lock_namespace, migrate
@@ -29,6 +30,7 @@ from .startup import DEFAULT_CONNECT_DEADLINE, open_first_connection
 from .states import PgStateStorage
 from .status import read_status
 from .timers import PgTimerStorage
+from .watcher import MembershipView, PeerWatcher
 
 
 class PostgresStorage:
@@ -55,6 +57,8 @@ class PostgresStorage:
         self._timing = timing
         self._connect_deadline = connect_deadline
         self._runners_namespace: int | None = None
+        self._view = MembershipView()
+        """The latest membership read, which this storage's watchers follow."""
 
     @property
     def runners(self) -> PostgresStorage:
@@ -84,30 +88,31 @@ class PostgresStorage:
         """Registered runners whose lock connection still holds their machine-id lock.
 
         Liveness is the lock itself, not a heartbeat timestamp: a runner is
-        dead the moment the server has ended its lock connection.
+        dead the moment the server has ended its lock connection. A dead row
+        found here is marked and announced (see ``membership``), and the read
+        is what the watchers of this storage's sessions follow.
         """
         p = self._prefix
+        started = trio.current_time()
         with translated("list runners"):
-            if self._runners_namespace is None:
-                async with self._pool.connection() as conn:
+            async with self._pool.connection() as conn:
+                if self._runners_namespace is None:
                     self._runners_namespace = await lock_namespace(conn, f"{p}:runners")
-            rows = await self._pool.fetch(
-                f"SELECT r.address, r.weight, r.groups FROM {p}runners AS r WHERE EXISTS ("
-                " SELECT 1 FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.granted"
-                " AND l.objsubid = 2 AND l.classid = $1::int::oid"
-                " AND l.objid = r.machine_id::oid AND l.pid = r.lock_pid)",
-                [self._runners_namespace],
-            )
-        return [
-            RunnerSpec(address, float(weight), frozenset(filter(None, groups.split(","))))
-            for address, weight, groups in rows
-        ]
+                namespace = self._runners_namespace
+                members = await read_members(conn, p, namespace)
+                dead = [member.machine_id for member in members if not member.live]
+                if dead:
+                    await mark_dead(conn, p, namespace, self._messages.channel, dead)
+        live = [member for member in members if member.live]
+        self._view.update(frozenset(member.machine_id for member in live), started)
+        return [member.spec for member in live]
 
     @asynccontextmanager
     async def session(
         self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AsyncIterator[PgLeaseSession]:
-        """Register a runner on a dedicated lock connection, supervised by its own task.
+        """Register a runner on a dedicated lock connection, supervised by its own task,
+        and watch its successor's (see ``watcher``).
 
         With a retention, the runner also purges the shards it holds (see
         `trio_cluster.storage.retention`).
@@ -121,9 +126,19 @@ class PostgresStorage:
             channel=self._messages.channel,
             register_deadline=self._connect_deadline,
         )
+        watcher = PeerWatcher(
+            dsn=self._dsn,
+            prefix=self._prefix,
+            channel=self._messages.channel,
+            timing=self._timing,
+            view=self._view,
+            machine_id=lambda: session.machine_id,
+            application_name=f"trio_cluster watcher {spec.address}",
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             self._messages.owned = session.surely_holds
+            nursery.start_soon(watcher.run)
             if self._retention is not None:
                 nursery.start_soon(
                     sweep_forever, self._retention, session.held, self._messages.purge

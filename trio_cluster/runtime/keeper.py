@@ -4,8 +4,10 @@ The keeper is the one writer of the routing table. It reads the live runners,
 computes the assignment (the same pure function on every runner), hands off
 shards assigned elsewhere (drained, then released) and acquires the ones
 assigned here as soon as their previous owner lets go. It runs again on a
-membership notice, a lost lease, a lost link to an owner, or every
-``MEMBERSHIP_INTERVAL`` (how a runner that died without a word is noticed).
+membership notice (storage announces joins, leaves and deaths), after
+notices may have been missed (a ``Gap``), on a lost lease, a lost link to
+an owner, and every ``membership_poll_interval``: the safety poll, for a
+change nobody announced.
 
 Singletons are kept the same way: each is the one shard of a reserved group
 (see :mod:`trio_cluster.core.reserved`), assigned among the runners that
@@ -40,8 +42,6 @@ from .supervision import RESTART
 
 log = logging.getLogger("trio_cluster.runner")
 
-MEMBERSHIP_INTERVAL = 0.5
-"""How often live runners are re-read: the bound on noticing a silent death."""
 HANDOFF_RETRY = 0.05
 """How soon to try again for a shard whose previous owner still holds it."""
 PEER_LOST_WATCH = 0.5
@@ -159,8 +159,7 @@ class ShardKeeper:
         """A link dropped: the peer may be dead, so look at the membership now.
 
         The database may not have ended the dead runner's lock session yet,
-        so keep looking closely for a moment instead of waiting a full
-        membership interval.
+        so keep looking closely for a moment (its death notice may come first).
         """
         if peer in self._router.assignment.values():
             self._watch_closely_until = trio.current_time() + PEER_LOST_WATCH
@@ -241,7 +240,7 @@ class ShardKeeper:
                 else:
                     failures = RESTART.delays()
                     closely = waiting or trio.current_time() < self._watch_closely_until
-                    delay = HANDOFF_RETRY if closely else MEMBERSHIP_INTERVAL
+                    delay = HANDOFF_RETRY if closely else self._config.membership_poll_interval
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 with trio.move_on_after(delay):

@@ -5,9 +5,10 @@ The follower reads what notices announce: requests for a shard served here
 rescan), the stored reply a caller here waits for when its notice could not
 carry it (a notice that carries it resolves the caller with no read), the
 interrupt of a persisted request of a shard served here (its handler is
-cancelled); a changed membership wakes the shard keeper. Notices of one batch
-are acted on in order of kind: stored requests are queued before interrupts
-are applied, so an interrupt that follows its request's notice finds it.
+cancelled); a changed membership, or a gap in the notices, wakes the shard
+keeper. Notices of one batch are acted on in order of kind: stored requests
+are queued before interrupts are applied, so an interrupt that follows its
+request's notice finds it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class NoticeFollower:
         for notice in batch:
             match notice:
                 case Gap():
+                    # A membership notice may have been among the missed ones.
+                    self._membership_changed()
                     for served in list(self._shards.values()):
                         served.rescan()
                     replied = self._stored_replies.waiting()
