@@ -154,6 +154,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             hosted={"Counter": Hosted(impl, CONFIG.entity_defaults)},
             client=client,
             release=release,
+            confirmed=session.confirmed,
             base_context=contextvars.copy_context(),
         )
         lease = await session.acquire(ShardId("default", shard_index(entity_id, SHARDS)))
@@ -436,3 +437,26 @@ async def test_a_router_routes_to_the_owner_it_knows() -> None:
     router.assignment[ShardId("default", shard_index("a", SHARDS))] = "other:2"
     with pytest.raises(EntityNotAssignedToRunner):  # no transport: cannot reach it
         router.route(Delivery(envelope(1), Sink()))
+
+
+async def test_a_handler_starts_only_once_its_shards_lease_is_confirmed() -> None:
+    """The gate of a runner resuming from a freeze: while storage cannot vouch for
+    the lease, a queued request waits, its handler not started."""
+    async with world() as w:
+        vouched = trio.Event()
+        asked: list[ShardId] = []
+
+        async def confirmed(shard: ShardId) -> None:
+            asked.append(shard)
+            await vouched.wait()
+
+        w.services = attrs.evolve(w.services, confirmed=confirmed)
+        async with running_shard(w) as shard:
+            sink = Sink()
+            shard.offer(Delivery(envelope(1), sink))
+            await trio.testing.wait_all_tasks_blocked()
+            assert asked == [w.lease.shard]
+            assert w.probe.activations == 0 and not sink.replies
+            vouched.set()
+            await sink.got.wait()
+            assert sink.value() == 1

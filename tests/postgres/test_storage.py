@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from trio_cluster import (
     EntityNotAssignedToRunner,
@@ -25,7 +26,7 @@ from trio_cluster.core.hashing import shard_index
 from trio_cluster.core.snowflake import SnowflakeGenerator, parse
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.pgdriver.server import ThrowawayPostgres
-from trio_cluster.postgres.leases import LeaseTiming
+from trio_cluster.postgres.leases import LeaseTiming, PgLeaseSession
 from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
 from trio_cluster.testing import TEST_CONFIG
@@ -177,6 +178,64 @@ async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str)
         assert again is not None and leases[0] is not None
         assert again.epoch > leases[0].epoch
         assert session.backend_pid != old_pid
+
+
+FROZEN_TIMING = LeaseTiming(
+    heartbeat_interval=10.0, liveness_timeout=2.0, user_timeout_ms=1000, idle_session_timeout_ms=0
+)
+"""Leases surely held for 1 s after an answer, and the next heartbeat 10 s on: a
+mock-clock jump in between is a runner resuming from a freeze, unsure of its leases."""
+
+
+@asynccontextmanager
+async def frozen(
+    pg_dsn: str, clock: trio.testing.MockClock, on_lost: Callable[[ShardId], None]
+) -> AsyncIterator[tuple[PgLeaseSession, trio.Event]]:
+    """A session holding shard 0 just after a freeze, and a task stopped at its gate
+    (``confirmed``); the event is set once the gate lets it through."""
+    shard = ShardId("default", 0)
+    async with (
+        open_postgres_storage(
+            pg_dsn, prefix=f"t{next(_prefixes)}_", timing=FROZEN_TIMING
+        ) as storage,
+        storage.session(RunnerSpec("r"), on_lost) as session,
+    ):
+        assert await session.acquire(shard) is not None
+        await session.confirmed(shard)  # just answered: at once
+        clock.jump(1.5)
+        assert not session.surely_holds(shard)
+        through = trio.Event()
+
+        async def gate() -> None:
+            await session.confirmed(shard)
+            through.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not through.is_set()
+            yield session, through
+
+
+async def test_after_a_freeze_a_lease_is_confirmed_by_the_next_heartbeat(
+    pg_dsn: str, mock_clock: trio.testing.MockClock
+) -> None:
+    async with frozen(pg_dsn, mock_clock, lambda _: None) as (session, through):
+        mock_clock.jump(9.0)  # the heartbeat is due, and answered
+        await through.wait()
+        assert session.surely_holds(ShardId("default", 0))
+
+
+async def test_after_a_freeze_a_lost_lease_is_not_waited_on(
+    pg_dsn: str, mock_clock: trio.testing.MockClock
+) -> None:
+    lost = trio.Event()
+    async with frozen(pg_dsn, mock_clock, lambda _: lost.set()) as (session, through):
+        pid = session.backend_pid
+        assert pid is not None
+        await terminate(pg_dsn, pid)
+        await through.wait()
+        assert lost.is_set() and not session.surely_holds(ShardId("default", 0))
 
 
 async def test_a_stale_lease_can_never_complete_a_message(pg_dsn: str) -> None:

@@ -164,6 +164,8 @@ class PgLeaseSession:
         self._channel = channel
         self._on_lease_lost = on_lease_lost
         self._timing = timing
+        self._held_for_sure = timing.held_for_sure
+        """Read before every handler starts (``confirmed``): computed once."""
         self._register_deadline = register_deadline
         self._conn: Connection | None = None
         self._machine_id = -1
@@ -172,6 +174,9 @@ class PgLeaseSession:
         self._registered = trio.Event()
         self._answered = -math.inf
         """When the last statement that the lock connection answered was sent."""
+        self._news = trio.Event()
+        """Set, and replaced, whenever ``_answered`` moves or the leases are lost: what
+        ``confirmed`` waits on."""
 
     @property
     def machine_id(self) -> int:
@@ -189,8 +194,22 @@ class PgLeaseSession:
         """Whether ``shard``'s lease is held and provably still ours: the lock connection
         answered within ``LeaseTiming.held_for_sure``. A runner that was frozen (SIGSTOP,
         a stalled VM) past that no longer knows, whatever ``held`` still says."""
-        recent = trio.current_time() - self._answered < self._timing.held_for_sure
+        recent = trio.current_time() - self._answered < self._held_for_sure
         return recent and shard in self._held
+
+    async def confirmed(self, shard: ShardId) -> None:
+        """Return once ``surely_holds(shard)``, or once the lease is gone: at once in the
+        common case, else at the lock connection's next answer (or its loss)."""
+        while not self.surely_holds(shard) and shard in self._held:
+            await self._news.wait()
+
+    def _answered_at(self, sent: float) -> None:
+        self._answered = sent
+        self._publish()
+
+    def _publish(self) -> None:
+        self._news.set()
+        self._news = trio.Event()
 
     @property
     def backend_pid(self) -> int | None:
@@ -217,7 +236,7 @@ class PgLeaseSession:
                 async with self._connect() as conn:
                     sent = trio.current_time()
                     await self._register(conn)
-                    self._answered = sent
+                    self._answered_at(sent)
                     self._conn = conn
                     self._registered.set()
                     if first:
@@ -310,7 +329,7 @@ class PgLeaseSession:
                 # nothing, yet proves the connection answers and resets the
                 # server's idle-session timeout.
                 await conn.execute_script("")
-                self._answered = sent
+                self._answered_at(sent)
             if deadline.cancelled_caught:
                 log.error(
                     "lock connection silent for %s s: giving up its leases", timing.liveness_timeout
@@ -325,6 +344,7 @@ class PgLeaseSession:
                 self._on_lease_lost(shard)
             except Exception:
                 log.exception("reporting the loss of %s failed", shard)
+        self._publish()
 
     async def _namespace(self, conn: Connection, name: str) -> int:
         number = self._namespaces.get(name)

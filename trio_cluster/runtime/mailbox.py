@@ -367,7 +367,15 @@ class ActiveEntity:
             limiter.release()
 
     async def _handle(self, delivery: Delivery, chain: tuple[str, ...]) -> None:
-        """Handle one request in the calling task: the entity's own, or a worker's."""
+        """Handle one request in the calling task: the entity's own, or a worker's.
+
+        No handler run starts (here, nor a rerun after a suspension or a
+        defect) before the shard's lease is surely still held: a runner
+        resuming from a freeze waits for its lock connection's next answer (or
+        the loss that stops this entity), rather than running a queued
+        request beside the shard's new owner.
+        """
+        await self.shard.services.confirmed(self.address.shard)
         envelope = delivery.envelope
         if envelope.request_id in self._withdrawn:
             self._done(envelope)
@@ -392,6 +400,7 @@ class ActiveEntity:
                     outcome = "unstored" if parked is None else "suspended"
                     return
                 # Completed meanwhile: run again now, with its outcome there to read.
+                await self.shard.services.confirmed(self.address.shard)
                 reply = await self._interruptibly(delivery, current)
             assert isinstance(reply, bytes)
             outcome = "unstored"
@@ -652,6 +661,8 @@ class ActiveEntity:
                         envelope,
                     )
                 await trio.sleep(delay)
+                # A retry is a new run: gated like the first (a freeze may have ended it).
+                await self.shard.services.confirmed(self.address.shard)
                 current.attempt += 1
                 continue
             try:

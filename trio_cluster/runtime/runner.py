@@ -646,6 +646,7 @@ def _assemble(
         hosted=hosted,
         client=client,
         release=session.release,
+        confirmed=session.confirmed,
         base_context=base_context,
     )
     singleton_services = SingletonServices(address, client, hooks, session.release)

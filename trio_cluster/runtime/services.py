@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ..config import EntityOptions, ShardingConfig
+from ..core.hashing import ShardId
 from ..entity import Implementation
 from ..storage.base import (
     DeferredStorage,
@@ -59,6 +60,9 @@ class Services:
     """What entities send with (their EntityContext's client)."""
     release: Callable[[Lease], Awaitable[None]]
     """Give a lease back (the storage session's release)."""
+    confirmed: Callable[[ShardId], Awaitable[None]]
+    """Wait until a shard's lease is surely still held, or lost (the session's
+    ``confirmed``): what every handler's start waits on."""
     base_context: contextvars.Context
     """What entity tasks start from: the context of the task that opened the runner,
     so that no handler runs with the context variables of a caller."""

@@ -164,6 +164,19 @@ class LeaseSession(Protocol):
 
     async def release(self, lease: Lease) -> None: ...
 
+    async def confirmed(self, shard: ShardId) -> None:
+        """Return once ``shard``'s lease is surely still held, or is not held at all.
+
+        Called before every handler starts (the hot path: return at once when
+        nothing is in doubt). A runner that was frozen (SIGSTOP, a stalled VM)
+        cannot know whether it still holds its leases until storage answers
+        it again; starting the handlers already queued meanwhile would run
+        them beside the shard's new owner. This waits for that answer, and
+        never longer: a lease found lost returns too, and the loss itself
+        stops the shard's entities.
+        """
+        ...
+
     async def leave(self) -> None:
         """Stop being assigned shards (leases stay until released): the start of a handoff."""
         ...

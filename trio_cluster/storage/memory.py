@@ -517,5 +517,8 @@ class _MemorySession:
     async def release(self, lease: Lease) -> None:
         await self.storage._release(lease)
 
+    async def confirmed(self, shard: ShardId) -> None:
+        """At once: a lease in memory is never in doubt (revoking it is immediate)."""
+
     async def leave(self) -> None:
         await self.storage._leave(self.machine_id)
