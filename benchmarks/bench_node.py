@@ -23,6 +23,9 @@ A runner also answers ``cancelled`` with
 ``cancelled <count> <key>:<ns> ...``: when each ``hang`` handler since the
 last ``cancelled`` was cancelled, on the system-wide ``CLOCK_MONOTONIC``
 (which the caller's process reads too), for ``benchmarks.interrupts``.
+A runner also answers ``settled`` with
+``settled <1 if it serves exactly its assignment, else 0> <runners in its assignment>``,
+which is how the scale harness (``benchmarks.scale``) tells a stable assignment.
 """
 
 from __future__ import annotations
@@ -171,6 +174,13 @@ class Counts:
             refused = snapshot.mailbox_full + snapshot.refused
         return f"status {time.process_time():.6f} {processed} {shards} {refused}"
 
+    def settled_line(self) -> str:
+        runner = self.runner
+        if runner is None:
+            return "settled 0 0"
+        owners = len(set(runner.assignment.values()))
+        return f"settled {int(runner.owns_its_assignment())} {owners}"
+
 
 async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:
     """Answer ``status`` lines on stdin; stdin closing means the benchmark is gone."""
@@ -192,6 +202,8 @@ async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:
                     noted = [f"{key}:{ns}" for key, ns in CANCELLED]
                     CANCELLED.clear()
                     print(" ".join(["cancelled", str(len(noted)), *noted]), flush=True)
+                elif command == "settled":
+                    print(counts.settled_line(), flush=True)
                 elif command:
                     print(f"error unknown command {command!r}", flush=True)
 
