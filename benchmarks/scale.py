@@ -253,10 +253,15 @@ class Scale:
         return node
 
     async def ready(self, nodes: list[Node]) -> None:
+        """Wait for each runner's ``ready`` line (its runner open, its address known)."""
+
+        async def one(node: Node) -> None:
+            node.address = (await node.child.expect("ready ", echo=log)).split()[1]
+
         with trio.fail_after(STARTUP_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for node in nodes:
-                    nursery.start_soon(node.ready)
+                    nursery.start_soon(one, node)
 
     async def all_settled(self) -> bool:
         """Every runner serves exactly its assignment, which names every runner."""
