@@ -480,6 +480,7 @@ LINES: Final = (
     Line("failover.freed", "Failover: its locks freed by the server", "ms", 0),
     Line("failover.owned", "Failover: all its shards locked by survivors", "ms", 0),
     Line("failover.settled", "Failover: cluster settled again", "ms", 0),
+    Line("timeouts", "Repeats that timed out (a wait past its bound)", "count", 0),
 )
 
 
@@ -499,9 +500,14 @@ async def measure_all(
     values: Values = {}
     tops: list[Any] = []
     for repeat in range(1, args.repeats + 1):
-        await run_repeat(
-            children, server, args, repeat=repeat, values=values, tops=tops, stderr=stderr
-        )
+        try:
+            await run_repeat(
+                children, server, args, repeat=repeat, values=values, tops=tops, stderr=stderr
+            )
+        except trio.TooSlowError:
+            # Counted and reported; what this repeat measured before stays.
+            log(f"repeat {repeat}: timed out")
+            record(values, "timeouts", 1)
     return values, tops
 
 
