@@ -4,6 +4,7 @@ outages (a property); metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from trio_cluster import (
     Implementation,
     Missed,
     PersistenceError,
+    Runner,
     Schedule,
     Tell,
     open_runner,
@@ -147,24 +149,35 @@ async def test_a_handoff_goes_on_from_the_last_instant_on_the_next_runner(
     heard = Heard()
     storage = MemoryStorage()
     implementation = heard.implementation()
-    with schedules_follow_trio(START):
-        async with open_runner(
+    leave, left = trio.Event(), trio.Event()
+
+    def runner() -> contextlib.AbstractAsyncContextManager[Runner]:
+        return open_runner(
             implementation, storage=storage, config=TEST_CONFIG, schedules=[every_second()]
-        ) as stays:
-            for _ in range(16):
-                async with open_runner(
-                    implementation, storage=storage, config=TEST_CONFIG, schedules=[every_second()]
-                ) as leaves:
-                    await leaves.settled()
-                    await stays.settled()
-                    await heard.wait_for(len(heard.requests) + 2)
-                    moved = leaves.schedules == {"metronome"}
-                if moved:
-                    break
-            else:
-                pytest.skip("the assignment kept the schedule on the runner that stays")
-            await heard.wait_for(len(heard.requests) + 3)
-            assert stays.schedules == {"metronome"}
+        )
+
+    async def first(*, task_status: trio.TaskStatus[Runner]) -> None:
+        async with runner() as alone:
+            task_status.started(alone)
+            await leave.wait()
+        left.set()
+
+    with schedules_follow_trio(START):
+        async with trio.open_nursery() as nursery:
+            # The first runner, alone, holds the schedule; it moves to the second
+            # either when that one joins or when the first leaves: one handoff.
+            leaves: Runner = await nursery.start(first)
+            await leaves.settled()
+            await heard.wait_for(2)
+            assert leaves.schedules == {"metronome"}
+            async with runner() as stays:
+                await stays.settled()
+                await leaves.settled()
+                await heard.wait_for(len(heard.requests) + 2)
+                leave.set()
+                await left.wait()
+                await heard.wait_for(len(heard.requests) + 3)
+                assert stays.schedules == {"metronome"}
     assert consecutive(heard.instants(), timedelta(seconds=1))
 
 

@@ -10,7 +10,14 @@ import pytest
 import trio
 import trio.testing
 
-from trio_cluster import Entity, Instrument, Singleton, SingletonContext, open_runner
+from trio_cluster import (
+    Entity,
+    Instrument,
+    Runner,
+    Singleton,
+    SingletonContext,
+    open_runner,
+)
 from trio_cluster.core.reserved import singleton_shard
 from trio_cluster.storage.memory import MemoryStorage
 from trio_cluster.testing import TEST_CONFIG
@@ -103,26 +110,30 @@ async def test_leaving_hands_it_to_the_other_runner_after_it_exited() -> None:
     tracker = Tracker()
     storage = MemoryStorage()
     single = forever(tracker)
-    async with open_runner(storage=storage, config=TEST_CONFIG, singletons=[single]) as stays:
-        # Addresses are random, so is where the assignment puts it: new runners join
-        # until one takes it (each has even odds), then that one leaves.
-        for _ in range(32):
-            async with open_runner(
-                storage=storage, config=TEST_CONFIG, singletons=[single]
-            ) as leaves:
-                await leaves.settled()
-                await stays.settled()
-                holder = leaves.singleton_owners["reports"]
+    leave, left = trio.Event(), trio.Event()
+
+    async def first(*, task_status: trio.TaskStatus[Runner]) -> None:
+        async with open_runner(storage=storage, config=TEST_CONFIG, singletons=[single]) as alone:
+            task_status.started(alone)
+            await leave.wait()
+        left.set()
+
+    async with trio.open_nursery() as nursery:
+        # The first runner, alone, takes the singleton; it moves to the second either
+        # when that one joins or when the first leaves: one handoff either way.
+        leaves: Runner = await nursery.start(first)
+        await tracker.wait_until(lambda: tracker.running == {leaves.address})
+        async with open_runner(storage=storage, config=TEST_CONFIG, singletons=[single]) as stays:
+            await stays.settled()
+            await leaves.settled()
+            leave.set()
+            await left.wait()
             await tracker.wait_until(lambda: tracker.running == {stays.address})
-            if holder == leaves.address:
-                break
-        else:
-            pytest.skip("the assignment kept the singleton on the runner that stays")
-        enter_leaving, exit_leaving, enter_staying = tracker.log[-3:]
-        assert enter_leaving[:2] == ("enter", leaves.address)
-        assert exit_leaving[:2] == ("exit", leaves.address)
-        assert enter_staying[:2] == ("enter", stays.address)
-        assert enter_staying[2] > exit_leaving[2]
+            enter_leaving, exit_leaving, enter_staying = tracker.log[-3:]
+            assert enter_leaving[:2] == ("enter", leaves.address)
+            assert exit_leaving[:2] == ("exit", leaves.address)
+            assert enter_staying[:2] == ("enter", stays.address)
+            assert enter_staying[2] > exit_leaving[2]
     assert tracker.max_running == 1
 
 
