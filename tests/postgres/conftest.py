@@ -7,13 +7,16 @@ existing server instead (tests that restart the server are then skipped).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from trio_cluster.pgdriver.server import ThrowawayPostgres
+from trio_cluster.postgres.storage import open_postgres_storage
+from trio_cluster.storage import MemoryStorage, Storage
 
 _HERE = Path(__file__).parent
 
@@ -52,3 +55,15 @@ def own_pg_server(pg_server: ThrowawayPostgres | ExternalPostgres) -> ThrowawayP
     if not isinstance(pg_server, ThrowawayPostgres):
         pytest.skip("TRIO_CLUSTER_TEST_DSN is set: not restarting a server we do not own")
     return pg_server
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    """Each storage in turn, the PostgreSQL one on fresh tables: the conformance
+    tests of a storage protocol run against both."""
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    async with open_postgres_storage(dsn, prefix=f"cf{uuid.uuid4().hex[:8]}_") as pg:
+        yield pg

@@ -9,7 +9,6 @@ the chunk its caller acknowledged.
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,7 +23,6 @@ from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import ShardId, shard_index
 from trio_cluster.postgres.messages import PgMessageStorage
-from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.storage import Lease, Storage
 from trio_cluster.storage.base import ChunksAcked, ChunkStored, Notice
 from trio_cluster.testing import TEST_CONFIG
@@ -33,23 +31,6 @@ from ..stream_entities import Job, journal, tickers
 
 CONFIG = attrs.evolve(TEST_CONFIG, shards_per_group=4)
 WAIT_S = 20.0
-
-
-@asynccontextmanager
-async def open_storage(kind: str, dsn: str | None) -> AsyncIterator[Storage]:
-    if kind == "memory":
-        yield MemoryStorage()
-        return
-    assert dsn is not None
-    async with open_postgres_storage(dsn, prefix=f"ps{uuid.uuid4().hex[:8]}_") as pg:
-        yield pg
-
-
-@pytest.fixture(params=["memory", "postgres"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
-    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
-    async with open_storage(request.param, dsn) as made:
-        yield made
 
 
 # -- storage ----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ whichever runner serves their shard next.
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,7 +26,6 @@ from trio_cluster import (
     Implementation,
     Instrument,
     MalformedMessage,
-    MemoryStorage,
     RpcClientError,
     open_runner,
 )
@@ -35,7 +33,6 @@ from trio_cluster.core import reply as replies
 from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import ShardId, shard_index
-from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.prometheus import PrometheusMetrics
 from trio_cluster.runtime.calls import Handling
 from trio_cluster.runtime.deferreds import parse_token, resume_token
@@ -46,23 +43,6 @@ from ..probe_client import sample
 
 CONFIG = attrs.evolve(TEST_CONFIG, shards_per_group=4)
 WAIT_S = 20.0
-
-
-@asynccontextmanager
-async def open_storage(kind: str, dsn: str | None) -> AsyncIterator[Storage]:
-    if kind == "memory":
-        yield MemoryStorage()
-        return
-    assert dsn is not None
-    async with open_postgres_storage(dsn, prefix=f"ts{uuid.uuid4().hex[:8]}_") as pg:
-        yield pg
-
-
-@pytest.fixture(params=["memory", "postgres"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
-    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
-    async with open_storage(request.param, dsn) as made:
-        yield made
 
 
 # -- storage ----------------------------------------------------------------------------------
