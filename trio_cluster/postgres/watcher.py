@@ -114,11 +114,16 @@ class PeerWatcher:
                             after = trio.current_time()
                             await mark_dead(conn, self._prefix, namespace, self._channel, [target])
                 continue  # nobody to watch until the next read: the connection closes
-            except (PgError, OSError) as error:
-                log.warning("watcher connection of runner %s failed: %s", self._machine_id(), error)
-            except Exception:
+            except* (PgError, OSError) as lost:
+                # Grouped: the lock wait runs in a nursery (see _wait_for_end).
+                log.warning(
+                    "watcher connection of runner %s failed: %s",
+                    self._machine_id(),
+                    lost.exceptions[0],
+                )
+            except* Exception as bug:
                 # A bug, not the database: reconnect rather than end the runner.
-                log.exception("watching runner failed, reconnecting")
+                log.exception("watching runner failed, reconnecting", exc_info=bug)
             await trio.sleep(next(delays))
 
     async def _wait_for_end(self, conn: Connection, namespace: int, target: int) -> bool:
