@@ -54,27 +54,22 @@ def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
 )
-def test_quick_interrupts_benchmark_completes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.interrupts", "--quick", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    for label in ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"):
-        assert label in done.stdout
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(
-    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
+@pytest.mark.parametrize(
+    ("module", "labels"),
+    [
+        (
+            "benchmarks.interrupts",
+            ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"),
+        ),
+        (
+            "benchmarks.streaming",
+            ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"),
+        ),
+    ],
 )
-def test_quick_streaming_benchmark_completes() -> None:
+def test_a_quick_cross_runner_benchmark_completes(module: str, labels: tuple[str, ...]) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.streaming", "--quick", "--repeats", "1"],
+        [sys.executable, "-m", module, "--quick", "--repeats", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,5 +77,5 @@ def test_quick_streaming_benchmark_completes() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    for label in ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"):
+    for label in labels:
         assert label in done.stdout
