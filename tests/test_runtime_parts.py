@@ -21,6 +21,7 @@ import trio.testing
 
 from trio_cluster import (
     EntityNotAssignedToRunner,
+    Interrupted,
     MailboxFull,
     MalformedMessage,
     RpcClientError,
@@ -289,6 +290,7 @@ class Host:
     ) -> bool:
         if self.complete_fails and delivery.envelope.request_id == 1:
             raise RuntimeError("a bug while completing")
+        await trio.lowlevel.checkpoint()  # as a write to storage would
         delivery.target.resolve(reply)
         return True
 
@@ -351,6 +353,64 @@ async def test_an_entity_stopped_mid_request_tells_its_volatile_caller() -> None
             nursery.cancel_scope.cancel()
         with pytest.raises(RunnerUnavailable, match="stopped while processing"):
             sink.value()
+
+
+async def test_an_interrupt_after_the_handlers_last_checkpoint_reaches_nothing() -> None:
+    """Handlers share their entity task's cancel scope: an interrupt that came too late to
+    cancel its own handler must not cancel the next request's instead."""
+    async with world() as w:
+        entity = active(w, Host(w))
+        racing, after = Sink(), Sink()
+        first = Delivery(envelope(1, rpc="block"), racing)
+        entity.offer(first)
+        entity.offer(Delivery(envelope(2, rpc="block"), after))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(entity.run)
+            await w.probe.started.wait()
+            w.probe.release.set()  # the handler is rescheduled with its result...
+            first.interrupt()  # ...so this cancellation finds no checkpoint left in it
+            await after.got.wait()
+            entity.close()
+        assert racing.value() is None  # the reply made first wins
+        assert after.value() is None  # the next handler waited (a checkpoint), uncancelled
+
+
+async def test_an_interrupt_of_a_finished_request_reaches_nothing() -> None:
+    async with world() as w:
+        entity = active(w, Host(w))
+        done, running = Sink(), Sink()
+        finished = Delivery(envelope(1), done)
+        entity.offer(finished)
+        entity.offer(Delivery(envelope(2, rpc="block"), running))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(entity.run)
+            await w.probe.started.wait()
+            finished.interrupt()  # its caller gives up after the reply: too late
+            w.probe.release.set()
+            await running.got.wait()
+            entity.close()
+        assert done.value() == 1
+        assert running.value() is None
+
+
+async def test_after_an_interrupt_the_next_request_runs_uncancelled() -> None:
+    async with world() as w:
+        entity = active(w, Host(w))
+        interrupted, next_one = Sink(), Sink()
+        first = Delivery(envelope(1, rpc="block"), interrupted)
+        entity.offer(first)
+        entity.offer(Delivery(envelope(2, rpc="block"), next_one))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(entity.run)
+            await w.probe.started.wait()
+            first.interrupt()
+            await interrupted.got.wait()
+            w.probe.release.set()
+            await next_one.got.wait()
+            entity.close()
+        with pytest.raises(Interrupted, match="while its handler ran"):
+            interrupted.value()
+        assert next_one.value() is None
 
 
 async def test_a_persisted_request_offered_twice_runs_once() -> None:

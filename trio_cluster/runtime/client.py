@@ -157,7 +157,6 @@ class Client:
             headers=headers,
             primary_key=primary_key,
         )
-        target = envelope.entity_key
         _refuse_cycle(envelope, chain)
         limit = self._config.send_timeout if timeout is None else timeout
         withdraw = rpc.interruptible and (not rpc.persisted if interrupt is None else interrupt)
@@ -177,7 +176,7 @@ class Client:
                 outcome = "success"
                 return result  # type: ignore[no-any-return]
             raise SendTimeout(
-                f"no reply from {target} to {rpc.name!r} within {limit} s",
+                f"no reply from {envelope.entity_key} to {rpc.name!r} within {limit} s",
                 entity_id=entity_id,
                 request_id=envelope.request_id,
             )
@@ -641,6 +640,8 @@ def _withdraw(delivery: Delivery, link: PeerLink | None, *, interrupt: bool) -> 
 
 def _refuse_cycle(envelope: Envelope, chain: tuple[str, ...]) -> None:
     """A call to an entity waiting up this call's chain could never be answered."""
+    if not chain:
+        return  # not called from a handler: the common case, with no key to build
     target = envelope.entity_key
     if target in chain:
         raise AlreadyProcessingMessage(

@@ -50,13 +50,20 @@ class Delivery:
         if self._scope is not None:
             self._scope.cancel()
 
-    def handler_scope(self) -> trio.CancelScope:
-        """The scope the handler runs in, which :meth:`interrupt` cancels (a Trio
-        cancellation inside the handler: its ``finally`` blocks run)."""
-        scope = self._scope = trio.CancelScope()
+    def arm(self, scope: trio.CancelScope) -> None:
+        """Its handler starts in ``scope``: :meth:`interrupt` cancels it (a Trio
+        cancellation inside the handler: its ``finally`` blocks run) until :meth:`disarm`.
+
+        The scope is the entity task's, shared by the runs of many requests,
+        so the handler must disarm it, synchronously, as soon as it returns.
+        """
+        self._scope = scope
         if self.interrupted:
             scope.cancel()
-        return scope
+
+    def disarm(self) -> None:
+        """Its handler has returned: a later interrupt must not reach the scope."""
+        self._scope = None
 
     def fail(self, error: ClusterError) -> None:
         self.target.resolve(failure(error, self.envelope.request_id))
