@@ -26,6 +26,7 @@ from trio_cluster import (
     ShardId,
     Suspended,
 )
+from trio_cluster.core.assignment import RunnerSpec
 from trio_cluster.core.envelope import Envelope
 from trio_cluster.core.hashing import shard_index
 from trio_cluster.runtime.calls import call_chain
@@ -510,6 +511,49 @@ async def test_two_runners_on_one_storage_never_share_a_shard() -> None:
         # first runner.
         assert not set(first.shards) & set(second.shards)
         assert len(first.shards) == len(second.shards) == TEST_CONFIG.shards_per_group // 2
+
+
+class UnreadableMembership(MemoryStorage):
+    """Memory storage whose membership reads fail while ``failing`` (the pool down after a
+    PostgreSQL restart, say), the rest working."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+        self.failed_for: set[trio.lowlevel.Task] = set()
+        """The tasks (the keepers: nobody else reads here) whose read failed."""
+        self.news = trio.Event()
+
+    async def live_runners(self) -> list[RunnerSpec]:
+        if self.failing:
+            self.failed_for.add(trio.lowlevel.current_task())
+            self.news.set()
+            self.news = trio.Event()
+            raise PersistenceError("cannot list runners")
+        return await super().live_runners()
+
+
+async def test_a_membership_read_that_fails_is_made_again_before_the_safety_poll() -> None:
+    # A regression: the pass that a join woke failed to read the membership, and the
+    # keeper waited for the next notice or the safety poll before looking again, so the
+    # newcomer's shards stayed with the old runner (seen after a PostgreSQL restart).
+    impl, _ = counter()
+    config = attrs.evolve(TEST_CONFIG, membership_poll_interval=3600.0)
+    storage = UnreadableMembership()
+    async with open_test_runner(impl, config=config, storage=storage) as (first, _):
+        storage.failing = True
+        async with open_test_runner(impl, config=config, storage=storage) as (second, _):
+            while len(storage.failed_for) < 2:  # the first's pass on the join notice too
+                await storage.news.wait()
+            storage.failing = False
+            with trio.fail_after(5):  # not the safety poll's hour
+                for runner in (first, second):
+                    while second.address not in runner.assignment.values():
+                        await runner.changed()
+                await first.settled()
+                await second.settled()
+            assert not set(first.shards) & set(second.shards)
+            assert len(first.shards) == len(second.shards) == TEST_CONFIG.shards_per_group // 2
 
 
 async def test_snapshot_counts_what_happened() -> None:

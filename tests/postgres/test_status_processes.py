@@ -92,12 +92,14 @@ def settled_on(machine_ids: set[int]) -> Callable[[ClusterStatus], bool]:
 async def poll(
     conn: Connection, prefix: str, condition: Callable[[ClusterStatus], bool]
 ) -> ClusterStatus:
-    with trio.fail_after(WAIT_S):
+    status = None
+    with trio.move_on_after(WAIT_S):
         while True:
             status = await read_status(conn, prefix, shards_per_group=SHARDS)
             if condition(status):
                 return status
             await trio.sleep(POLL_S)
+    raise AssertionError(f"not so within {WAIT_S} s; last seen: {status}")
 
 
 def check_backlog(status: ClusterStatus) -> None:

@@ -16,11 +16,15 @@ declare it, acquired and handed off like any shard, and run by a
 stay out of the routing table: no request is ever routed to them.
 
 A failure inside one pass (a storage outage, a bug) ends that pass, not the
-keeper: the next pass comes after a backoff.
+keeper: the next pass comes after a backoff. So does a pass that could not
+read the membership: it goes on with the last membership it read, but the
+change that woke it is still unseen, so it must not wait for the next
+notice or the safety poll to look again.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -56,6 +60,18 @@ About 1 to 2 µs of CPU a unit, so at most ~5 to 10 ms; larger ones (94,000 unit
 keeps serving meanwhile: the GIL passes back every ``sys.getswitchinterval()`` (5 ms),
 and ``assign`` cuts its C-level passes into short slices so that it can.
 """
+
+
+@enum.unique
+class Again(enum.Enum):
+    """When the keeper's next pass is due, as one pass found."""
+
+    LATER = "later"
+    """Nothing pending: at the next wake-up, else after the safety poll."""
+    SOON = "soon"
+    """A shard assigned here is not taken yet: after ``HANDOFF_RETRY``."""
+    BACKOFF = "backoff"
+    """The membership could not be read: after a backoff (``RESTART``)."""
 
 
 Plan = tuple[dict[ShardId, str], dict[ShardId, str]]
@@ -182,15 +198,21 @@ class ShardKeeper:
         return {runtime.singleton.name: runtime for runtime in self._singletons.values()}
 
     def _singleton_stopped(self, singleton: SingletonRuntime) -> None:
-        if self._singletons.get(singleton.lease.shard) is singleton:
-            del self._singletons[singleton.lease.shard]
+        shard_id = singleton.lease.shard
+        if self._singletons.get(shard_id) is singleton:
+            del self._singletons[shard_id]
             self._note_changed()
+            if self._singleton_shards.get(shard_id) == self._address:
+                self._wake.set()  # still assigned here (it failed): take it again
 
     def _shard_stopped(self, shard: ShardRuntime) -> None:
         shards = self._shards
-        if shards.get(shard.lease.shard) is shard:
-            del shards[shard.lease.shard]
+        shard_id = shard.lease.shard
+        if shards.get(shard_id) is shard:
+            del shards[shard_id]
             self._note_changed()
+            if self._router.assignment.get(shard_id) == self._address:
+                self._wake.set()  # still assigned here (lost, or failed): take it again
             state = shard.state
             how = state.value if state in (ShardState.LOST, ShardState.FAILED) else "released"
             self._hooks.shard_stopped(shard.lease.shard, how)
@@ -232,14 +254,16 @@ class ShardKeeper:
             while True:
                 self._wake = trio.Event()
                 try:
-                    waiting = await self._keep(shards)
+                    again = await self._keep(shards)
                 except* Exception as failure:
                     log.exception("keeping shards failed; trying again", exc_info=failure)
                     self._hooks.contained_failure("shard keeper", failure)
+                    again = Again.BACKOFF
+                if again is Again.BACKOFF:
                     delay = next(failures)
                 else:
                     failures = RESTART.delays()
-                    closely = waiting or trio.current_time() < self._watch_closely_until
+                    closely = again is Again.SOON or trio.current_time() < self._watch_closely_until
                     delay = HANDOFF_RETRY if closely else self._config.membership_poll_interval
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
@@ -247,9 +271,9 @@ class ShardKeeper:
                     await self._wake.wait()
         task_status.started()  # cancelled before the first pass ended
 
-    async def _keep(self, shards: trio.Nursery) -> bool:
-        """One pass; True when a shard assigned here could not be taken yet."""
-        await self._refresh_assignment()
+    async def _keep(self, shards: trio.Nursery) -> Again:
+        """One pass, on the membership it reads (else the last one read); when the next is due."""
+        read = await self._refresh_assignment()
         mine = self._mine()
         held = self._held()
         for holding in held.values():
@@ -261,7 +285,7 @@ class ShardKeeper:
                 lease = await self._session.acquire(shard_id)
             except ClusterError as error:
                 log.warning("cannot acquire %s yet: %s", shard_id, error)
-                return True
+                return Again.SOON
             if lease is None:
                 waiting = True  # its previous owner is still handing it off
                 continue
@@ -275,7 +299,9 @@ class ShardKeeper:
             self._hooks.shard_acquired(shard_id, lease.epoch)
             await shards.start(shard.run)
             self._note_changed()
-        return waiting
+        if waiting:
+            return Again.SOON
+        return Again.LATER if read else Again.BACKOFF
 
     async def _start_singleton(self, nursery: trio.Nursery, lease: Lease) -> None:
         singleton = self._new_singleton(lease, self._singleton_stopped)
@@ -286,24 +312,25 @@ class ShardKeeper:
         await nursery.start(singleton.run)
         self._note_changed()
 
-    async def _refresh_assignment(self) -> None:
-        """Recompute who owns what from the live runners; keep the last answer on an outage."""
+    async def _refresh_assignment(self) -> bool:
+        """Recompute who owns what from the live runners; keep the last answer on an
+        outage (False: the membership could not be read)."""
         try:
             runners = await self._runners.live_runners()
         except PersistenceError as error:
             log.warning("cannot read the live runners: %s", error)
-            return
+            return False
         self._report_membership(frozenset(spec.address for spec in runners))
         membership = frozenset(runners)
         if membership == self._assigned_for:
-            return  # the assignment depends on the membership alone: nothing to redo
+            return True  # the assignment depends on the membership alone: nothing to redo
         try:
             assignment, singletons = await plan_off_loop(runners, self._config.shards_per_group)
         except ValueError:
             # Two runners claiming one address: a deployment mistake to
             # shout about, not a reason to stop serving what we own.
             log.exception("cannot compute the assignment")
-            return
+            return True  # read: reading again soon would not mend it
         self._assigned_for = membership
         if assignment != self._router.assignment or singletons != self._singleton_shards:
             self._router.assignment = assignment
@@ -312,6 +339,7 @@ class ShardKeeper:
                 str(singleton_name(shard_id.group)): owner for shard_id, owner in singletons.items()
             }
             self._note_changed()
+        return True
 
     def _report_membership(self, live: frozenset[str]) -> None:
         before, self._live = self._live, live
