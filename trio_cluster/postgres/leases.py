@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Self
 
@@ -47,6 +47,8 @@ from .schema import lock_namespace
 
 log = logging.getLogger("trio_cluster.postgres.leases")
 
+ACQUIRE_BATCH = 1_000
+"""Shards one acquiring statement try-locks at most: a bounded statement and lock count."""
 RECONNECT = RetryPolicy(base_delay=0.05, max_delay=1.0, max_attempts=2**62, max_elapsed=2.0**62)
 
 
@@ -360,31 +362,70 @@ class PgLeaseSession:
         return self._conn
 
     async def acquire(self, shard: ShardId) -> Lease | None:
+        leases = await self.acquire_many([shard])
+        return leases[0] if leases else None
+
+    async def acquire_many(self, shards: Sequence[ShardId]) -> list[Lease]:
+        """One statement per group and ``ACQUIRE_BATCH`` shards: try-lock each, and bump
+        the epoch of those it locked (a shard another runner holds is left out, and so
+        are the rest once a statement fails after some were taken)."""
         conn = self._connection()
-        with translated("acquire %s", shard):
-            namespace = await self._namespace(conn, f"group:{shard.group}")
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", [namespace, shard.index]
-            ):
-                return None
+        leases: list[Lease] = []
+        by_group: dict[str, list[int]] = {}
+        for shard in shards:
+            by_group.setdefault(shard.group, []).append(shard.index)
+        batches = [
+            (group, indices[at : at + ACQUIRE_BATCH])
+            for group, indices in by_group.items()
+            for at in range(0, len(indices), ACQUIRE_BATCH)
+        ]
+        for group, batch in batches:
             try:
-                epoch = await conn.fetchval(
-                    f"INSERT INTO {self._prefix}shards AS s"
-                    " (shard_group, shard_index, epoch, machine_id) VALUES ($1, $2, 1, $3)"
-                    " ON CONFLICT (shard_group, shard_index) DO UPDATE"
-                    " SET epoch = s.epoch + 1, machine_id = $3, acquired_at = now()"
-                    " RETURNING epoch",
-                    [shard.group, shard.index, self._machine_id],
+                with translated("acquire %s shards of %s", len(batch), group):
+                    namespace = await self._namespace(conn, f"group:{group}")
+                    rows = await self._lock_and_bump(conn, namespace, group, batch)
+            except ClusterError:
+                if not leases:
+                    raise
+                # What was taken is held: return it; the rest, left out, is tried again.
+                log.warning("acquiring the shards of %s failed after %d", group, len(leases))
+                break
+            for index, epoch in rows:
+                lease = Lease(ShardId(group, int(index)), self._machine_id, int(epoch))
+                self._held[lease.shard] = lease
+                leases.append(lease)
+        # Not those reported lost already (the connection ended between two statements).
+        return [lease for lease in leases if self._held.get(lease.shard) == lease]
+
+    async def _lock_and_bump(
+        self, conn: Connection, namespace: int, group: str, indices: list[int]
+    ) -> list[tuple[Any, ...]]:
+        """The statement of :meth:`acquire_many`, atomic for the epochs: should it fail,
+        the session locks it took (they outlive the failed transaction) are let go."""
+        wanted = ",".join(map(str, indices))
+        try:
+            return await conn.fetch(
+                "WITH locked AS MATERIALIZED (SELECT i FROM"
+                " unnest(string_to_array($2, ',')::int[]) AS i"
+                " WHERE pg_try_advisory_lock($1, i))"
+                f" INSERT INTO {self._prefix}shards AS s"
+                " (shard_group, shard_index, epoch, machine_id)"
+                " SELECT $3, i, 1, $4 FROM locked"
+                " ON CONFLICT (shard_group, shard_index) DO UPDATE"
+                " SET epoch = s.epoch + 1, machine_id = $4, acquired_at = now()"
+                " RETURNING shard_index, epoch",
+                [namespace, wanted, group, self._machine_id],
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await conn.execute(
+                    "SELECT pg_advisory_unlock($1, l.objid::int) FROM pg_locks AS l"
+                    " WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid()"
+                    " AND l.objsubid = 2 AND l.classid = $1::int::oid"
+                    " AND l.objid::int = ANY (string_to_array($2, ',')::int[])",
+                    [namespace, wanted],
                 )
-            except BaseException:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock($1, $2)", [namespace, shard.index]
-                    )
-                raise
-        lease = Lease(shard, self._machine_id, int(epoch))
-        self._held[shard] = lease
-        return lease
+            raise
 
     async def release(self, lease: Lease) -> None:
         if self._held.get(lease.shard) != lease:

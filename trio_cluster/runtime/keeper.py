@@ -74,6 +74,10 @@ class Again(enum.Enum):
     """The membership could not be read: after a backoff (``RESTART``)."""
 
 
+def _by_shard(lease: Lease) -> ShardId:
+    return lease.shard
+
+
 Plan = tuple[dict[ShardId, str], dict[ShardId, str]]
 """Each entity shard's owner, and each singleton's lease shard's owner."""
 
@@ -279,38 +283,42 @@ class ShardKeeper:
         for holding in held.values():
             if holding.lease.shard not in mine and holding.accepting:
                 shards.start_soon(holding.stop, self._config.entity_termination_timeout)
-        waiting = False
-        for shard_id in sorted(mine - held.keys()):
-            try:
-                lease = await self._session.acquire(shard_id)
-            except ClusterError as error:
-                log.warning("cannot acquire %s yet: %s", shard_id, error)
-                return Again.SOON
-            if lease is None:
-                waiting = True  # its previous owner is still handing it off
+        wanted = sorted(mine - held.keys())
+        if not wanted:
+            return Again.LATER if read else Again.BACKOFF
+        try:
+            leases = await self._session.acquire_many(wanted)
+        except ClusterError as error:
+            log.warning("cannot acquire %s and %d more yet: %s", wanted[0], len(wanted) - 1, error)
+            return Again.SOON
+        # Those left out are still held by their previous owner, handing them off.
+        waiting = len(leases) < len(wanted)
+        # Every new lease is in the maps before the first start yields: a loss reported
+        # meanwhile finds its runtime and stops it (stopped before it started, it just ends).
+        adopted = [(lease, self._adopt(lease)) for lease in sorted(leases, key=_by_shard)]
+        for lease, runtime in adopted:
+            if runtime is None:  # assigned here, yet not declared here: a bug, let go
+                await self._session.release(lease)
                 continue
-            if shard_id in self._singleton_shards:
-                await self._start_singleton(shards, lease)
-                continue
-            shard = self._new_shard(lease, self._shard_stopped)
-            self._shards[shard_id] = shard
-            # Reported before it starts, so that its stop (even one during the
-            # start) always comes after: instruments keep gauges from the pair.
-            self._hooks.shard_acquired(shard_id, lease.epoch)
-            await shards.start(shard.run)
+            await shards.start(runtime.run)
             self._note_changed()
         if waiting:
             return Again.SOON
         return Again.LATER if read else Again.BACKOFF
 
-    async def _start_singleton(self, nursery: trio.Nursery, lease: Lease) -> None:
-        singleton = self._new_singleton(lease, self._singleton_stopped)
-        if singleton is None:  # assigned here, yet not declared here: a bug, let go
-            await self._session.release(lease)
-            return
-        self._singletons[lease.shard] = singleton
-        await nursery.start(singleton.run)
-        self._note_changed()
+    def _adopt(self, lease: Lease) -> ShardRuntime | SingletonRuntime | None:
+        """A new lease's runtime, in the maps at once; None for a singleton not declared here."""
+        if lease.shard in self._singleton_shards:
+            singleton = self._new_singleton(lease, self._singleton_stopped)
+            if singleton is not None:
+                self._singletons[lease.shard] = singleton
+            return singleton
+        shard = self._new_shard(lease, self._shard_stopped)
+        self._shards[lease.shard] = shard
+        # Reported before it starts, so that its stop (even one during the
+        # start) always comes after: instruments keep gauges from the pair.
+        self._hooks.shard_acquired(lease.shard, lease.epoch)
+        return shard
 
     async def _refresh_assignment(self) -> bool:
         """Recompute who owns what from the live runners; keep the last answer on an

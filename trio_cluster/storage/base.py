@@ -162,6 +162,11 @@ class LeaseSession(Protocol):
         """Take the shard's lease, or return None when another runner holds it."""
         ...
 
+    async def acquire_many(self, shards: Sequence[ShardId]) -> list[Lease]:
+        """Take the leases of those of ``shards`` no other runner holds, in few round
+        trips (a runner joining, or taking over from a dead one, takes hundreds)."""
+        ...
+
     async def release(self, lease: Lease) -> None: ...
 
     async def confirmed(self, shard: ShardId) -> None:

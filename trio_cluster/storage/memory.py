@@ -192,19 +192,23 @@ class MemoryStorage:
             holder.on_lost(shard)
 
     async def _acquire(
-        self, machine_id: int, shard: ShardId, on_lost: Callable[[ShardId], None]
-    ) -> Lease | None:
+        self, machine_id: int, shards: Sequence[ShardId], on_lost: Callable[[ShardId], None]
+    ) -> list[Lease]:
         await self._enter()
         if machine_id not in self._live:
             raise RunnerNotRegistered(f"runner {machine_id} is not registered")
-        holder = self._holders.get(shard)
-        if holder is not None:
-            mine = holder.machine_id == machine_id
-            return Lease(shard, machine_id, holder.epoch) if mine else None
-        epoch = self._epochs.get(shard, 0) + 1
-        self._epochs[shard] = epoch
-        self._holders[shard] = _Holder(machine_id, epoch, on_lost)
-        return Lease(shard, machine_id, epoch)
+        leases: list[Lease] = []
+        for shard in shards:
+            holder = self._holders.get(shard)
+            if holder is not None:
+                if holder.machine_id == machine_id:
+                    leases.append(Lease(shard, machine_id, holder.epoch))
+                continue
+            epoch = self._epochs.get(shard, 0) + 1
+            self._epochs[shard] = epoch
+            self._holders[shard] = _Holder(machine_id, epoch, on_lost)
+            leases.append(Lease(shard, machine_id, epoch))
+        return leases
 
     async def _leave(self, machine_id: int) -> None:
         await self._enter()
@@ -512,7 +516,11 @@ class _MemorySession:
     on_lost: Callable[[ShardId], None]
 
     async def acquire(self, shard: ShardId) -> Lease | None:
-        return await self.storage._acquire(self.machine_id, shard, self.on_lost)
+        leases = await self.acquire_many([shard])
+        return leases[0] if leases else None
+
+    async def acquire_many(self, shards: Sequence[ShardId]) -> list[Lease]:
+        return await self.storage._acquire(self.machine_id, shards, self.on_lost)
 
     async def release(self, lease: Lease) -> None:
         await self.storage._release(lease)
