@@ -146,6 +146,14 @@ async def open_lock_connection(
         yield conn
 
 
+@attrs.define
+class _Unlocks:
+    """Releases waiting for one unlock statement, and its end."""
+
+    shards: list[ShardId] = attrs.Factory(list)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
 class PgLeaseSession:
     """The registration of one runner and the shard leases it holds."""
 
@@ -172,6 +180,9 @@ class PgLeaseSession:
         self._conn: Connection | None = None
         self._machine_id = -1
         self._held: dict[ShardId, Lease] = {}
+        self._unlocks = _Unlocks()
+        """Released shards whose locks the unlock task lets go of next (see ``release``)."""
+        self._unlocks_wanted = trio.Event()
         self._namespaces: dict[str, int] = {}
         self._registered = trio.Event()
         self._answered = -math.inf
@@ -247,6 +258,7 @@ class PgLeaseSession:
                     delays = RECONNECT.delays()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._heartbeat, conn)
+                        nursery.start_soon(self._unlock_released, conn)
                         await conn.wait_closed()
                         nursery.cancel_scope.cancel()
             except* (PgError, OSError, ClusterError) as lost:
@@ -262,6 +274,9 @@ class PgLeaseSession:
                 self._conn = None
                 if self._registered.is_set():
                     self._registered = trio.Event()
+                # The locks of releases still queued ended with the session.
+                self._unlocks.done.set()
+                self._unlocks = _Unlocks()
                 self._lose_all()
             delay = next(delays)
             if first and failure is not None:
@@ -373,7 +388,10 @@ class PgLeaseSession:
         leases: list[Lease] = []
         by_group: dict[str, list[int]] = {}
         for shard in shards:
-            by_group.setdefault(shard.group, []).append(shard.index)
+            # One still held (its release not yet asked for) is left out: taking its
+            # lock again would count twice, and one release would not let it go.
+            if shard not in self._held:
+                by_group.setdefault(shard.group, []).append(shard.index)
         batches = [
             (group, indices[at : at + ACQUIRE_BATCH])
             for group, indices in by_group.items()
@@ -428,13 +446,41 @@ class PgLeaseSession:
             raise
 
     async def release(self, lease: Lease) -> None:
+        """Let go of ``lease``'s lock, in the unlock task's next statement (one for all
+        the releases asked for meanwhile: a handoff releases hundreds at once)."""
         if self._held.get(lease.shard) != lease:
             return
+        self._connection()  # down: the lock went with the session
         del self._held[lease.shard]
-        conn = self._connection()
-        with translated("release %s", lease.shard):
-            namespace = await self._namespace(conn, f"group:{lease.shard.group}")
-            await conn.execute("SELECT pg_advisory_unlock($1, $2)", [namespace, lease.shard.index])
+        unlocks = self._unlocks
+        unlocks.shards.append(lease.shard)
+        self._unlocks_wanted.set()
+        await unlocks.done.wait()
+
+    async def _unlock_released(self, conn: Connection) -> None:
+        """The lock connection's releases, a batch at a time. A failure ends the
+        connection (and the batch's locks with it), so every batch ends released."""
+        while True:
+            await self._unlocks_wanted.wait()
+            self._unlocks_wanted = trio.Event()
+            unlocks, self._unlocks = self._unlocks, _Unlocks()
+            try:
+                by_group: dict[str, list[int]] = {}
+                for shard in unlocks.shards:
+                    by_group.setdefault(shard.group, []).append(shard.index)
+                for group, indices in by_group.items():
+                    with translated("release %s shards of %s", len(indices), group):
+                        namespace = await self._namespace(conn, f"group:{group}")
+                        await conn.execute(
+                            "SELECT pg_advisory_unlock($1, i)"
+                            " FROM unnest(string_to_array($2, ',')::int[]) AS i",
+                            [namespace, ",".join(map(str, indices))],
+                        )
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                unlocks.done.set()
 
     async def leave(self) -> None:
         """Drop out of the live runners (the machine-id lock stays until the end)."""

@@ -147,6 +147,17 @@ class _ReplyRow(msgspec.Struct):
     grp: int
 
 
+class _PageRow(msgspec.Struct):
+    k: int
+    g: str
+    i: int
+
+
+class _FirstPage(NamedTuple):
+    shard: ShardId
+    limit: int
+
+
 _encode_json = msgspec.json.Encoder().encode
 _encode_note = msgspec.msgpack.Encoder().encode
 
@@ -303,6 +314,12 @@ class PgMessageStorage:
         self.replies: GroupWriter[_SaveReply, None] = GroupWriter(
             "store replies", self._write_replies, keys=_reply_keys
         )
+        self.first_pages: GroupWriter[_FirstPage, list[Envelope]] = GroupWriter(
+            "read shards' requests", self._read_first_pages, max_batch=500
+        )
+        """A shard's first read (its redelivery scan's first page) is batched with the
+        other shards': a runner taking over hundreds of shards reads them in a few
+        statements."""
         self.carried = CarriedRequests()
         self.owned: Callable[[ShardId], bool] = never_owned
         """Whether a shard's lease is provably still this runner's (its session's
@@ -359,11 +376,22 @@ class PgMessageStorage:
             " GROUP BY ok.grp)"
             " SELECT shard_group, shard_index, epoch, (SELECT count(*) FROM sent) FROM lease"
         )
+        self._first_pages_sql = (
+            "SELECT snap.taken, w.k, m.* FROM (SELECT pg_current_snapshot()::text AS taken)"
+            " AS snap CROSS JOIN json_to_recordset($1::json) AS w(k int, g text, i int)"
+            f" LEFT JOIN LATERAL (SELECT {_READ} FROM {p}messages WHERE shard_group = w.g"
+            " AND shard_index = w.i AND NOT processed ORDER BY request_id LIMIT $2) AS m"
+            " ON true ORDER BY w.k, m.request_id"
+        )
 
     @asynccontextmanager
     async def writing(self, writers: int = 1) -> AsyncIterator[None]:
         """Run the group-commit writers (``writers`` of each kind) for the block."""
-        async with self.requests.running(writers), self.replies.running(writers):
+        async with (
+            self.requests.running(writers),
+            self.replies.running(writers),
+            self.first_pages.running(writers),
+        ):
             yield
 
     async def save_request(self, envelope: Envelope, origin: int, *, announce: bool) -> Saved:
@@ -527,6 +555,8 @@ class PgMessageStorage:
         due_by: int | None = None,
         limit: int = 1000,
     ) -> list[Envelope]:
+        if entity is None and not after and due_by is None:
+            return await self.first_pages.submit(_FirstPage(shard, limit))
         sql = (
             f"SELECT {_READ} FROM {self._prefix}messages WHERE shard_group = $1"
             " AND shard_index = $2 AND NOT processed AND request_id > $3"
@@ -540,6 +570,27 @@ class PgMessageStorage:
             params.append(limit)
         sql += " ORDER BY request_id LIMIT $5"
         return await self._read(sql, params, shard)
+
+    async def _read_first_pages(
+        self, items: list[_FirstPage]
+    ) -> list[list[Envelope] | ClusterError]:
+        """Each shard's oldest unprocessed requests, in one statement and one snapshot,
+        recorded for each shard as its own read would be (see ``_read``)."""
+        wanted = [_PageRow(k, item.shard.group, item.shard.index) for k, item in enumerate(items)]
+        rows = await self._pool.fetch(
+            self._first_pages_sql,
+            [_encode_json(wanted).decode(), max(item.limit for item in items)],
+            prepare=True,
+        )
+        pages: list[list[Envelope]] = [[] for _ in items]
+        for row in rows:
+            if row[2] is not None:
+                pages[row[1]].append(_envelope(row[2:]))
+        snapshot = _snapshot(rows[0][0])
+        for item in items:
+            self.reads += 1
+            self.carried.saw(item.shard, snapshot)
+        return [page[: item.limit] for page, item in zip(pages, items, strict=True)]
 
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
         """What notices carried and no read of the shard saw, with no read (see

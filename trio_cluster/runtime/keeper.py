@@ -164,6 +164,8 @@ class ShardKeeper:
         """The singletons' lease keys and the runner each is assigned to."""
         self._wake = trio.Event()
         self._changed = trio.Event()
+        self._handing_off: set[ShardId] = set()
+        """Shards and singleton leases whose handoff has begun (see ``_hand_off``)."""
         self._watch_closely_until = 0.0
         self._keeping = trio.CancelScope()
         self._assigned_for: frozenset[RunnerSpec] | None = None
@@ -281,8 +283,10 @@ class ShardKeeper:
         mine = self._mine()
         held = self._held()
         for holding in held.values():
-            if holding.lease.shard not in mine and holding.accepting:
-                shards.start_soon(holding.stop, self._config.entity_termination_timeout)
+            shard_id = holding.lease.shard
+            if shard_id not in mine and holding.accepting and shard_id not in self._handing_off:
+                self._handing_off.add(shard_id)
+                shards.start_soon(self._hand_off, holding)
         wanted = sorted(mine - held.keys())
         if not wanted:
             return Again.LATER if read else Again.BACKOFF
@@ -305,6 +309,24 @@ class ShardKeeper:
         if waiting:
             return Again.SOON
         return Again.LATER if read else Again.BACKOFF
+
+    async def _hand_off(self, holding: Held) -> None:
+        """Stop ``holding`` gracefully, once its lease is surely still held.
+
+        A runner resuming from a freeze may read the membership (which has
+        moved on without it) before its lock connection tells it the lease
+        is gone: a graceful stop then would let its handlers run on beside
+        the new owner. So the handoff waits for the lease to be confirmed,
+        and a lease found lost meanwhile is a loss (its runtime stopped at
+        once by ``on_lease_lost``), not a handoff.
+        """
+        shard_id = holding.lease.shard
+        try:
+            await self._session.confirmed(shard_id)
+            if holding.accepting:
+                await holding.stop(self._config.entity_termination_timeout)
+        finally:
+            self._handing_off.discard(shard_id)
 
     def _adopt(self, lease: Lease) -> ShardRuntime | SingletonRuntime | None:
         """A new lease's runtime, in the maps at once; None for a singleton not declared here."""

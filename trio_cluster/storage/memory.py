@@ -199,10 +199,7 @@ class MemoryStorage:
             raise RunnerNotRegistered(f"runner {machine_id} is not registered")
         leases: list[Lease] = []
         for shard in shards:
-            holder = self._holders.get(shard)
-            if holder is not None:
-                if holder.machine_id == machine_id:
-                    leases.append(Lease(shard, machine_id, holder.epoch))
+            if shard in self._holders:  # by another, or by this runner until it releases it
                 continue
             epoch = self._epochs.get(shard, 0) + 1
             self._epochs[shard] = epoch

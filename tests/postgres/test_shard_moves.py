@@ -1,25 +1,35 @@
-"""Taking many leases at once: what a joining runner, or a survivor of a death, does.
+"""Shards moving in bulk: what a joining runner, or a survivor of a death, does.
 
 Conformance (both storages): free shards are taken, each under a newer epoch than
-its last, and shards another runner holds are left out. PostgreSQL alone: shards
-are taken in batches of ``ACQUIRE_BATCH`` per group, and a statement that fails
-leaves no lock behind (session advisory locks outlive the failed transaction),
-while what earlier batches took is returned and held.
+its last, and shards another runner holds (or this one, until it releases them)
+are left out; the first reads of many shards, concurrent, return what each would
+alone. PostgreSQL alone: shards are taken in batches of ``ACQUIRE_BATCH`` per
+group, and a statement that fails leaves no lock behind (session advisory locks
+outlive the failed transaction), while what earlier batches took is returned and
+held; releases asked for together all let go of their locks; concurrent first
+reads go out as one statement.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
+import msgspec
 import pytest
+import trio
 
 from trio_cluster import PersistenceError, ShardId
 from trio_cluster.core.assignment import RunnerSpec
+from trio_cluster.core.envelope import Envelope
 from trio_cluster.pgdriver import open_connection
 from trio_cluster.postgres import leases as pg_leases
 from trio_cluster.postgres.schema import lock_namespace
-from trio_cluster.postgres.storage import open_postgres_storage
+from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
+from trio_cluster.storage import NO_ORIGIN
 from trio_cluster.storage.base import Storage
+
+_ids = itertools.count(1000)
 
 
 def shards(group: str, *indices: int) -> list[ShardId]:
@@ -48,6 +58,53 @@ async def test_free_shards_are_taken_under_newer_epochs_and_held_ones_left_out(
         assert got[ShardId("default", 1)].epoch > before[ShardId("default", 1)]
         assert {lease.machine_id for lease in got.values()} == {second.machine_id}
         assert await second.acquire_many([]) == []
+        # Held here, and so left out until released (a second lock would outlive one release).
+        assert await second.acquire_many(shards("default", 1)) == []
+        await second.release(got[ShardId("default", 1)])
+        (again,) = await second.acquire_many(shards("default", 1))
+        assert again.epoch > got[ShardId("default", 1)].epoch
+
+
+def request(shard: ShardId) -> Envelope:
+    return Envelope(
+        request_id=next(_ids),
+        entity_type="Counter",
+        entity_id=f"e{shard.index}",
+        shard_group=shard.group,
+        shard_index=shard.index,
+        rpc="add",
+        payload=msgspec.msgpack.encode(1),
+        persisted=True,
+    )
+
+
+async def test_first_reads_of_many_shards_return_what_each_would_alone(storage: Storage) -> None:
+    backlog = {0: 3, 1: 0, 2: 5, 3: 1}
+    stored: dict[int, list[int]] = {}
+    for index, count in backlog.items():
+        for _ in range(count):
+            envelope = request(ShardId("default", index))
+            await storage.messages.save_request(envelope, NO_ORIGIN, announce=False)
+            stored.setdefault(index, []).append(envelope.request_id)
+    alone = {
+        index: [e.request_id for e in await storage.messages.unprocessed(shard, limit=2)]
+        for index, shard in enumerate(shards("default", *backlog))
+    }
+    assert alone == {index: stored.get(index, [])[:2] for index in backlog}
+    first_pages = storage.messages.first_pages if isinstance(storage, PostgresStorage) else None
+    statements = 0 if first_pages is None else first_pages.batches
+    together: dict[int, list[int]] = {}
+
+    async def read(shard: ShardId) -> None:
+        found = await storage.messages.unprocessed(shard, limit=2)
+        together[shard.index] = [e.request_id for e in found]
+
+    async with trio.open_nursery() as nursery:
+        for shard in shards("default", *backlog):
+            nursery.start_soon(read, shard)
+    assert together == alone
+    if first_pages is not None:  # one statement for the four reads
+        assert first_pages.batches == statements + 1
 
 
 async def held_indices(dsn: str, prefix: str, group: str) -> set[int]:
@@ -75,8 +132,9 @@ async def test_batches_and_a_failing_statement_leave_no_stray_lock(
         taken = await session.acquire_many(shards("default", *range(5)))
         assert sorted(lease.shard.index for lease in taken) == list(range(5))
         assert await held_indices(pg_dsn, prefix, "default") == set(range(5))
-        for lease in taken:
-            await session.release(lease)
+        async with trio.open_nursery() as nursery:  # released together: one unlock batch
+            for lease in taken:
+                nursery.start_soon(session.release, lease)
         assert await held_indices(pg_dsn, prefix, "default") == set()
 
         # A shard index the table refuses makes its batch's statement fail after
