@@ -300,12 +300,16 @@ class ShardKeeper:
         # Every new lease is in the maps before the first start yields: a loss reported
         # meanwhile finds its runtime and stops it (stopped before it started, it just ends).
         adopted = [(lease, self._adopt(lease)) for lease in sorted(leases, key=_by_shard)]
+        # And every one starts, should the keeper be stopped meanwhile (a runner leaving):
+        # one left unstarted in the maps would never stop. A start does no I/O.
+        with trio.CancelScope(shield=True):
+            for _, runtime in adopted:
+                if runtime is not None:
+                    await shards.start(runtime.run)
+                    self._note_changed()
         for lease, runtime in adopted:
             if runtime is None:  # assigned here, yet not declared here: a bug, let go
                 await self._session.release(lease)
-                continue
-            await shards.start(runtime.run)
-            self._note_changed()
         if waiting:
             return Again.SOON
         return Again.LATER if read else Again.BACKOFF
