@@ -287,9 +287,11 @@ class ShardKeeper:
             if shard_id not in mine and holding.accepting and shard_id not in self._handing_off:
                 self._handing_off.add(shard_id)
                 shards.start_soon(self._hand_off, holding)
+        # Nothing left to take: the next pass at the next wake-up, unless the read failed.
+        done = Again.LATER if read else Again.BACKOFF
         wanted = sorted(mine - held.keys())
         if not wanted:
-            return Again.LATER if read else Again.BACKOFF
+            return done
         try:
             leases = await self._session.acquire_many(wanted)
         except ClusterError as error:
@@ -310,9 +312,7 @@ class ShardKeeper:
         for lease, runtime in adopted:
             if runtime is None:  # assigned here, yet not declared here: a bug, let go
                 await self._session.release(lease)
-        if waiting:
-            return Again.SOON
-        return Again.LATER if read else Again.BACKOFF
+        return Again.SOON if waiting else done
 
     async def _hand_off(self, holding: Held) -> None:
         """Stop ``holding`` gracefully, once its lease is surely still held.
