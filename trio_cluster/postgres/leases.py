@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Self
 
@@ -144,6 +144,14 @@ async def open_lock_connection(
             f"SET idle_session_timeout = {timing.idle_session_timeout_ms};"
         )
         yield conn
+
+
+def _indices_by_group(shards: Iterable[ShardId]) -> dict[str, list[int]]:
+    """Shard indices per group, in order: one lock statement per group."""
+    by_group: dict[str, list[int]] = {}
+    for shard in shards:
+        by_group.setdefault(shard.group, []).append(shard.index)
+    return by_group
 
 
 @attrs.define
@@ -386,12 +394,9 @@ class PgLeaseSession:
         are the rest once a statement fails after some were taken)."""
         conn = self._connection()
         leases: list[Lease] = []
-        by_group: dict[str, list[int]] = {}
-        for shard in shards:
-            # One still held (its release not yet asked for) is left out: taking its
-            # lock again would count twice, and one release would not let it go.
-            if shard not in self._held:
-                by_group.setdefault(shard.group, []).append(shard.index)
+        # One still held (its release not yet asked for) is left out: taking its
+        # lock again would count twice, and one release would not let it go.
+        by_group = _indices_by_group(shard for shard in shards if shard not in self._held)
         batches = [
             (group, indices[at : at + ACQUIRE_BATCH])
             for group, indices in by_group.items()
@@ -465,10 +470,7 @@ class PgLeaseSession:
             self._unlocks_wanted = trio.Event()
             unlocks, self._unlocks = self._unlocks, _Unlocks()
             try:
-                by_group: dict[str, list[int]] = {}
-                for shard in unlocks.shards:
-                    by_group.setdefault(shard.group, []).append(shard.index)
-                for group, indices in by_group.items():
+                for group, indices in _indices_by_group(unlocks.shards).items():
                     with translated("release %s shards of %s", len(indices), group):
                         namespace = await self._namespace(conn, f"group:{group}")
                         await conn.execute(
