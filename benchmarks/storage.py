@@ -266,7 +266,7 @@ async def storage_round_trip(dsn: str, sizes: Sizes, prefix: str, record: Record
         spec = RunnerSpec(f"bench-{os.getpid()}", 1.0, frozenset({"default"}))
         async with (
             storage.runners.session(spec, lambda _: None) as session,
-            messages.notices() as notices,
+            session.notices() as notices,
             trio.open_nursery() as nursery,
         ):
             # A runner would follow the notices too: drain them as it would.

@@ -53,10 +53,22 @@ def request() -> Envelope:
 
 
 @asynccontextmanager
-async def lease_of(storage: Storage) -> AsyncIterator[Lease]:
-    async with storage.runners.session(RunnerSpec("holder"), lambda _: None) as session:
+async def lease_and_notices(
+    storage: Storage,
+) -> AsyncIterator[tuple[Lease, trio.MemoryReceiveChannel[Notice]]]:
+    """A runner's session holding ``SHARD``, and the notices it hears."""
+    async with (
+        storage.runners.session(RunnerSpec("holder"), lambda _: None) as session,
+        session.notices() as notices,
+    ):
         lease = await session.acquire(SHARD)
         assert lease is not None
+        yield lease, notices
+
+
+@asynccontextmanager
+async def lease_of(storage: Storage) -> AsyncIterator[Lease]:
+    async with lease_and_notices(storage) as (lease, _):
         yield lease
 
 
@@ -71,7 +83,7 @@ async def next_notice(notices: trio.MemoryReceiveChannel[Notice], request_id: in
 
 async def test_chunks_are_fenced_kept_first_and_announced(storage: Storage) -> None:
     streams = storage.streams
-    async with lease_of(storage) as lease, storage.messages.notices() as notices:
+    async with lease_and_notices(storage) as (lease, notices):
         stream = request()
         await storage.messages.save_request(stream, 1, announce=False)
         rid = stream.request_id
@@ -104,7 +116,7 @@ async def test_chunks_are_fenced_kept_first_and_announced(storage: Storage) -> N
 
 
 async def test_a_large_chunk_is_announced_without_it(storage: Storage) -> None:
-    async with lease_of(storage) as lease, storage.messages.notices() as notices:
+    async with lease_and_notices(storage) as (lease, notices):
         stream = request()
         await storage.messages.save_request(stream, 1, announce=False)
         big = b"x" * 20_000

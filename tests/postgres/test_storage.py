@@ -29,6 +29,7 @@ from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.leases import LeaseTiming, PgLeaseSession
 from trio_cluster.postgres.schema import lock_namespace
 from trio_cluster.postgres.storage import PostgresStorage, open_postgres_storage
+from trio_cluster.storage.base import Gap, Notice, Stored
 from trio_cluster.testing import TEST_CONFIG
 
 from ..entities import (
@@ -178,6 +179,38 @@ async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str)
         assert again is not None and leases[0] is not None
         assert again.epoch > leases[0].epoch
         assert session.backend_pid != old_pid
+
+
+async def next_of(notices: trio.MemoryReceiveChannel[Notice], wanted: Notice) -> None:
+    """Wait for ``wanted``, passing over the others (the session's own, say)."""
+    with trio.fail_after(10):
+        while await notices.receive() != wanted:
+            pass
+
+
+async def test_notices_come_on_the_lock_connection_and_resume_after_it_reconnects(
+    pg_dsn: str,
+) -> None:
+    async with (
+        storage_for(pg_dsn) as storage,
+        storage.session(RunnerSpec("r"), lambda _: None) as session,
+        session.notices() as notices,
+        open_connection(pg_dsn) as sender,
+    ):
+        channel = storage.messages.channel
+        first = session.backend_pid
+        assert first is not None
+        await sender.execute("SELECT pg_notify($1, 's:7:default:2:43')", [channel])
+        await next_of(notices, Stored(ShardId("default", 2), 43, 7))
+        # Ending the lock connection ends the listening (a Gap says so), and the
+        # reconnected one listens again.
+        await terminate(pg_dsn, first)
+        await next_of(notices, Gap())
+        with trio.fail_after(5):
+            await session.wait_registered()
+        assert session.backend_pid != first
+        await sender.execute("SELECT pg_notify($1, 's:7:default:3:44')", [channel])
+        await next_of(notices, Stored(ShardId("default", 3), 44, 7))
 
 
 FROZEN_TIMING = LeaseTiming(

@@ -37,6 +37,7 @@ from trio_cluster.prometheus import PrometheusMetrics
 from trio_cluster.runtime.calls import Handling
 from trio_cluster.runtime.deferreds import parse_token, resume_token
 from trio_cluster.storage import NO_ORIGIN, Lease, Storage, Stored
+from trio_cluster.storage.base import Notice
 from trio_cluster.testing import TEST_CONFIG
 
 from ..probe_client import sample
@@ -69,10 +70,22 @@ def request(entity_id: str = "e", deliver_at_ms: int | None = None) -> Envelope:
 
 
 @asynccontextmanager
-async def lease_of(storage: Storage, entity_id: str = "e") -> AsyncIterator[Lease]:
-    async with storage.runners.session(RunnerSpec("holder"), lambda _: None) as session:
+async def lease_and_notices(
+    storage: Storage, entity_id: str = "e"
+) -> AsyncIterator[tuple[Lease, trio.MemoryReceiveChannel[Notice]]]:
+    """A runner's session holding ``entity_id``'s shard, and the notices it hears."""
+    async with (
+        storage.runners.session(RunnerSpec("holder"), lambda _: None) as session,
+        session.notices() as notices,
+    ):
         lease = await session.acquire(shard_of(entity_id))
         assert lease is not None
+        yield lease, notices
+
+
+@asynccontextmanager
+async def lease_of(storage: Storage, entity_id: str = "e") -> AsyncIterator[Lease]:
+    async with lease_and_notices(storage, entity_id) as (lease, _):
         yield lease
 
 
@@ -117,7 +130,7 @@ async def test_timers_are_fenced_by_the_lease(storage: Storage) -> None:
 async def test_a_suspended_request_waits_unseen_until_its_deferred_is_completed(
     storage: Storage,
 ) -> None:
-    async with lease_of(storage) as lease, storage.messages.notices() as notices:
+    async with lease_and_notices(storage) as (lease, notices):
         waiting = request()
         await storage.messages.save_request(waiting, 1, announce=False)
         assert await storage.deferreds.suspend(waiting.request_id, "ok", lease)

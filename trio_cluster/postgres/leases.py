@@ -1,9 +1,15 @@
-"""Runner registration and shard leases: session advisory locks on one dedicated connection.
+"""Runner registration, shard leases and notices: one dedicated connection.
 
 Why one connection, used by nothing else: a session advisory lock lives
 exactly as long as its backend, so whoever holds the connection holds the
 leases, and the connection's death is the leases' death. The pool never
 touches it, so no borrowed connection can leak or re-enter a lock.
+
+The same connection LISTENs for the runner's notices: they are read while
+it is idle, between its short statements, so they cost the runner no
+connection of its own, and a frozen runner, whose lock session the server
+ends (``idle_session_timeout``), cannot hold back the server's notification
+queue for long either. A reconnect sends every follower a ``Gap``.
 
 How loss is noticed:
 - the socket is watched while idle (``wait_closed``): a terminated backend
@@ -40,8 +46,9 @@ from ..core.snowflake import MACHINE_IDS
 from ..core.validation import number
 from ..errors import ClusterError, PersistenceError
 from ..pgdriver.connection import Connection, open_connection
-from ..pgdriver.errors import PgError
-from ..storage.base import Lease
+from ..pgdriver.errors import ConnectionLost, PgError
+from ..storage.base import Gap, Lease, Notice
+from ..storage.notices import Follower, open_follower
 from .boundary import translated
 from .schema import lock_namespace
 
@@ -174,9 +181,12 @@ class PgLeaseSession:
         on_lease_lost: Callable[[ShardId], None],
         timing: LeaseTiming,
         channel: str,
+        parse_notification: Callable[[str], list[Notice]],
         register_deadline: float | None = 0,
     ) -> None:
         self._dsn = dsn
+        self._parse_notification = parse_notification
+        self._followers: list[Follower] = []
         self._prefix = prefix
         self._spec = spec
         self._channel = channel
@@ -255,6 +265,11 @@ class PgLeaseSession:
             failure: BaseException | None = None
             try:
                 async with self._connect() as conn:
+                    # Before registering: no notice about this runner's shards can
+                    # be sent before it listens.
+                    await conn.listen(self._channel)
+                    if not first:
+                        self._announce(Gap())
                     sent = trio.current_time()
                     await self._register(conn)
                     self._answered_at(sent)
@@ -267,6 +282,7 @@ class PgLeaseSession:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._heartbeat, conn)
                         nursery.start_soon(self._unlock_released, conn)
+                        nursery.start_soon(self._follow_notices, conn)
                         await conn.wait_closed()
                         nursery.cancel_scope.cancel()
             except* (PgError, OSError, ClusterError) as lost:
@@ -301,6 +317,36 @@ class PgLeaseSession:
                     delay,
                 )
             await trio.sleep(delay)
+
+    @asynccontextmanager
+    async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+        """What the lock connection hears, for as long as the ``async with`` lasts."""
+        with open_follower() as (follower, receive):
+            self._followers.append(follower)
+            try:
+                yield receive
+            finally:
+                self._followers.remove(follower)
+
+    def _announce(self, notice: Notice) -> None:
+        for follower in self._followers:
+            follower.send(notice)
+
+    async def _follow_notices(self, conn: Connection) -> None:
+        """Pass each notification on; ends with the connection (``wait_closed`` sees it)."""
+        while True:
+            try:
+                notification = await conn.wait_notification()
+            except ConnectionLost:
+                return
+            try:
+                notices = self._parse_notification(notification.payload)
+            except Exception:
+                # A bug, not the database: this notification is lost, not the session.
+                log.exception("reading notification %r failed", notification.payload[:200])
+                notices = [Gap()]
+            for notice in notices:
+                self._announce(notice)
 
     def _connect(self) -> AbstractAsyncContextManager[Connection]:
         return open_lock_connection(

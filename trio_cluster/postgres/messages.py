@@ -1,4 +1,4 @@
-"""Persisted requests and their replies in PostgreSQL, with notices by LISTEN/NOTIFY.
+"""Persisted requests and their replies in PostgreSQL, announced by NOTIFY.
 
 Work is claimed through shard ownership alone: a runner reads the
 unprocessed requests of shards whose lease it holds, and nothing is ever
@@ -34,16 +34,12 @@ from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 import msgspec
-import trio
 
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
-from ..pgdriver.connection import open_connection
-from ..pgdriver.errors import PgError
 from ..pgdriver.pool import Pool
 from ..storage.base import (
-    Gap,
     InterruptStored,
     Lease,
     MembershipChanged,
@@ -53,12 +49,10 @@ from ..storage.base import (
     StateWrite,
     Stored,
 )
-from ..storage.notices import open_follower
 from .batching import fits, pack_notes
 from .boundary import translated
 from .carried import Carried, CarriedRequests
 from .interrupts import mark_interrupted
-from .leases import RECONNECT
 from .snapshots import Snapshot, parse
 from .streams import parse_acked, parse_chunk
 from .writer import GroupWriter
@@ -303,9 +297,8 @@ def _reply_keys(item: _SaveReply) -> tuple[object, ...]:
 class PgMessageStorage:
     """Persisted messages; ``writing`` must be open (it runs the group-commit writers)."""
 
-    def __init__(self, pool: Pool, dsn: str, prefix: str) -> None:
+    def __init__(self, pool: Pool, prefix: str) -> None:
         self._pool = pool
-        self._dsn = dsn
         self._prefix = prefix
         self.channel = f"{prefix}events"
         self.requests: GroupWriter[_SaveRequest, Saved] = GroupWriter(
@@ -616,49 +609,10 @@ class PgMessageStorage:
         self.carried.saw(shard, _snapshot(rows[0][0]))
         return [_envelope(row[1:]) for row in rows if row[1] is not None]
 
-    @asynccontextmanager
-    async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
-        """LISTEN on a connection of its own; after a reconnect, a Gap covers what was missed."""
-        with open_follower() as (follower, receive):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._listen, follower)
-                yield receive
-                nursery.cancel_scope.cancel()
-
-    async def _listen(
-        self,
-        follower: Any,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        delays = RECONNECT.delays()
-        first = True
-        while True:
-            try:
-                async with open_connection(
-                    self._dsn, application_name="trio_cluster notices"
-                ) as conn:
-                    await conn.listen(self.channel)
-                    if first:
-                        task_status.started()
-                        first = False
-                    else:
-                        follower.send(Gap())
-                    delays = RECONNECT.delays()
-                    while True:
-                        notification = await conn.wait_notification()
-                        notices, carried = _parse_notice(notification.payload)
-                        for request in carried:
-                            self.carried.keep(request)
-                        for notice in notices:
-                            follower.send(notice)
-            except (PgError, OSError) as error:
-                if first:
-                    raise PersistenceError(f"cannot listen for notices: {error}") from error
-                log.warning("notice connection lost, reconnecting: %s", error)
-            except Exception:
-                # A bug, not the database: reconnect rather than end the runner.
-                if first:
-                    raise
-                log.exception("following notices failed, reconnecting")
-            await trio.sleep(next(delays))
+    def parse_notification(self, payload: str) -> list[Notice]:
+        """The notices of one notification, keeping the requests it carries for
+        ``fetch`` (the lease session delivers notifications; see ``leases``)."""
+        notices, carried = _parse_notice(payload)
+        for request in carried:
+            self.carried.keep(request)
+        return notices

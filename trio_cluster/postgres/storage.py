@@ -130,6 +130,7 @@ class PostgresStorage:
             on_lease_lost=on_lease_lost,
             timing=self._timing,
             channel=self._messages.channel,
+            parse_notification=self._messages.parse_notification,
             register_deadline=self._connect_deadline,
         )
         watcher = PeerWatcher(
@@ -199,7 +200,7 @@ async def open_postgres_storage(
     except (PgError, OSError) as error:
         raise PersistenceError(f"cannot prepare the schema: {error}") from error
     async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
-        messages = PgMessageStorage(pool, dsn, prefix)
+        messages = PgMessageStorage(pool, prefix)
         async with messages.writing():
             yield PostgresStorage(
                 dsn,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 
 import trio
 
@@ -49,6 +50,7 @@ class NoticeFollower:
         self,
         *,
         messages: MessageStorage,
+        notices: Callable[[], AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]],
         shards: Mapping[ShardId, ShardRuntime],
         stored_replies: StoredReplies,
         watchers: StreamWatchers,
@@ -57,6 +59,7 @@ class NoticeFollower:
         hooks: Hooks,
     ) -> None:
         self._messages = messages
+        self._notices = notices
         self._shards = shards
         self._stored_replies = stored_replies
         self._watchers = watchers
@@ -70,7 +73,7 @@ class NoticeFollower:
         Started before any shard is acquired, so every request stored after
         a shard's redelivery scan is announced to its new owner.
         """
-        async with self._messages.notices() as notices:
+        async with self._notices() as notices:
             task_status.started()
             async for first in notices:
                 # Everything already waiting is handled in one pass.

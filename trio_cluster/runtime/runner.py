@@ -678,6 +678,7 @@ def _assemble(
     )
     follower = NoticeFollower(
         messages=storage.messages,
+        notices=session.notices,
         shards=shards,
         stored_replies=stored_replies,
         watchers=watchers,

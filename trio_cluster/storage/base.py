@@ -107,8 +107,9 @@ class ChunksAcked:
 class MembershipChanged:
     """A runner registered or unregistered: owners recompute the assignment now.
 
-    A runner that dies without unregistering sends no notice; its lock
-    connection's end is seen by the periodic membership check instead.
+    A runner that dies without unregistering sends no notice itself: the
+    runner watching it announces the death (in PostgreSQL, see
+    ``trio_cluster.postgres.watcher``), and a slow safety poll covers the rest.
     """
 
 
@@ -186,6 +187,17 @@ class LeaseSession(Protocol):
         """Stop being assigned shards (leases stay until released): the start of a handoff."""
         ...
 
+    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+        """Follow what the runners store, for as long as the ``async with`` lasts.
+
+        Notices come with the session, not the message storage: PostgreSQL
+        delivers them on the lock connection, so a runner's notices live and
+        die with its registration and cost no connection of their own. The
+        channel is bounded: a follower that falls behind gets a :class:`Gap`
+        instead of unbounded memory, and so does one whose session reconnected.
+        """
+        ...
+
 
 class RunnerStorage(Protocol):
     async def live_runners(self) -> list[RunnerSpec]:
@@ -213,14 +225,6 @@ class MessageStorage(Protocol):
         ignore its own notice. Without ``announce`` no notice is sent: the
         storing runner owns the shard and offers the request itself (should
         the shard move meanwhile, its next owner's redelivery scan finds it).
-        """
-        ...
-
-    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
-        """Follow what every runner stores, for as long as the ``async with`` lasts.
-
-        The channel is bounded: a follower that falls behind gets a
-        :class:`Gap` instead of unbounded memory.
         """
         ...
 

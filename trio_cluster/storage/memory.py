@@ -10,7 +10,7 @@ interleave as they would against a real database.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
 from itertools import count, islice
@@ -240,7 +240,7 @@ class MemoryStorage:
         return shard
 
     @asynccontextmanager
-    async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+    async def _notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
         with open_follower() as (follower, receive):
             self._followers.append(follower)
             try:
@@ -527,3 +527,6 @@ class _MemorySession:
 
     async def leave(self) -> None:
         await self.storage._leave(self.machine_id)
+
+    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+        return self.storage._notices()
