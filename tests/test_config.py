@@ -90,6 +90,7 @@ lease_timings = st.builds(
     keepalive_count=st.integers(min_value=1, max_value=100),
     user_timeout_ms=st.integers(min_value=1, max_value=10**7),
     idle_session_timeout_ms=st.just(0) | st.integers(min_value=100_001, max_value=10**7),
+    pool_unreachable_timeout=positive,
 )
 
 

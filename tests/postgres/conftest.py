@@ -18,6 +18,8 @@ from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.storage import MemoryStorage, Storage
 
+from .pooler import ThrowawayPgBouncer
+
 _HERE = Path(__file__).parent
 
 
@@ -57,13 +59,29 @@ def own_pg_server(pg_server: ThrowawayPostgres | ExternalPostgres) -> ThrowawayP
     return pg_server
 
 
-@pytest.fixture(params=["memory", "postgres"])
+@pytest.fixture(scope="session")
+def pg_bouncer(pg_server: ThrowawayPostgres | ExternalPostgres) -> Iterator[ThrowawayPgBouncer]:
+    """PgBouncer in transaction mode in front of the session's server."""
+    with ThrowawayPgBouncer(pg_server.dsn, pool_mode="transaction") as bouncer:
+        yield bouncer
+
+
+@pytest.fixture(params=["memory", "postgres", "postgres-pooled"])
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     """Each storage in turn, the PostgreSQL one on fresh tables: the conformance
-    tests of a storage protocol run against both."""
+    tests of a storage protocol run against both, and against PostgreSQL with the
+    pool behind a transaction-mode PgBouncer (1.18: no prepared statements)."""
     if request.param == "memory":
         yield MemoryStorage()
         return
     dsn = request.getfixturevalue("pg_dsn")
-    async with open_postgres_storage(dsn, prefix=f"cf{uuid.uuid4().hex[:8]}_") as pg:
-        yield pg
+    prefix = f"cf{uuid.uuid4().hex[:8]}_"
+    if request.param == "postgres":
+        async with open_postgres_storage(dsn, prefix=prefix) as pg:
+            yield pg
+        return
+    bouncer: ThrowawayPgBouncer = request.getfixturevalue("pg_bouncer")
+    async with open_postgres_storage(
+        dsn, prefix=prefix, pool_dsn=bouncer.dsn, prepared_statements=False
+    ) as pooled:
+        yield pooled

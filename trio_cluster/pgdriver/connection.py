@@ -80,6 +80,7 @@ class ConnectOptions(TypedDict, total=False):
     tcp_user_timeout_ms: int | None
     application_name: str
     cleanup_timeout_s: float
+    prepared_statements: bool
 
 
 @asynccontextmanager
@@ -90,8 +91,12 @@ async def open_connection(dsn: str, **options: Unpack[ConnectOptions]) -> AsyncI
     dead peer (network partition, crashed host) surface as `ConnectionLost` within
     seconds instead of minutes. *cleanup_timeout_s* bounds the shielded work done
     after an interrupted statement (cancel request, drain, rollback); past it the
-    connection is given up. Connecting itself has no timeout: bound it with a
-    cancel scope.
+    connection is given up. Without *prepared_statements*, ``prepare=True`` is
+    ignored and every statement goes out unnamed: for a transaction-mode pooler
+    that does not track prepared statements (PgBouncer before 1.21, or with
+    ``max_prepared_statements = 0``), where a statement prepared on one server
+    connection is unknown on the next. Connecting itself has no timeout: bound it
+    with a cancel scope.
     """
     conn = await _connect(dsn, **options)
     try:
@@ -109,6 +114,7 @@ async def _connect(
     tcp_user_timeout_ms: int | None = 5000,
     application_name: str = "trio_cluster",
     cleanup_timeout_s: float = 2.0,
+    prepared_statements: bool = True,
 ) -> Connection:
     """An open connection that the caller must close (the pool's building block)."""
     defaults: dict[str, str | int] = {
@@ -134,7 +140,9 @@ async def _connect(
         pgconn.finish()
         raise
     pgconn.nonblocking = 1
-    conn = Connection(pgconn, cleanup_timeout_s=cleanup_timeout_s)
+    conn = Connection(
+        pgconn, cleanup_timeout_s=cleanup_timeout_s, prepared_statements=prepared_statements
+    )
     if not (pgconn.parameter_status(b"DateStyle") or b"").startswith(b"ISO"):
         # Text timestamps are only unambiguous in ISO style.
         try:
@@ -191,8 +199,11 @@ class Connection:
     inside it.
     """
 
-    def __init__(self, pgconn: PGconn, *, cleanup_timeout_s: float) -> None:
+    def __init__(
+        self, pgconn: PGconn, *, cleanup_timeout_s: float, prepared_statements: bool
+    ) -> None:
         self._pgconn = pgconn
+        self._prepared_statements = prepared_statements
         self._fd = pgconn.socket
         self._backend_pid = pgconn.backend_pid
         self._cleanup_timeout_s = cleanup_timeout_s
@@ -402,7 +413,7 @@ class Connection:
         values, oids, formats = encode_params(params)
         command = sql.encode()
         # In a failed transaction every statement fails alike: no point preparing.
-        if prepare and self._pgconn.transaction_status != _TX_INERROR:
+        if prepare and self._prepared_statements and self._pgconn.transaction_status != _TX_INERROR:
             return await self._query_prepared((command, tuple(oids)), values, formats)
 
         def send(pgconn: PGconn) -> None:

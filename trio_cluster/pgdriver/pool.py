@@ -10,6 +10,7 @@ import trio
 
 from trio_cluster.pgdriver.codec import Param
 from trio_cluster.pgdriver.connection import Connection, ConnectOptions, _connect
+from trio_cluster.pgdriver.errors import ConnectionLost
 
 __all__ = ["Pool", "open_pool"]
 
@@ -52,6 +53,8 @@ class Pool:
         self._idle: list[Connection] = []
         self._open = 0
         self._closed = False
+        self._unreachable_since: float | None = None
+        """When opening a connection began to fail with none open (``unreachable_for``)."""
 
     @property
     def size(self) -> int:
@@ -61,6 +64,24 @@ class Pool:
     def open_connections(self) -> int:
         """Connections currently open, idle or borrowed."""
         return self._open
+
+    def unreachable_for(self) -> float:
+        """Seconds since the pool last had a connection, counted only once opening
+        one has failed with none open; 0 while it has one or could open one.
+
+        A runner whose pool has been unreachable for long cannot serve its shards
+        (see ``trio_cluster.postgres.leases``): its lock connection alone is no use.
+        """
+        if self._unreachable_since is None:
+            return 0.0
+        return trio.current_time() - self._unreachable_since
+
+    async def check(self) -> None:
+        """Return if a connection is open or can be opened; else `ConnectionLost`."""
+        if self._open and self._unreachable_since is None:
+            return
+        async with self.connection():
+            pass
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -120,7 +141,13 @@ class Pool:
             self._discard(conn)
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        conn = await _connect(self._dsn, **self._connect_options)
+        try:
+            conn = await _connect(self._dsn, **self._connect_options)
+        except ConnectionLost:
+            if not self._open and self._unreachable_since is None:
+                self._unreachable_since = trio.current_time()
+            raise
+        self._unreachable_since = None
         self._open += 1
         return conn
 

@@ -47,6 +47,7 @@ from ..core.validation import number
 from ..errors import ClusterError, PersistenceError
 from ..pgdriver.connection import Connection, open_connection
 from ..pgdriver.errors import ConnectionLost, PgError
+from ..pgdriver.pool import Pool
 from ..storage.base import Gap, Lease, Notice
 from ..storage.notices import Follower, open_follower
 from .boundary import translated
@@ -89,6 +90,13 @@ class LeaseTiming:
         default=5000, validator=number(minimum=0, integer=True)
     )
     """0 leaves the server's setting (usually: no timeout)."""
+    pool_unreachable_timeout: float = attrs.field(
+        default=10.0, validator=number(minimum=0, inclusive=False)
+    )
+    """How long the storage's pool may fail to open any connection (the server at
+    ``max_connections``, a pooler down) before the runner leaves the membership: it
+    cannot serve its shards, so it lets others take them, and joins again once the
+    pool connects."""
 
     def __attrs_post_init__(self) -> None:
         if 0 < self.idle_session_timeout_ms <= 1000 * self.heartbeat_interval:
@@ -182,9 +190,11 @@ class PgLeaseSession:
         timing: LeaseTiming,
         channel: str,
         parse_notification: Callable[[str], list[Notice]],
+        pool: Pool,
         register_deadline: float | None = 0,
     ) -> None:
         self._dsn = dsn
+        self._pool = pool
         self._parse_notification = parse_notification
         self._followers: list[Follower] = []
         self._prefix = prefix
@@ -264,15 +274,9 @@ class PgLeaseSession:
         while True:
             failure: BaseException | None = None
             try:
+                await self._check_pool()
                 async with self._connect() as conn:
-                    # Before registering: no notice about this runner's shards can
-                    # be sent before it listens.
-                    await conn.listen(self._channel)
-                    if not first:
-                        self._announce(Gap())
-                    sent = trio.current_time()
-                    await self._register(conn)
-                    self._answered_at(sent)
+                    await self._listen_and_register(conn, reconnected=not first)
                     self._conn = conn
                     self._registered.set()
                     if first:
@@ -317,6 +321,23 @@ class PgLeaseSession:
                     delay,
                 )
             await trio.sleep(delay)
+
+    async def _check_pool(self) -> None:
+        """A runner whose pool cannot connect could hold shards, not serve them."""
+        try:
+            await self._pool.check()
+        except (PgError, OSError) as error:
+            raise PersistenceError(f"the pool cannot connect: {error}") from error
+
+    async def _listen_and_register(self, conn: Connection, *, reconnected: bool) -> None:
+        # Before registering: no notice about this runner's shards can be sent
+        # before it listens.
+        await conn.listen(self._channel)
+        if reconnected:
+            self._announce(Gap())
+        sent = trio.current_time()
+        await self._register(conn)
+        self._answered_at(sent)
 
     @asynccontextmanager
     async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
@@ -407,6 +428,28 @@ class PgLeaseSession:
                 )
                 conn.close()
                 return
+            if (
+                self._pool.unreachable_for() > timing.pool_unreachable_timeout
+                and not await self._pool_connects()
+            ):
+                log.error(
+                    "runner %s: no pooled connection for %.1f s: leaving the membership"
+                    " until the pool connects again",
+                    self._machine_id,
+                    self._pool.unreachable_for(),
+                )
+                conn.close()
+                return
+
+    async def _pool_connects(self) -> bool:
+        """Whether the pool has, or opens within ``liveness_timeout``, a connection."""
+        with trio.move_on_after(self._timing.liveness_timeout):
+            try:
+                await self._pool.check()
+            except (PgError, OSError):
+                return False
+            return True
+        return False
 
     def _lose_all(self) -> None:
         held, self._held = self._held, {}

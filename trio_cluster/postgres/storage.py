@@ -131,6 +131,7 @@ class PostgresStorage:
             timing=self._timing,
             channel=self._messages.channel,
             parse_notification=self._messages.parse_notification,
+            pool=self._pool,
             register_deadline=self._connect_deadline,
         )
         watcher = PeerWatcher(
@@ -171,6 +172,8 @@ async def open_postgres_storage(
     *,
     prefix: str = "trio_cluster_",
     pool_size: int = 10,
+    pool_dsn: str | None = None,
+    prepared_statements: bool = True,
     timing: LeaseTiming | None = None,
     connect_deadline: float | None = DEFAULT_CONNECT_DEADLINE,
     retention: Retention | None = Retention(),  # noqa: B008 - frozen, so shared safely
@@ -186,6 +189,14 @@ async def open_postgres_storage(
     logging each failed attempt; past it, ``PersistenceError``. A runner's lock session
     waits as long for its first registration (``open_runner`` then waits too).
 
+    The pool (``pool_size`` connections, opened on demand) connects to
+    ``pool_dsn`` when given, ``dsn`` otherwise: put a transaction-mode pooler
+    there, never in front of ``dsn``, whose lock and watcher connections hold
+    session advisory locks and the LISTEN. Behind a pooler that does not keep
+    prepared statements per client (PgBouncer before 1.21, or with
+    ``max_prepared_statements = 0``), pass ``prepared_statements=False``: the
+    pool's statements then go out unnamed, planned on every call.
+
     Processed requests and their replies are deleted ``retention.window`` seconds
     (a day by default) after their reply, by the runner owning their shard; a retry
     with the same primary key is deduplicated only within that window. ``None``
@@ -199,7 +210,12 @@ async def open_postgres_storage(
             await migrate(conn, prefix)
     except (PgError, OSError) as error:
         raise PersistenceError(f"cannot prepare the schema: {error}") from error
-    async with open_pool(dsn, size=pool_size, application_name="trio_cluster") as pool:
+    async with open_pool(
+        pool_dsn or dsn,
+        size=pool_size,
+        application_name="trio_cluster",
+        prepared_statements=prepared_statements,
+    ) as pool:
         messages = PgMessageStorage(pool, prefix)
         async with messages.writing():
             yield PostgresStorage(
