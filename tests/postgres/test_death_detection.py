@@ -5,8 +5,8 @@ heals within the test's bound was announced: a SIGKILL (the watcher is
 granted the dead session's lock), a SIGSTOP past the lease and a frozen
 event loop (the server ends the silent lock session for idleness; the
 watcher is granted then), and a PostgreSQL restart (everyone reconnects,
-re-registers with a notice, and re-reads the membership after its LISTEN
-connection comes back). After a SIGSTOP the resumed runner finds it has
+re-registers with a notice, and re-reads the membership after its lock
+connection, which also listens, comes back). After a SIGSTOP the resumed runner finds it has
 lost everything, registers again and takes its share back.
 
 Checked from outside, in the database: the runners alive (their lock held)

@@ -213,6 +213,41 @@ async def test_notices_come_on_the_lock_connection_and_resume_after_it_reconnect
         await next_of(notices, Stored(ShardId("default", 3), 44, 7))
 
 
+async def test_a_runner_hosting_no_shards_neither_watches_nor_is_watched(pg_dsn: str) -> None:
+    async with (
+        storage_for(pg_dsn) as storage,
+        storage.session(RunnerSpec("h1"), lambda _: None) as h1,
+        storage.session(RunnerSpec("h2"), lambda _: None) as h2,
+        storage.session(RunnerSpec("client", groups=()), lambda _: None) as client,
+        open_connection(pg_dsn) as observer,
+    ):
+        assert len(await storage.live_runners()) == 3
+        names = [f"trio_cluster watcher {address}" for address in ("h1", "h2")]
+        with trio.fail_after(10):
+            # Both hosts' watchers blocked on a lock: the server waits, in one statement.
+            await observer.execute_script(
+                "DO $$ BEGIN WHILE (SELECT count(*) FROM pg_stat_activity"
+                f" WHERE application_name IN ('{names[0]}', '{names[1]}')"
+                " AND wait_event_type = 'Lock') < 2 LOOP"
+                " PERFORM pg_stat_clear_snapshot(); PERFORM pg_sleep(0.005);"
+                " END LOOP; END $$"
+            )
+        watched = await observer.fetch(
+            "SELECT l.objid::int FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND NOT l.granted"
+            " AND a.application_name = ANY(string_to_array($1, ','))",
+            [",".join(names)],
+        )
+        # Each host watches the other; the client is in nobody's ring, and has no watcher.
+        assert sorted(row[0] for row in watched) == sorted([h1.machine_id, h2.machine_id])
+        assert client.machine_id not in {row[0] for row in watched}
+        clients_watcher = await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            ["trio_cluster watcher client"],
+        )
+        assert clients_watcher == 0
+
+
 FROZEN_TIMING = LeaseTiming(
     heartbeat_interval=10.0, liveness_timeout=2.0, user_timeout_ms=1000, idle_session_timeout_ms=0
 )

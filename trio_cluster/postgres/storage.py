@@ -110,7 +110,9 @@ class PostgresStorage:
                 if dead:
                     await mark_dead(conn, p, namespace, self._messages.channel, dead)
         live = [member for member in members if member.live]
-        self._view.update(frozenset(member.machine_id for member in live), started)
+        # Only runners that host shards are watched (see ``session``).
+        hosts = frozenset(member.machine_id for member in live if member.spec.groups)
+        self._view.update(hosts, started)
         return [member.spec for member in live]
 
     @asynccontextmanager
@@ -118,7 +120,9 @@ class PostgresStorage:
         self, spec: RunnerSpec, on_lease_lost: Callable[[ShardId], None]
     ) -> AsyncIterator[PgLeaseSession]:
         """Register a runner on a dedicated lock connection, supervised by its own task,
-        and watch its successor's (see ``watcher``).
+        and, when it hosts shards, watch its successor's (see ``watcher``). A runner
+        that hosts none (a client) neither watches nor is watched: its death moves
+        no shard, so it needs no connection beyond its lock connection.
 
         With a retention, the runner also purges the shards it holds (see
         `trio_cluster.storage.retention`).
@@ -146,7 +150,8 @@ class PostgresStorage:
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             self._messages.owned = session.surely_holds
-            nursery.start_soon(watcher.run)
+            if spec.groups:
+                nursery.start_soon(watcher.run)
             if self._retention is not None:
                 nursery.start_soon(
                     sweep_forever, self._retention, session.held, self._messages.purge

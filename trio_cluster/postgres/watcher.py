@@ -1,9 +1,11 @@
-"""Death detection by PostgreSQL's own session end: each runner waits on one peer's lock.
+"""Death detection by PostgreSQL's own session end: each host waits on one peer's lock.
 
 A runner's liveness is its machine-id lock, held by its lock connection
-(see ``leases``). Its watcher (the live runner before it in machine-id
-order, see ``ring``) blocks on a shared lock of the same key on a
-connection of its own: PostgreSQL grants it the moment the watched session
+(see ``leases``). A runner hosting shards is watched by the live host
+before it in machine-id order (see ``ring``; the membership view holds
+hosts only, since a client's death moves no shard). The watcher blocks on
+a shared lock of the same key on a connection of its own: PostgreSQL
+grants it the moment the watched session
 ends, however it ended (SIGKILL, a closed socket, the idle-session timeout
 of a frozen process). The watcher lets go at once, marks the row dead and
 announces it with a membership notice (``membership.mark_dead``), and every
@@ -14,7 +16,7 @@ Where this could miss a death, a membership read catches it instead: every
 read marks and announces the rows whose lock is gone (a runner that died
 while the ring was changing, or whose watcher died with it), and the shard
 keeper reads on every membership notice, after every reconnect of its
-LISTEN connection (``Gap``), and on a slow safety poll
+lock connection, which also listens (``Gap``), and on a slow safety poll
 (``ShardingConfig.membership_poll_interval``).
 
 The watcher follows the latest read (``MembershipView``): when its
@@ -46,7 +48,8 @@ log = logging.getLogger("trio_cluster.postgres.watcher")
 
 
 class MembershipView:
-    """The live machine ids of the latest membership read, and when that read started."""
+    """The live machine ids of hosts (runners with shard groups) in the latest
+    membership read, and when that read started."""
 
     def __init__(self) -> None:
         self.live: frozenset[int] = frozenset()
