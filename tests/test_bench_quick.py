@@ -61,6 +61,7 @@ def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
             "benchmarks.interrupts",
             ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"),
         ),
+        ("benchmarks.projection", ("membership read with", "server CPU per NOTIFY")),
         (
             "benchmarks.streaming",
             ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"),

@@ -11,8 +11,8 @@ notice. Whoever sees it: the runner watching the dead one (see
 row is never read again, so reads are cheap and a death costs one notice.
 
 Marking is fenced by the lock itself, in the statement that marks: a row
-whose backend holds its lock again (a re-registration) is left alone, and
-a re-registration overwrites a marked row with its new ``lock_pid``.
+whose lock is held again (a re-registration) is left alone, and a
+re-registration overwrites a marked row with its new ``lock_pid``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ from ..core.assignment import RunnerSpec
 from ..pgdriver.connection import Connection
 
 _HOLDS = (
-    "EXISTS (SELECT 1 FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.granted"
-    " AND l.objsubid = 2 AND l.classid = $1::int::oid"
-    " AND l.objid = r.machine_id::oid AND l.pid = r.lock_pid)"
+    "(CASE WHEN pg_try_advisory_lock_shared($1, r.machine_id)"
+    " THEN NOT pg_advisory_unlock_shared($1, r.machine_id) ELSE true END)"
 )
-"""Whether row ``r``'s lock connection still holds its machine-id lock ($1: the namespace)."""
+"""Whether row ``r``'s machine-id lock is held ($1: the namespace), asked of the lock
+itself: a shared try-lock fails while a runner holds it, and one that succeeds is let
+go in the same expression (``CASE`` fixes the order). Not by reading ``pg_locks``:
+that view copies every lock on the server, so a read cost 0.58 µs per lock held
+anywhere (18 ms at 30,000 shards), against about a microsecond per row this way
+(``benchmarks/projection.py``). A re-registration that took the id already counts as
+live: its own notice follows at once."""
 
 MEMBERSHIP_NOTICE = "m:"
 
