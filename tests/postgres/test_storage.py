@@ -151,6 +151,13 @@ async def test_machine_ids_go_beyond_1024(pg_dsn: str) -> None:
         async with storage.session(RunnerSpec("late"), lambda _: None) as session:
             assert session.machine_id == 1024
             assert parse(SnowflakeGenerator(session.machine_id).next_id()).machine_id == 1024
+            # The statement that found the id locked it and no other.
+            held = await others.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = $1::int::oid AND pid = $2",
+                [namespace, session.backend_pid],
+            )
+            assert held == 1
 
 
 async def test_terminated_lock_connection_loses_every_lease_at_once(pg_dsn: str) -> None:

@@ -377,21 +377,26 @@ class PgLeaseSession:
     async def _register(self, conn: Connection) -> None:
         """Take a machine id (the previous one if still free) under a session lock."""
         namespace = await self._namespace(conn, "runners")
-        preferred = [self._machine_id] if self._machine_id >= 0 else []
-        free = await conn.fetch(
-            "SELECT g FROM generate_series(0, $2::int - 1) AS g WHERE NOT EXISTS ("
-            " SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
-            " AND classid = $1::int::oid AND objid = g::oid) ORDER BY g LIMIT 8",
-            [namespace, MACHINE_IDS],
-        )
-        for candidate in preferred + [int(row[0]) for row in free]:
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", [namespace, candidate]):
-                break
+        candidate: int | None = None
+        if self._machine_id >= 0 and await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", [namespace, self._machine_id]
+        ):
+            candidate = self._machine_id
         else:
+            # The lowest free id, locked by the statement that finds it: the scan
+            # stops at the first try-lock that succeeds (LIMIT 1), a failed one costs
+            # about a microsecond, and nothing reads pg_locks, which copies every
+            # lock on the server.
+            candidate = await conn.fetchval(
+                "SELECT g FROM generate_series(0, $2::int - 1) AS g"
+                " WHERE pg_try_advisory_lock($1, g) LIMIT 1",
+                [namespace, MACHINE_IDS],
+            )
+        if candidate is None:
             raise PersistenceError(f"no free machine id among {MACHINE_IDS}")
         if self._machine_id not in (-1, candidate):
             log.warning("runner %s re-registered as machine %s", self._machine_id, candidate)
-        self._machine_id = candidate
+        self._machine_id = candidate = int(candidate)
         spec = self._spec
         await conn.execute(
             f"WITH r AS (INSERT INTO {self._prefix}runners"
