@@ -7,6 +7,7 @@ pg_stat_activity for the state they need, and every wait is bounded by `trio.fai
 from __future__ import annotations
 
 import math
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -694,6 +695,33 @@ async def test_closed_pool_refuses_borrowers(pg_dsn: str) -> None:
     assert pool.open_connections == 0
     with pytest.raises(trio.ClosedResourceError):
         await pool.fetchval("SELECT 1")
+
+
+async def test_a_pool_that_cannot_connect_counts_how_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+        port = refusing.getsockname()[1]
+        async with open_pool(f"postgresql://postgres@127.0.0.1:{port}/postgres") as pool:
+            assert pool.unreachable_for() == 0  # nothing tried yet: nothing known
+            with pytest.raises(ConnectionLost):
+                await pool.check()
+            autojump_clock.jump(3)
+            with pytest.raises(ConnectionLost):
+                await pool.fetchval("SELECT 1")
+            # Counted from the first failure, not reset by the next one.
+            assert pool.unreachable_for() == pytest.approx(3)
+
+
+async def test_a_pool_with_a_connection_is_reachable_without_opening_another(
+    pg_dsn: str,
+) -> None:
+    async with open_pool(pg_dsn, size=2) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+        await pool.check()
+        assert pool.open_connections == 1
+        assert pool.unreachable_for() == 0
 
 
 # -- the throwaway server -----------------------------------------------------------
