@@ -90,7 +90,11 @@ class ThrowawayPgBouncer:
         process, self._process = self._process, None
         if process is not None:
             process.terminate()
-            process.wait(timeout=10)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def _read_output(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
         assert process.stdout is not None

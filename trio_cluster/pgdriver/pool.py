@@ -10,7 +10,6 @@ import trio
 
 from trio_cluster.pgdriver.codec import Param
 from trio_cluster.pgdriver.connection import Connection, ConnectOptions, _connect
-from trio_cluster.pgdriver.errors import ConnectionLost
 
 __all__ = ["Pool", "open_pool"]
 
@@ -54,7 +53,7 @@ class Pool:
         self._open = 0
         self._closed = False
         self._unreachable_since: float | None = None
-        """When opening a connection began to fail with none open (``unreachable_for``)."""
+        """When an attempt to connect, with none open, began (``unreachable_for``)."""
 
     @property
     def size(self) -> int:
@@ -66,8 +65,8 @@ class Pool:
         return self._open
 
     def unreachable_for(self) -> float:
-        """Seconds since the pool last had a connection, counted only once opening
-        one has failed with none open; 0 while it has one or could open one.
+        """Seconds since an attempt to open a connection began, with none open, that
+        nothing has succeeded since: 0 while the pool has or opens connections.
 
         A runner whose pool has been unreachable for long cannot serve its shards
         (see ``trio_cluster.postgres.leases``): its lock connection alone is no use.
@@ -141,12 +140,11 @@ class Pool:
             self._discard(conn)
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        try:
-            conn = await _connect(self._dsn, **self._connect_options)
-        except ConnectionLost:
-            if not self._open and self._unreachable_since is None:
-                self._unreachable_since = trio.current_time()
-            raise
+        if not self._open and self._unreachable_since is None:
+            # Counted from the attempt's start: a connect that hangs (a host that
+            # drops packets) counts as much as one refused at once.
+            self._unreachable_since = trio.current_time()
+        conn = await _connect(self._dsn, **self._connect_options)
         self._unreachable_since = None
         self._open += 1
         return conn

@@ -287,6 +287,7 @@ class PgLeaseSession:
                         nursery.start_soon(self._heartbeat, conn)
                         nursery.start_soon(self._unlock_released, conn)
                         nursery.start_soon(self._follow_notices, conn)
+                        nursery.start_soon(self._watch_pool, conn)
                         await conn.wait_closed()
                         nursery.cancel_scope.cancel()
             except* (PgError, OSError, ClusterError) as lost:
@@ -324,10 +325,9 @@ class PgLeaseSession:
 
     async def _check_pool(self) -> None:
         """A runner whose pool cannot connect could hold shards, not serve them."""
-        try:
-            await self._pool.check()
-        except (PgError, OSError) as error:
-            raise PersistenceError(f"the pool cannot connect: {error}") from error
+        failure = await self._pool_failure()
+        if failure is not None:
+            raise PersistenceError(f"the pool cannot connect: {failure}")
 
     async def _listen_and_register(self, conn: Connection, *, reconnected: bool) -> None:
         # Before registering: no notice about this runner's shards can be sent
@@ -433,28 +433,39 @@ class PgLeaseSession:
                 )
                 conn.close()
                 return
-            if (
-                self._pool.unreachable_for() > timing.pool_unreachable_timeout
-                and not await self._pool_connects()
-            ):
-                log.error(
-                    "runner %s: no pooled connection for %.1f s: leaving the membership"
-                    " until the pool connects again",
-                    self._machine_id,
-                    self._pool.unreachable_for(),
-                )
-                conn.close()
-                return
 
-    async def _pool_connects(self) -> bool:
-        """Whether the pool has, or opens within ``liveness_timeout``, a connection."""
+    async def _pool_failure(self) -> str | None:
+        """None if the pool has, or opens within ``liveness_timeout``, a connection;
+        else why not."""
         with trio.move_on_after(self._timing.liveness_timeout):
             try:
                 await self._pool.check()
-            except (PgError, OSError):
-                return False
-            return True
-        return False
+            except (PgError, OSError) as error:
+                return str(error)
+            return None
+        return f"no connection within {self._timing.liveness_timeout} s"
+
+    async def _watch_pool(self, conn: Connection) -> None:
+        """Close the lock connection, leaving the membership, once the pool has been
+        unreachable for ``pool_unreachable_timeout`` and still cannot connect.
+
+        A task of its own, so a probe never delays a heartbeat."""
+        timing = self._timing
+        while True:
+            await trio.sleep(timing.heartbeat_interval)
+            if self._pool.unreachable_for() <= timing.pool_unreachable_timeout:
+                continue
+            failure = await self._pool_failure()
+            if failure is not None:
+                log.error(
+                    "runner %s: no pooled connection for %.1f s (%s): leaving the membership"
+                    " until the pool connects again",
+                    self._machine_id,
+                    self._pool.unreachable_for(),
+                    failure,
+                )
+                conn.close()
+                return
 
     def _lose_all(self) -> None:
         held, self._held = self._held, {}
