@@ -49,7 +49,7 @@ from ..pgdriver.connection import Connection, open_connection
 from ..pgdriver.errors import ConnectionLost, PgError
 from ..pgdriver.pool import Pool
 from ..storage.base import Gap, Lease, Notice
-from ..storage.notices import Follower, open_follower
+from ..storage.notices import Followers
 from .boundary import translated
 from .schema import lock_namespace
 
@@ -196,7 +196,7 @@ class PgLeaseSession:
         self._dsn = dsn
         self._pool = pool
         self._parse_notification = parse_notification
-        self._followers: list[Follower] = []
+        self._followers = Followers()
         self._prefix = prefix
         self._spec = spec
         self._channel = channel
@@ -334,24 +334,14 @@ class PgLeaseSession:
         # before it listens.
         await conn.listen(self._channel)
         if reconnected:
-            self._announce(Gap())
+            self._followers.send(Gap())
         sent = trio.current_time()
         await self._register(conn)
         self._answered_at(sent)
 
-    @asynccontextmanager
-    async def notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
         """What the lock connection hears, for as long as the ``async with`` lasts."""
-        with open_follower() as (follower, receive):
-            self._followers.append(follower)
-            try:
-                yield receive
-            finally:
-                self._followers.remove(follower)
-
-    def _announce(self, notice: Notice) -> None:
-        for follower in self._followers:
-            follower.send(notice)
+        return self._followers.follow()
 
     async def _follow_notices(self, conn: Connection) -> None:
         """Pass each notification on; ends with the connection (``wait_closed`` sees it)."""
@@ -367,7 +357,7 @@ class PgLeaseSession:
                 log.exception("reading notification %r failed", notification.payload[:200])
                 notices = [Gap()]
             for notice in notices:
-                self._announce(notice)
+                self._followers.send(notice)
 
     def _connect(self) -> AbstractAsyncContextManager[Connection]:
         return open_lock_connection(

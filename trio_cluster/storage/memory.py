@@ -42,7 +42,7 @@ from .base import (
     StateWrite,
     Stored,
 )
-from .notices import Follower, open_follower
+from .notices import Followers
 from .retention import Retention, sweep_forever
 from .status import ClusterStatus, RunnerStatus, shard_map
 
@@ -99,7 +99,7 @@ class MemoryStorage:
         # Per persisted stream (request id): its chunks by index, and its caller's ack.
         self._chunks: dict[int, dict[int, bytes]] = {}
         self._acks: dict[int, int] = {}
-        self._followers: list[Follower] = []
+        self._followers = Followers()
 
     @property
     def runners(self) -> MemoryStorage:
@@ -172,8 +172,7 @@ class MemoryStorage:
         ]
 
     def _announce(self, notice: Notice) -> None:
-        for follower in self._followers:
-            follower.send(notice)
+        self._followers.send(notice)
 
     def holder_of(self, shard: ShardId) -> int | None:
         """The machine id holding ``shard``, for tests and the shard map."""
@@ -238,15 +237,6 @@ class MemoryStorage:
         shard = ShardId(envelope.shard_group, envelope.shard_index)
         self._pending.setdefault(shard, {})[envelope.request_id] = None
         return shard
-
-    @asynccontextmanager
-    async def _notices(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
-        with open_follower() as (follower, receive):
-            self._followers.append(follower)
-            try:
-                yield receive
-            finally:
-                self._followers.remove(follower)
 
     async def fetch(self, shard: ShardId, request_ids: Sequence[int]) -> list[Envelope]:
         await self._enter()
@@ -529,4 +519,4 @@ class _MemorySession:
         await self.storage._leave(self.machine_id)
 
     def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
-        return self.storage._notices()
+        return self.storage._followers.follow()

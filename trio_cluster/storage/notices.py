@@ -7,8 +7,8 @@ the follower rescans storage, which stays the source of truth.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
@@ -42,3 +42,27 @@ def open_follower() -> Iterator[tuple[Follower, trio.MemoryReceiveChannel[Notice
     send, receive = trio.open_memory_channel[Notice](NOTICE_BUFFER)
     with send, receive:
         yield Follower(send), receive
+
+
+class Followers:
+    """Everyone following one source of notices (a storage, a lease session)."""
+
+    __slots__ = ("_followers",)
+
+    def __init__(self) -> None:
+        self._followers: list[Follower] = []
+
+    @asynccontextmanager
+    async def follow(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+        """A follower's channel, for as long as the ``async with`` lasts."""
+        with open_follower() as (follower, receive):
+            self._followers.append(follower)
+            try:
+                yield receive
+            finally:
+                self._followers.remove(follower)
+
+    def send(self, notice: Notice) -> None:
+        """Pass ``notice`` to every follower, without waiting (see `Follower.send`)."""
+        for follower in self._followers:
+            follower.send(notice)
