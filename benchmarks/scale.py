@@ -32,8 +32,9 @@ tables (a new prefix):
 * **join**: one more runner; the shards whose lock changed hands against the
   ideal share (``ceil(S / (N + 1))``), the time from its registration until
   settled again, and the statements run.
-* **failover**: SIGKILL of one of the first N runners; then, polling
-  ``pg_locks`` without pause, when the server has freed the dead session's
+* **failover**: SIGKILL of one of the first N runners; then, reading
+  ``pg_locks`` every ``OBSERVER_PAUSE_S`` (10 ms) plus the read's own time
+  (the figures' resolution), when the server has freed the dead session's
   locks and when every one of its shards is locked by a survivor again
   (and when the whole cluster says it is settled).
 
@@ -110,6 +111,11 @@ class Look:
 
     def owned_by_live(self, shards: int) -> bool:
         return len(self.locks) == shards and all(pid in self.live for pid in self.locks.values())
+
+
+OBSERVER_PAUSE_S = 0.01
+"""Between two reads of ``pg_locks`` while a failover is timed (its resolution, with the
+read itself)."""
 
 
 class Observer:
@@ -407,6 +413,9 @@ async def measure_failover(scale: Scale, look: Look, values: Record) -> None:
         if all(locks.get(index) in survivors for index in orphans):
             owned = now
             break
+        # A pause between reads: each copies every lock on the server (tens of ms at
+        # 10,000 shards), and back to back they would take a core from the runners.
+        await trio.sleep(OBSERVER_PAUSE_S)
     await victim.child.wait()
     scale.nodes.remove(victim)
     await scale.settled()
