@@ -80,3 +80,21 @@ def test_a_quick_cross_runner_benchmark_completes(module: str, labels: tuple[str
     assert done.returncode == 0, done.stderr[-4000:]
     for label in labels:
         assert label in done.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
+)
+def test_the_garbage_collector_benchmark_completes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gc_pauses", "--shards", "300", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "tracked objects per idle shard" in done.stdout
+    assert "full collections" in done.stdout
