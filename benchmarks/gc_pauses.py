@@ -11,7 +11,7 @@ the process, are seen by both): runner A takes every shard, then runner B
 joins and half of them move. Reported per repeat: how long B took to open
 (its registration and first keeper pass, with A's handoffs running in the
 same event loop), how long until both serve their assignment, the pauses of
-the collector by generation (``gc.callbacks``), and the lock connections
+the collector by generation until then (``gc.callbacks``), and the lock connections
 that went silent past ``liveness_timeout`` meanwhile (each one a runner
 losing every lease). Also the GC-tracked objects one idle shard keeps.
 
@@ -113,11 +113,13 @@ async def one_join(dsn: str, prefix: str, shards: int) -> dict[str, float]:
                     while not serving(a, b):  # noqa: ASYNC110
                         await trio.sleep(0.1)
                 settled = time.perf_counter() - started
+                # The pauses until both serve, not those of the runners' closing.
+                until_settled = {g: list(p) for g, p in pauses.by_generation.items()}
     finally:
         gc.callbacks.remove(pauses)
         logging.getLogger("trio_cluster.postgres.leases").removeHandler(silences)
     result = {"opened_s": opened, "settled_s": settled, "silences": float(silences.count)}
-    for generation, series in pauses.by_generation.items():
+    for generation, series in until_settled.items():
         result[f"gen{generation}_s"] = sum(series)
         result[f"gen{generation}_max_s"] = max(series, default=0.0)
         result[f"gen{generation}_count"] = float(len(series))
