@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.gc_pauses [--shards 10000] [--repeats 3]
+    python -m benchmarks.gc_pauses [--quick] [--shards 10000] [--repeats N]
                                    [--gc-threshold 700,10,100] [--json PATH]
 
 One process, two runners on a throwaway PostgreSQL with stock durability
@@ -21,12 +21,10 @@ process with the default one (700, 10, 10). Nothing here asserts on a time.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -37,7 +35,10 @@ from trio_cluster.pgdriver.server import ThrowawayPostgres
 from trio_cluster.postgres.storage import open_postgres_storage
 from trio_cluster.testing import LOOPBACK, TEST_CONFIG
 
-from .common import log, utc_now, write_json
+from .common import bench_parser, log, repeats_of, utc_now, write_json
+
+SHARDS = 10_000
+QUICK_SHARDS = 300
 
 Idle = Entity("Idle")
 IDLE = Idle.implement(type("IdleHandler", (), {"__init__": lambda self, ctx: None}))
@@ -138,15 +139,14 @@ async def measure(shards: int, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gc_pauses", description=__doc__)
-    parser.add_argument("--shards", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser("python -m benchmarks.gc_pauses", __doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, help="default 10,000 (300 with --quick)")
     parser.add_argument("--gc-threshold", help="three integers, as gc.set_threshold takes them")
-    parser.add_argument("--json", type=Path, metavar="PATH")
     args = parser.parse_args(argv)
+    shards = args.shards or (QUICK_SHARDS if args.quick else SHARDS)
     if args.gc_threshold:
         gc.set_threshold(*(int(part) for part in args.gc_threshold.split(",")))
-    values = trio.run(measure, args.shards, args.repeats)
+    values = trio.run(measure, shards, repeats_of(parser, args))
     joins = values["joins"]
 
     def median(key: str) -> float:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     younger = median("gen0_s") + median("gen1_s")
     print(
-        f"gc threshold {gc.get_threshold()}, {args.shards:,} shards, {len(joins)} repeats,"
+        f"gc threshold {gc.get_threshold()}, {shards:,} shards, {len(joins)} repeats,"
         f" medians: {values['objects_per_shard']:.0f} tracked objects per idle shard;"
         f" B opened in {median('opened_s'):.2f} s, both serving after {median('settled_s'):.2f} s;"
         f" full collections {median('gen2_count'):.0f} taking {median('gen2_s'):.2f} s"

@@ -62,6 +62,7 @@ def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
             ("Interrupt latency p50, volatile ask", "Tell ack=True: calls returned"),
         ),
         ("benchmarks.projection", ("membership read with", "server CPU per NOTIFY")),
+        ("benchmarks.gc_pauses", ("tracked objects per idle shard", "full collections")),
         (
             "benchmarks.streaming",
             ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"),
@@ -80,21 +81,3 @@ def test_a_quick_cross_runner_benchmark_completes(module: str, labels: tuple[str
     assert done.returncode == 0, done.stderr[-4000:]
     for label in labels:
         assert label in done.stdout
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(
-    not (_have("initdb") and _have("pg_ctl")), reason="PostgreSQL server binaries not found"
-)
-def test_the_garbage_collector_benchmark_completes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gc_pauses", "--shards", "300", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "tracked objects per idle shard" in done.stdout
-    assert "full collections" in done.stdout

@@ -377,16 +377,17 @@ class PgLeaseSession:
             # stops at the first try-lock that succeeds (LIMIT 1), a failed one costs
             # about a microsecond, and nothing reads pg_locks, which copies every
             # lock on the server.
-            candidate = await conn.fetchval(
+            found = await conn.fetchval(
                 "SELECT g FROM generate_series(0, $2::int - 1) AS g"
                 " WHERE pg_try_advisory_lock($1, g) LIMIT 1",
                 [namespace, MACHINE_IDS],
             )
+            candidate = None if found is None else int(found)
         if candidate is None:
             raise PersistenceError(f"no free machine id among {MACHINE_IDS}")
         if self._machine_id not in (-1, candidate):
             log.warning("runner %s re-registered as machine %s", self._machine_id, candidate)
-        self._machine_id = candidate = int(candidate)
+        self._machine_id = candidate
         spec = self._spec
         await conn.execute(
             f"WITH r AS (INSERT INTO {self._prefix}runners"
