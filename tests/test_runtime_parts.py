@@ -34,6 +34,7 @@ from trio_cluster.core.hashing import ShardId, shard_index
 from trio_cluster.core.lifecycle import EntityState, ShardState
 from trio_cluster.runtime.client import Client
 from trio_cluster.runtime.delivery import Delivery
+from trio_cluster.runtime.expiry import Expiries
 from trio_cluster.runtime.hooks import Hooks
 from trio_cluster.runtime.interrupts import ShardInterrupts
 from trio_cluster.runtime.mailbox import ActiveEntity
@@ -139,6 +140,7 @@ async def world(entity_id: str = "a") -> AsyncIterator[World]:
             withdrawals=Withdrawals(
                 messages=storage, shards={}, machine_id=lambda: session.machine_id, hooks=hooks
             ),
+            expiries=Expiries(),
         )
         services = Services(
             address="test-runner",

@@ -8,6 +8,7 @@ checked by the handler's ``finally`` running. No sleeps: events and
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -249,7 +250,8 @@ async def test_a_plain_request_for_a_stream_rpc_is_malformed() -> None:
         envelope = runner.client._envelope(
             count.rpc, "t", Count(1), chain=(), deliver_at=None, headers=None, stream=True
         )
-        reply = await runner.client._send(envelope, withdraw=True)
+        reply = await runner.client._send_volatile(envelope, True, math.inf)
+        assert reply is not None
         with pytest.raises(MalformedMessage, match="is a stream, sent as a request"):
             replies.decode(reply, count.rpc.success_decoder, {})
     assert recorder.events == []

@@ -59,6 +59,7 @@ from ..storage.base import DeferredStorage, LeaseSession, MessageStorage, Saved,
 from .calls import Call, call_chain
 from .deferreds import parse_token
 from .delivery import Delivery
+from .expiry import Expiries
 from .hooks import Hooks
 from .replies import ReplySlot, StoredReplies
 from .routing import Router
@@ -95,8 +96,10 @@ class Client:
         session: LeaseSession,
         hooks: Hooks,
         withdrawals: Withdrawals,
+        expiries: Expiries,
     ) -> None:
         self._config = config
+        self._expiries = expiries
         self._router = router
         self._messages = messages
         self._deferreds = deferreds
@@ -159,24 +162,19 @@ class Client:
         )
         _refuse_cycle(envelope, chain)
         limit = self._config.send_timeout if timeout is None else timeout
+        deadline = _deadline(limit)
         withdraw = rpc.interruptible and (not rpc.persisted if interrupt is None else interrupt)
         call = self._sending(envelope, "ask")
         envelope = call.envelope
         outcome = "cancelled"
         try:
-            with trio.move_on_after(limit if limit > 0 else math.inf):
-                reply = await self._send(envelope, withdraw)
-                result = replies.decode(
-                    reply,
-                    rpc.success_decoder,
-                    rpc.errors_by_name,
-                    entity_id=entity_id,
-                    request_id=envelope.request_id,
-                )
-                outcome = "success"
-                return result  # type: ignore[no-any-return]
-            raise SendTimeout(
-                f"no reply from {envelope.entity_key} to {rpc.name!r} within {limit} s",
+            reply = await self._reply(envelope, withdraw, deadline)
+            if reply is None:
+                raise _timed_out(envelope, rpc.name, limit)
+            result = replies.decode(
+                reply,
+                rpc.success_decoder,
+                rpc.errors_by_name,
                 entity_id=entity_id,
                 request_id=envelope.request_id,
             )
@@ -186,8 +184,20 @@ class Client:
         except rpc.errors:
             outcome = "error"
             raise
+        else:
+            outcome = "success"
+            return result  # type: ignore[no-any-return]
         finally:
             self._hooks.request_finished(call, outcome)
+
+    async def _reply(self, envelope: Envelope, withdraw: bool, deadline: float) -> bytes | None:
+        """The reply to an ask, or None once ``deadline`` passed."""
+        if not envelope.persisted:
+            # No cancel scope: the expiries keep the deadline (see .expiry).
+            return await self._send_volatile(envelope, withdraw, deadline)
+        with trio.move_on_at(deadline):
+            return await self._send_stored(envelope, withdraw)
+        return None
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -514,18 +524,28 @@ class Client:
             call_chain=chain,
         )
 
-    async def _send(self, envelope: Envelope, withdraw: bool) -> bytes:
-        if not envelope.persisted:
-            # A request that reached a runner no longer owning its shard
-            # never ran: resend it while the shard settles on its new owner.
-            delays = self._config.send_retry.delays()
+    async def _send_volatile(
+        self, envelope: Envelope, withdraw: bool, deadline: float
+    ) -> bytes | None:
+        """The reply, or None once ``deadline`` passed.
+
+        A request that reached a runner no longer owning its shard never
+        ran: it is resent while the shard settles on its new owner.
+        """
+        delays = self._config.send_retry.delays()
+        try:
             while True:
-                reply = await self._attempt(envelope, withdraw)
-                delay = next(delays, None) if replies.misrouted(reply) else None
+                reply = await self._attempt(envelope, withdraw, deadline)
+                if reply is None or not replies.misrouted(reply):
+                    return reply
+                delay = next(delays, None)
                 if delay is None:
                     return reply
-                await trio.sleep(delay)
+                await _pause(delay, deadline)
+        except _Expired:
+            return None
 
+    async def _send_stored(self, envelope: Envelope, withdraw: bool) -> bytes:
         waiting = self._stored_replies
         # Expect the reply before storing: another runner may process the
         # request and announce its reply before the save returns here.
@@ -552,27 +572,28 @@ class Client:
         finally:
             waiting.forget(saved.request_id, slot)
 
-    async def _attempt(self, envelope: Envelope, withdraw: bool) -> bytes:
+    async def _attempt(self, envelope: Envelope, withdraw: bool, deadline: float) -> bytes | None:
         slot = ReplySlot()
         delivery = Delivery(envelope, slot)
-        link = await self._deliver(delivery)
+        link = await self._deliver(delivery, deadline=deadline)
         try:
-            return await slot.wait()
+            return await self._expiries.wait(slot, deadline)
         finally:
             _withdraw(delivery, link, interrupt=withdraw and not slot.answered)
 
     async def _acknowledged(self, envelope: Envelope) -> None:
         """A volatile tell, returning once its owner queued it; its refusal raised."""
         limit = self._config.send_timeout
+        deadline = _deadline(limit)
         delays = self._config.send_retry.delays()
-        with trio.move_on_after(limit if limit > 0 else math.inf):
+        try:
             while True:
                 slot = ReplySlot()
-                link = await self._deliver(Delivery(envelope, slot), ack=True)
+                link = await self._deliver(Delivery(envelope, slot), ack=True, deadline=deadline)
                 if link is None:
                     return  # queued here: a refusal was raised already
                 try:
-                    reply = await slot.wait()
+                    reply = await self._acknowledgement(slot, deadline)
                 finally:
                     link.withdraw(envelope.request_id)
                 refused = replies.refusal(
@@ -583,12 +604,19 @@ class Client:
                 delay = next(delays, None) if replies.misrouted(reply) else None
                 if delay is None:
                     raise refused
-                await trio.sleep(delay)
-        raise SendTimeout(
-            f"{envelope.entity_key} did not acknowledge {envelope.rpc!r} within {limit} s",
-            entity_id=envelope.entity_id,
-            request_id=envelope.request_id,
-        )
+                await _pause(delay, deadline)
+        except _Expired:
+            raise SendTimeout(
+                f"{envelope.entity_key} did not acknowledge {envelope.rpc!r} within {limit} s",
+                entity_id=envelope.entity_id,
+                request_id=envelope.request_id,
+            ) from None
+
+    async def _acknowledgement(self, slot: ReplySlot, deadline: float) -> bytes:
+        reply = await self._expiries.wait(slot, deadline)
+        if reply is None:
+            raise _Expired
+        return reply
 
     def _serves(self, envelope: Envelope) -> bool:
         """Whether this runner serves the request's shard, so no notice need announce it."""
@@ -600,7 +628,12 @@ class Client:
             self._router.route(Delivery(envelope, self._stored_replies.target(envelope.request_id)))
 
     async def _deliver(
-        self, delivery: Delivery, *, ack: bool = False, stream: StreamSlot | None = None
+        self,
+        delivery: Delivery,
+        *,
+        ack: bool = False,
+        stream: StreamSlot | None = None,
+        deadline: float = math.inf,
     ) -> PeerLink | None:
         """Queue a volatile request, retrying while its shard has no owner here.
 
@@ -609,6 +642,9 @@ class Client:
         request has then certainly not reached a handler. With ``ack``, the
         owner on another runner replies as soon as it queued the request;
         with ``stream`` (the delivery's own target), it streams its chunks.
+        A caller that keeps no cancel scope of its own passes its
+        ``deadline``: the waits here (a retry, dialling the owner) end at it,
+        with ``_Expired``.
         """
         router = self._router
         envelope, target = delivery.envelope, delivery.target
@@ -618,15 +654,45 @@ class Client:
                 owner = router.route(delivery)
                 if owner is None:
                     return None
-                assert router.network is not None  # route names an owner only with one
+                network = router.network
+                assert network is not None  # route names an owner only with one
                 if stream is not None:
-                    return await router.network.send_stream(owner, envelope, stream)
-                return await router.network.send_request(owner, envelope, target, ack=ack)
+                    return await network.send_stream(owner, envelope, stream)
+                if deadline == math.inf or network.connected(owner):
+                    return await network.send_request(owner, envelope, target, ack=ack)
+                with trio.move_on_at(deadline):
+                    return await network.send_request(owner, envelope, target, ack=ack)
+                raise _Expired
             except (EntityNotAssignedToRunner, RunnerUnavailable):
                 delay = next(delays, None)
                 if delay is None:
                     raise
-                await trio.sleep(delay)
+                await _pause(delay, deadline)
+
+
+class _Expired(Exception):
+    """A caller's deadline passed while it kept no cancel scope (see ``_deliver``)."""
+
+
+def _timed_out(envelope: Envelope, rpc: str, limit: float) -> SendTimeout:
+    return SendTimeout(
+        f"no reply from {envelope.entity_key} to {rpc!r} within {limit} s",
+        entity_id=envelope.entity_id,
+        request_id=envelope.request_id,
+    )
+
+
+def _deadline(limit: float) -> float:
+    """When a wait of ``limit`` seconds from now ends (``limit <= 0``: never)."""
+    return trio.current_time() + limit if limit > 0 else math.inf
+
+
+async def _pause(delay: float, deadline: float) -> None:
+    """Sleep ``delay`` before a retry; ``_Expired`` if ``deadline`` comes first."""
+    if trio.current_time() + delay >= deadline:
+        await trio.sleep_until(deadline)
+        raise _Expired
+    await trio.sleep(delay)
 
 
 def _withdraw(delivery: Delivery, link: PeerLink | None, *, interrupt: bool) -> None:

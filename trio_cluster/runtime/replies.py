@@ -18,20 +18,29 @@ from ..core.reply import ReplyTarget
 class ReplySlot:
     """One wait for one reply; the first resolution wins, later ones are ignored."""
 
-    __slots__ = ("_event", "reply")
+    __slots__ = ("_event", "expired", "reply")
 
     def __init__(self) -> None:
         self._event = trio.Event()
         self.reply = b""
+        self.expired = False
+        """Its caller's deadline passed first (see :mod:`.expiry`)."""
 
     def resolve(self, reply: bytes) -> None:
         if not self._event.is_set():
             self.reply = reply
             self._event.set()
 
+    def expire(self) -> None:
+        """End the wait with no reply: the caller's deadline passed."""
+        if not self._event.is_set():
+            self.expired = True
+            self._event.set()
+
     @property
     def answered(self) -> bool:
-        return self._event.is_set()
+        """Whether a reply came (not an expiry)."""
+        return self._event.is_set() and not self.expired
 
     async def wait(self) -> bytes:
         await self._event.wait()

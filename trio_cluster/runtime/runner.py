@@ -56,6 +56,7 @@ from ..storage.status import ClusterStatus, ShardStatus
 from ..transport.network import Network, TransportConfig, open_listeners
 from .broadcasting import Broadcaster
 from .client import Client
+from .expiry import Expiries
 from .hooks import Hooks
 from .keeper import ShardKeeper
 from .metrics import Counters, Snapshot
@@ -576,6 +577,7 @@ async def _start_parts(
         await nursery.start(router.network.serve, listeners)
     await nursery.start(parts.follower.run)
     nursery.start_soon(keep_running, "withdrawals", parts.withdrawals.run, hooks)
+    nursery.start_soon(keep_running, "expiries", parts.expiries.run, hooks)
     await nursery.start(keeper.run, nursery)
     options = [entry.options for entry in hosted.values()]
     sweep = functools.partial(parts.residency.sweep_idle, options)
@@ -590,6 +592,7 @@ class _Parts:
     follower: NoticeFollower
     residency: Residency
     withdrawals: Withdrawals
+    expiries: Expiries
     calls: RunnerCalls
 
 
@@ -619,6 +622,7 @@ def _assemble(
         machine_id=lambda: session.machine_id,
         hooks=hooks,
     )
+    expiries = Expiries()
     client = Client(
         config=config,
         router=router,
@@ -630,6 +634,7 @@ def _assemble(
         session=session,
         hooks=hooks,
         withdrawals=withdrawals,
+        expiries=expiries,
     )
     services = Services(
         address=address,
@@ -717,7 +722,7 @@ def _assemble(
         schedule_clock=timing.clock,
         broadcaster=broadcaster,
     )
-    return _Parts(runner, router, keeper, follower, residency, withdrawals, calls)
+    return _Parts(runner, router, keeper, follower, residency, withdrawals, expiries, calls)
 
 
 def _only(group: BaseExceptionGroup, error: BaseException) -> bool:

@@ -85,6 +85,11 @@ class Network:
         link.send_stream(envelope, receiver)
         return link
 
+    def connected(self, peer: str) -> bool:
+        """Whether a request to ``peer`` goes out at once, with no dialling first."""
+        link = self._links.get(peer)
+        return link is not None and link.open
+
     async def link_to(self, peer: str) -> PeerLink:
         """The open link to ``peer``, dialled first if there is none."""
         link = self._links.get(peer)
