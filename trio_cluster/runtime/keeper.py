@@ -25,6 +25,7 @@ notice or the safety poll to look again.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -83,22 +84,32 @@ Plan = tuple[dict[ShardId, str], dict[ShardId, str]]
 
 
 def plan(runners: list[RunnerSpec], groups: list[str], per_group: int) -> Plan:
-    """Assign every shard of ``groups``; split entity shards from singletons' lease shards."""
-    shard_ids = [
-        ShardId(group, index) for group in groups for index in group_indices(group, per_group)
-    ]
-    assignment: dict[ShardId, str] = {}
-    singletons: dict[ShardId, str] = {}
-    for shard_id, owner in assign(shard_ids, runners).items():
-        is_singleton = singleton_name(shard_id.group) is not None
-        (singletons if is_singleton else assignment)[shard_id] = owner
-    return assignment, singletons
+    """Assign every shard of ``groups``; split entity shards from singletons' lease shards.
+
+    ``assign`` places each group on its own, so the two kinds are assigned apart,
+    from shard lists made once per layout: building 10,000 ``ShardId``s and
+    sorting the answer by kind cost as much as the assignment itself, on every
+    membership change (a failover's critical path).
+    """
+    entity_shards, singleton_shards = _shard_lists(tuple(groups), per_group)
+    return assign(entity_shards, runners), assign(singleton_shards, runners)
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_lists(
+    groups: tuple[str, ...], per_group: int
+) -> tuple[tuple[ShardId, ...], tuple[ShardId, ...]]:
+    """Every shard of ``groups``: the entity groups' shards, and the singletons' leases."""
+    kinds: tuple[list[ShardId], list[ShardId]] = ([], [])
+    for group in groups:
+        kind = kinds[singleton_name(group) is not None]
+        kind.extend(ShardId(group, index) for index in group_indices(group, per_group))
+    return tuple(kinds[0]), tuple(kinds[1])
 
 
 async def plan_off_loop(runners: list[RunnerSpec], shards_per_group: int) -> Plan:
     """:func:`plan` for the groups the runners host, kept off the event loop when it
-    would stall it: building the shard list and splitting the answer cost about as
-    much per shard as the assignment itself."""
+    would stall it."""
     groups = sorted({group for spec in runners for group in spec.groups})
     shards = sum(len(group_indices(group, shards_per_group)) for group in groups)
     if shards + VNODES * len(runners) <= INLINE_WORK:
