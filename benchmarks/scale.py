@@ -32,11 +32,13 @@ tables (a new prefix):
 * **join**: one more runner; the shards whose lock changed hands against the
   ideal share (``ceil(S / (N + 1))``), the time from its registration until
   settled again, and the statements run.
-* **failover**: SIGKILL of one of the first N runners; then, reading
-  ``pg_locks`` every ``OBSERVER_PAUSE_S`` (10 ms) plus the read's own time
-  (the figures' resolution), when the server has freed the dead session's
-  locks and when every one of its shards is locked by a survivor again
-  (and when the whole cluster says it is settled).
+* **failover**: SIGKILL of one of the first N runners; then when the server
+  ended its lock session (a shared lock on its machine id, queued before the
+  kill and granted at the session's end, as the runners' watchers see it),
+  and, reading ``pg_locks`` every ``OBSERVER_PAUSE_S`` (10 ms) plus the
+  read's own time (that figure's resolution), when every one of its shards
+  is locked by a survivor again (and when the whole cluster says it is
+  settled).
 
 Nothing here asserts on a time. Harness statements carry a ``scale-harness``
 comment so that the counts leave them out; the ``pg_locks`` polls do load
@@ -140,6 +142,35 @@ class Observer:
             [self._shards_ns],
         )
         return {int(index): int(pid) for index, pid in rows}
+
+    async def machine_of(self, lock_pid: int) -> int:
+        return int(
+            await self.conn.fetchval(
+                f"SELECT {TAG} machine_id FROM {self.prefix}runners WHERE lock_pid = $1",
+                [lock_pid],
+            )
+        )
+
+    async def session_end(self, dsn: str, machine: int, ended: trio.Event) -> None:
+        """Set ``ended`` when runner ``machine``'s lock session ends, as its watcher sees
+        it: a shared lock on its machine id, granted the moment the session lets go."""
+        async with open_connection(dsn) as conn:
+            await conn.execute(
+                f"SELECT {TAG} pg_advisory_lock_shared($1::int, $2::int)",
+                [self._runners_ns, machine],
+            )
+            ended.set()
+
+    async def waiters(self, machine: int) -> int:
+        """Lock waits queued on runner ``machine``'s liveness lock."""
+        return int(
+            await self.conn.fetchval(
+                f"SELECT {TAG} count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND NOT granted AND objsubid = 2 AND classid = $1::int::oid"
+                " AND objid = $2::int::oid",
+                [self._runners_ns, machine],
+            )
+        )
 
     async def look(self) -> Look:
         rows = await self.conn.fetch(
@@ -402,20 +433,35 @@ async def measure_failover(scale: Scale, look: Look, values: Record) -> None:
     victim_pid = scale.pid_of(look, victim)
     survivors = {pid for pid in look.live if pid != victim_pid}
     orphans = {index for index, pid in look.locks.items() if pid == victim_pid}
-    victim.child.kill()
-    killed = time.perf_counter()
     freed: float | None = None
-    while True:
-        locks = await observer.locks()
-        now = time.perf_counter() - killed
-        if freed is None and victim_pid not in locks.values():
-            freed = now
-        if all(locks.get(index) in survivors for index in orphans):
-            owned = now
-            break
-        # A pause between reads: each copies every lock on the server (tens of ms at
-        # 10,000 shards), and back to back they would take a core from the runners.
-        await trio.sleep(OBSERVER_PAUSE_S)
+    ended = trio.Event()
+    machine = await observer.machine_of(victim_pid)
+    waiting = await observer.waiters(machine)  # its watcher's, before the harness's
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observer.session_end, scale.server.dsn, machine, ended)
+
+        async def when_ended() -> None:
+            nonlocal freed
+            await ended.wait()
+            freed = time.perf_counter() - killed
+
+        # The harness's lock wait is queued before the kill.
+        queued = False
+        while not queued:
+            await trio.sleep(0.001)
+            queued = await observer.waiters(machine) > waiting
+        nursery.start_soon(when_ended)
+        victim.child.kill()
+        killed = time.perf_counter()
+        while True:
+            locks = await observer.locks()
+            now = time.perf_counter() - killed
+            if all(locks.get(index) in survivors for index in orphans):
+                owned = now
+                break
+            # A pause between reads: each copies every lock on the server (tens of ms at
+            # 10,000 shards), and back to back they would take a core from the runners.
+            await trio.sleep(OBSERVER_PAUSE_S)
     await victim.child.wait()
     scale.nodes.remove(victim)
     await scale.settled()
@@ -426,7 +472,7 @@ async def measure_failover(scale: Scale, look: Look, values: Record) -> None:
     record(values, "failover.owned", owned * 1e3)
     record(values, "failover.settled", settled * 1e3)
     log(
-        f"  failover: {len(orphans)} shards; locks freed {freed * 1e3:.0f} ms, owned again"
+        f"  failover: {len(orphans)} shards; session ended {freed * 1e3:.0f} ms, owned again"
         f" {owned * 1e3:.0f} ms, settled {settled * 1e3:.0f} ms"
     )
 
@@ -486,7 +532,7 @@ LINES: Final = (
     Line("join.settle", "Join: settled, from its registration", "s"),
     Line("join.statements", "Join: statements", "count", 0),
     Line("failover.shards", "Failover: shards of the killed runner", "count", 0),
-    Line("failover.freed", "Failover: its locks freed by the server", "ms", 0),
+    Line("failover.freed", "Failover: the server ended its lock session", "ms", 0),
     Line("failover.owned", "Failover: all its shards locked by survivors", "ms", 0),
     Line("failover.settled", "Failover: cluster settled again", "ms", 0),
     Line("timeouts", "Repeats that timed out (a wait past its bound)", "count", 0),
