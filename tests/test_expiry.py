@@ -167,3 +167,16 @@ def test_expire_is_never_early_nor_late_by_more_than_a_bucket(
     assert all(slot.answered or slot.expired for slot, _, _ in slots)
     assert len(expiries) == 0
     assert expiries._ticks == []
+
+
+def test_far_deadlines_answered_leave_the_heap_bounded() -> None:
+    """Each wait in a bucket of its own, far ahead (a long timeout), answered at once:
+    the emptied buckets' ticks are not kept until they are due."""
+    expiries = Expiries(0.01)
+    for i in range(10_000):
+        slot = ReplySlot()
+        tick = expiries._file(slot, 1e6 + i * 0.01)
+        slot.resolve(b"r")
+        expiries._unfile(slot, tick)
+    assert len(expiries) == 0
+    assert len(expiries._ticks) <= 65

@@ -10,7 +10,8 @@ filed in the bucket of its deadline (``GRAIN`` wide, rounded up, so a wait
 never expires early), and one task expires each bucket when its time comes.
 
 A slot answered first leaves its bucket at once: what is filed is bounded by
-the callers waiting now, and the task wakes at most once per bucket. While
+the callers waiting now (the heap of bucket times by twice that, plus a
+little), and the task wakes at most once per bucket. While
 the task is not running (before the runner started it, after it stopped) a
 wait takes the cancel scope after all. Slots still filed when the task stops
 (the runner is closing) are failed with ``RunnerUnavailable``: nothing that
@@ -30,6 +31,9 @@ from .replies import ReplySlot
 
 GRAIN = 0.005
 """Width of a bucket, seconds: how late a wait may expire, at most."""
+
+_SLACK = 64
+"""Ticks of emptied buckets the heap may keep beyond twice the live ones."""
 
 _CLOSED = replies.cluster_error(
     RunnerUnavailable("the runner closed while the caller waited for the reply")
@@ -86,6 +90,11 @@ class Expiries:
             bucket.discard(slot)
             if not bucket:
                 del self._buckets[tick]
+                # The ticks of emptied buckets wait in the heap until they are due, and
+                # far deadlines (a long timeout) would pile them up: rebuild it then.
+                if len(self._ticks) > 2 * len(self._buckets) + _SLACK:
+                    self._ticks = list(self._buckets)
+                    heapq.heapify(self._ticks)
 
     def expire(self, now: float) -> float:
         """Expire every bucket due at ``now``; the time the next one is due (inf: none)."""
