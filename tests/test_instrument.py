@@ -342,6 +342,8 @@ async def test_a_request_read_back_after_a_lease_loss_is_marked_redelivered() ->
     impl, probe = counter()
     recorder = Recorder()
     async with open_test_runner(impl, instruments=[recorder]) as (runner, storage):
+        # The shards' first scans are done: the ask is not read back by one of them.
+        await trio.testing.wait_all_tasks_blocked()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(runner.ask, slow_add, "a", Add(4))
             await probe.wait_until(lambda: probe.runs["slow_add entered"] == 1)

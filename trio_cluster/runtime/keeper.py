@@ -119,6 +119,22 @@ async def plan_off_loop(runners: list[RunnerSpec], shards_per_group: int) -> Pla
     )
 
 
+class _Starts:
+    """The task status the runtimes of one pass share: ``all_started`` and ``done()``
+    once every one of them started (or ended before it could)."""
+
+    def __init__(self, count: int, done: Callable[[], None]) -> None:
+        self._left = count
+        self._done = done
+        self.all_started = trio.Event()
+
+    def started(self, value: None = None) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self.all_started.set()
+            self._done()
+
+
 class Held(Protocol):
     """What the keeper needs of anything it holds a lease for: a shard or a singleton."""
 
@@ -181,6 +197,10 @@ class ShardKeeper:
         self._keeping = trio.CancelScope()
         self._assigned_for: frozenset[RunnerSpec] | None = None
         """The membership the current assignment was computed from."""
+        self._passed_over = False
+        """A pass left alone a runtime held here but assigned elsewhere: not accepting yet."""
+        self._starts: _Starts | None = None
+        """The latest pass's runtimes being started."""
 
     # -- what others tell the keeper ------------------------------------------------
 
@@ -282,6 +302,9 @@ class ShardKeeper:
                     failures = RESTART.delays()
                     closely = again is Again.SOON or trio.current_time() < self._watch_closely_until
                     delay = HANDOFF_RETRY if closely else self._config.membership_poll_interval
+                if task_status is not trio.TASK_STATUS_IGNORED and self._starts is not None:
+                    # The first pass's runtimes serve before the runner opens.
+                    await self._starts.all_started.wait()
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 with trio.move_on_after(delay):
@@ -295,9 +318,13 @@ class ShardKeeper:
         held = self._held()
         for holding in held.values():
             shard_id = holding.lease.shard
-            if shard_id not in mine and holding.accepting and shard_id not in self._handing_off:
+            if shard_id in mine or shard_id in self._handing_off:
+                continue
+            if holding.accepting:
                 self._handing_off.add(shard_id)
                 shards.start_soon(self._hand_off, holding)
+            else:  # still starting (or stopping): look again once the starts are done
+                self._passed_over = True
         # Nothing left to take: the next pass at the next wake-up, unless the read failed.
         done = Again.LATER if read else Again.BACKOFF
         wanted = sorted(mine - held.keys())
@@ -310,20 +337,31 @@ class ShardKeeper:
             return Again.SOON
         # Those left out are still held by their previous owner, handing them off.
         waiting = len(leases) < len(wanted)
-        # Every new lease is in the maps before the first start yields: a loss reported
+        # Every new lease is in the maps before any runtime starts: a loss reported
         # meanwhile finds its runtime and stops it (stopped before it started, it just ends).
         adopted = [(lease, self._adopt(lease)) for lease in sorted(leases, key=_by_shard)]
-        # And every one starts, should the keeper be stopped meanwhile (a runner leaving):
-        # one left unstarted in the maps would never stop. A start does no I/O.
-        with trio.CancelScope(shield=True):
-            for _, runtime in adopted:
-                if runtime is not None:
-                    await shards.start(runtime.run)
-                    self._note_changed()
+        starting = [new for _, new in adopted if new is not None]
+        if starting:
+            # All scheduled at once, not started one by one: each start would wait a
+            # turn of the event loop behind the shards started before it (their first
+            # reads), and 2,800 of them held this pass, and with it the next
+            # membership change, for 5 s. Scheduling is synchronous, so a keeper
+            # stopped now (a runner leaving) leaves none unstarted in the maps.
+            status = self._starts = _Starts(len(starting), self._started)
+            for new in starting:
+                shards.start_soon(functools.partial(new.run, task_status=status))
         for lease, runtime in adopted:
             if runtime is None:  # assigned here, yet not declared here: a bug, let go
                 await self._session.release(lease)
         return Again.SOON if waiting else done
+
+    def _started(self) -> None:
+        """A pass's runtimes have all started: a change, and a pass that came meanwhile
+        passed over those it must hand off (they were not accepting yet)."""
+        self._note_changed()
+        if self._passed_over:
+            self._passed_over = False
+            self._wake.set()
 
     async def _hand_off(self, holding: Held) -> None:
         """Stop ``holding`` gracefully, once its lease is surely still held.

@@ -571,9 +571,13 @@ class ShardRuntime:
         self, envelopes: list[Envelope], *, scanned: bool, redelivered: bool = False
     ) -> None:
         stored = self.services.stored_replies
+        # Those offered directly while the scan read them (set aside) are not read back:
+        # without the scan they would have gone straight to the entity.
+        direct = frozenset(self._set_aside) if redelivered else frozenset()
         for envelope in envelopes:
             target = stored.target(envelope.request_id)
-            delivery = Delivery(envelope, target, redelivered=redelivered)
+            again = redelivered and envelope.request_id not in direct
+            delivery = Delivery(envelope, target, redelivered=again)
             try:
                 self.offer(delivery, scanned=scanned)
             except MalformedMessage as error:
