@@ -63,6 +63,7 @@ def test_quick_cluster_benchmark_completes(tmp_path: Path) -> None:
         ),
         ("benchmarks.projection", ("membership read with", "server CPU per NOTIFY")),
         ("benchmarks.gc_pauses", ("tracked objects per idle shard", "full collections")),
+        ("benchmarks.persisted_floor", ("floor: p99", "cluster / floor, p99")),
         (
             "benchmarks.streaming",
             ("one stream, window 16", "10 streams, window 16", "sequential volatile ask"),
