@@ -24,7 +24,8 @@ A runner also answers ``cancelled`` with
 last ``cancelled`` was cancelled, on the system-wide ``CLOCK_MONOTONIC``
 (which the caller's process reads too), for ``benchmarks.interrupts``.
 A runner also answers ``settled`` with
-``settled <1 if it serves exactly its assignment, else 0> <runners in its assignment>``,
+``settled <1 if it serves exactly its assignment, else 0> <runners in its assignment>
+<shards it assigns itself>``,
 which is how the scale harness (``benchmarks.scale``) tells a stable assignment.
 """
 
@@ -177,9 +178,10 @@ class Counts:
     def settled_line(self) -> str:
         runner = self.runner
         if runner is None:
-            return "settled 0 0"
+            return "settled 0 0 0"
         owners = len(set(runner.assignment.values()))
-        return f"settled {int(runner.owns_its_assignment())} {owners}"
+        mine = sum(1 for owner in runner.assignment.values() if owner == runner.address)
+        return f"settled {int(runner.owns_its_assignment())} {owners} {mine}"
 
 
 async def follow_commands(counts: Counts, done: trio.CancelScope) -> None:

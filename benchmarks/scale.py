@@ -12,9 +12,10 @@ tables (a new prefix):
 * **settle**: starts N runner processes (``benchmarks/bench_node.py``) at
   once and times until every shard is owned and the assignment is stable:
   every shard's advisory lock is held by a live runner's lock connection
-  (``pg_locks``) and every runner says it serves exactly what its own
+  (``pg_locks``), every runner says it serves exactly what its own
   assignment gives it, with all N runners in that assignment (its
-  ``settled`` command). Timed from the first spawn (Python start-up on a
+  ``settled`` command), and each holds as many locks as it is assigned
+  shards (none still draining in a handoff). Timed from the first spawn (Python start-up on a
   small machine included) and, on the server's clock, from the last
   runner's registration (``registered_at``): the second is the protocol's
   own cost. The statements run meanwhile are counted (pg_stat_statements,
@@ -52,6 +53,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,11 +302,15 @@ class Scale:
                 for node in nodes:
                     nursery.start_soon(one, node)
 
-    async def all_settled(self) -> bool:
-        """Every runner serves exactly its assignment, which names every runner."""
+    async def all_settled(self, look: Look) -> bool:
+        """Every runner serves exactly its assignment, which names every runner, and
+        holds no other shard's lock (a handoff still draining)."""
+        held = Counter(look.locks.values())
         for node in self.nodes:
-            _, owns, owners = (await node.child.ask("settled")).split()
+            _, owns, owners, mine = (await node.child.ask("settled")).split()
             if owns != "1" or int(owners) != len(self.nodes):
+                return False
+            if held[self.pid_of(look, node)] != int(mine):
                 return False
         return True
 
@@ -316,7 +322,7 @@ class Scale:
                 if (
                     len(look.live) == len(self.nodes)
                     and look.owned_by_live(self.shards)
-                    and await self.all_settled()
+                    and await self.all_settled(look)
                 ):
                     return look
                 await trio.sleep(poll)
