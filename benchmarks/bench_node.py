@@ -32,6 +32,7 @@ which is how the scale harness (``benchmarks.scale``) tells a stable assignment.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -288,7 +289,10 @@ def main() -> None:
     parser.add_argument("--prefix", default="cbench_")
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--echo", action="store_true", help="run the raw frame baseline")
+    parser.add_argument("--gc-threshold", help="three integers, as gc.set_threshold takes them")
     args = parser.parse_args()
+    if args.gc_threshold:
+        gc.set_threshold(*(int(part) for part in args.gc_threshold.split(",")))
     if args.echo:
         trio.run(run_echo)
         return

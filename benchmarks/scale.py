@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.scale --runners N --shards S [--repeats R] [--idle SECONDS]
-                               [--json PATH] [--markdown PATH]
+                               [--gc-threshold 700,10,100] [--json PATH] [--markdown PATH]
 
 It starts a throwaway PostgreSQL server with stock durability and
 pg_stat_statements loaded, then in every repeat (3 by default), on fresh
@@ -277,9 +277,13 @@ class Scale:
     shards: int
     stderr: IO[bytes]
     nodes: list[Node]
+    gc_threshold: str | None = None
+    """Passed to each runner: its ``gc.set_threshold`` (see docs/operations.md)."""
 
     def start_node(self) -> Node:
         args = [self.server.dsn, "--prefix", self.prefix, "--shards", str(self.shards)]
+        if self.gc_threshold:
+            args += ["--gc-threshold", self.gc_threshold]
         child = self.children.start(
             f"runner-{len(self.children.all)}",
             python_module("benchmarks.bench_node", *args),
@@ -492,7 +496,9 @@ async def run_repeat(
     async with open_connection(server.dsn, application_name="scale harness") as conn:
         await enable_statements(conn)
         observer = Observer(conn, prefix)
-        scale = Scale(children, server, observer, prefix, args.shards, stderr, [])
+        scale = Scale(
+            children, server, observer, prefix, args.shards, stderr, [], args.gc_threshold
+        )
         await observer.prepare()
         try:
             look = await measure_settle(scale, args.runners, values)
@@ -585,6 +591,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table")
     parser.add_argument(
+        "--gc-threshold", help="each runner's gc.set_threshold, three integers (default Python's)"
+    )
+    parser.add_argument(
         "--runner-log", type=Path, default=Path("/tmp/benchmarks-scale-runners.log"),
         help="where the runners' stderr goes (default /tmp/benchmarks-scale-runners.log)",
     )  # fmt: skip
@@ -604,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         f"trio_cluster scale harness: {args.runners} runners x {args.shards:,} shards,"
         f" Python {env['python']}, {env['cpus']} CPUs, PostgreSQL {version}"
         f" ({env['durability']}), {args.repeats} repeats, median (min, max); {elapsed:.0f} s"
+        + (f"; runners' gc thresholds {args.gc_threshold}" if args.gc_threshold else "")
     )
     text = "\n\n".join([header, results_table(values)])
     print(text)
