@@ -49,7 +49,7 @@ class Expiries:
         self._ticks: list[int] = []
         """Heap of the buckets' ticks; a tick whose bucket emptied stays until it is reached."""
         self._soonest = math.inf
-        """The tick the task sleeps until (it is woken for a sooner one)."""
+        """When the task wakes next, by itself (a sooner bucket wakes it)."""
         self._wake = trio.Event()
         self._running = False
 
@@ -79,7 +79,7 @@ class Expiries:
         if bucket is None:
             bucket = self._buckets[tick] = set()
             heapq.heappush(self._ticks, tick)
-            if tick < self._soonest:
+            if tick * self._grain < self._soonest:
                 self._wake.set()
         bucket.add(slot)
         return tick
@@ -118,9 +118,8 @@ class Expiries:
         try:
             while True:
                 self._wake = trio.Event()
-                due = self.expire(trio.current_time())
-                self._soonest = math.ceil(due / self._grain) if due < math.inf else math.inf
-                with trio.move_on_at(due):
+                self._soonest = self.expire(trio.current_time())
+                with trio.move_on_at(self._soonest):
                     await self._wake.wait()
         finally:
             self._running = False
