@@ -156,6 +156,34 @@ async def test_a_stale_lease_is_refused_among_concurrent_replies(
                 assert await storage.states.load_state("Counter", e.entity_id) == b"s"
 
 
+async def test_a_lone_reply_writes_or_deletes_its_state_unless_its_lease_is_stale(
+    storage: MemoryStorage | PostgresStorage,
+) -> None:
+    """Each write alone (the statement for one row, on PostgreSQL): the same fence
+    and the same state write as in a batch."""
+    messages = storage.messages
+    first, second, late = (envelope("e0") for _ in range(3))
+    for e in (first, second, late):
+        await messages.save_request(e, origin=1, announce=False)
+    async with storage.runners.session(RunnerSpec("r"), lambda _: None) as session:
+        lease = await session.acquire(shard_of("e0"))
+        assert lease is not None
+        await messages.save_reply(first.request_id, b"1", lease, StateWrite("Counter", "e0", b"s"))
+        assert await storage.states.load_state("Counter", "e0") == b"s"
+        await messages.save_reply(second.request_id, b"2", lease, StateWrite("Counter", "e0", None))
+        assert await storage.states.load_state("Counter", "e0") is None
+        await session.release(lease)
+        assert await session.acquire(shard_of("e0")) is not None
+        with pytest.raises(EntityNotAssignedToRunner, match="stale"):
+            await messages.save_reply(
+                late.request_id, b"3", lease, StateWrite("Counter", "e0", b"x")
+            )
+        assert await storage.states.load_state("Counter", "e0") is None
+    assert await messages.reply_for(first.request_id) == b"1"
+    assert await messages.reply_for(second.request_id) == b"2"
+    assert await messages.reply_for(late.request_id) is None
+
+
 async def test_reply_notices_carry_the_reply(storage: MemoryStorage | PostgresStorage) -> None:
     messages = storage.messages
     async with (

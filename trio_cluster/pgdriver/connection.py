@@ -378,11 +378,19 @@ class Connection:
         self._idle_reader_scope = scope
         try:
             with scope:
-                async with self._lock:
+                # As in `_exclusive`: the socket wait is the schedule point, so a free
+                # lock is taken without a pass through the scheduler.
+                try:
+                    self._lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._lock.acquire()
+                try:
                     if done() or self._closed:
                         return
                     await self._wait_readable()
                     self._consume_input()
+                finally:
+                    self._lock.release()
         except ConnectionLost:
             pass  # recorded in self._closed; the callers' loops end on it
         finally:

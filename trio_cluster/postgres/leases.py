@@ -12,8 +12,8 @@ ends (``idle_session_timeout``), cannot hold back the server's notification
 queue for long either. A reconnect sends every follower a ``Gap``.
 
 How loss is noticed:
-- the socket is watched while idle (``wait_closed``): a terminated backend
-  is seen within milliseconds;
+- the socket is read while idle, by the task waiting for notices: a
+  terminated backend is seen within milliseconds;
 - a heartbeat must complete within ``liveness_timeout``: a wedged or
   partitioned connection cannot answer, so it is declared lost after that
   bound, without waiting on the wedged connection itself;
@@ -286,9 +286,10 @@ class PgLeaseSession:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._heartbeat, conn)
                         nursery.start_soon(self._unlock_released, conn)
-                        nursery.start_soon(self._follow_notices, conn)
                         nursery.start_soon(self._watch_pool, conn)
-                        await conn.wait_closed()
+                        # The follower reads the idle socket itself, so it sees the
+                        # connection end too, and a notice wakes one task, not two.
+                        await self._follow_notices(conn)
                         nursery.cancel_scope.cancel()
             except* (PgError, OSError, ClusterError) as lost:
                 failure = lost.exceptions[0]
@@ -344,7 +345,7 @@ class PgLeaseSession:
         return self._followers.follow()
 
     async def _follow_notices(self, conn: Connection) -> None:
-        """Pass each notification on; ends with the connection (``wait_closed`` sees it)."""
+        """Pass each notification on, until the connection is lost or closed."""
         while True:
             try:
                 notification = await conn.wait_notification()

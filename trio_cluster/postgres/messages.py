@@ -18,7 +18,11 @@ shard's owner reads nothing back unless a read of the shard may already have
 returned it (the fence, see ``carried``). Either falls back to the id alone,
 and a read, when too large for a notice. Rows travel as one JSON array per
 batch (``json_to_recordset``), so one prepared statement serves every batch
-size.
+size. A batch of one, what a lone caller writes whenever traffic is light, goes
+out as its own statement with typed parameters instead: the JSON costs more
+than the write itself at that size (about 0.1 ms of the request's write and
+0.15 ms of the reply's, on both ends, measured), and a sequential persisted
+ask is two such writes in a row.
 
 Every statement here runs once or more per persisted message, so each is
 prepared on its connection (``prepare=True``): the server plans it once per
@@ -38,6 +42,7 @@ import msgspec
 from ..core.envelope import Envelope
 from ..core.hashing import ShardId
 from ..errors import ClusterError, EntityNotAssignedToRunner, PersistenceError
+from ..pgdriver.codec import Param
 from ..pgdriver.pool import Pool
 from ..storage.base import (
     InterruptStored,
@@ -369,6 +374,35 @@ class PgMessageStorage:
             " GROUP BY ok.grp)"
             " SELECT shard_group, shard_index, epoch, (SELECT count(*) FROM sent) FROM lease"
         )
+        self._insert_one_sql = (
+            f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key) VALUES ($1::int8,"
+            " $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea, $8::text, $9::int8,"
+            " $10::bytea, $11::text) ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
+            f" sent AS (SELECT pg_notify($12, '{_CARRIED}' || pg_current_xact_id()::text || ':'"
+            " || $13::text) FROM ins WHERE $13::text IS NOT NULL)"
+            " SELECT request_id, (SELECT count(*) FROM sent) FROM ins"
+        )
+        """``_insert_sql`` for one request, its values as parameters."""
+        self._reply_one_sql = (
+            f"WITH lease AS (SELECT epoch FROM {p}shards WHERE shard_group = $2::text"
+            " AND shard_index = $3::int4 AND epoch = $4::int8 FOR SHARE),"
+            f" done AS (UPDATE {p}messages SET processed = true, reply = $5::bytea,"
+            " replied_at = now() WHERE request_id = $1::int8 AND NOT processed"
+            " AND EXISTS (SELECT FROM lease) RETURNING request_id),"
+            f" state_up AS (INSERT INTO {p}states"
+            " (entity_type, entity_id, shard_group, shard_index, data)"
+            " SELECT $7::text, $8::text, $2::text, $3::int4, $9::bytea FROM done"
+            " WHERE $6::bool AND $9::bytea IS NOT NULL"
+            " ON CONFLICT (entity_type, entity_id) DO UPDATE SET data = excluded.data,"
+            f" version = {p}states.version + 1, saved_at = now() RETURNING 1),"
+            f" state_del AS (DELETE FROM {p}states WHERE $6::bool AND $9::bytea IS NULL"
+            " AND entity_type = $7::text AND entity_id = $8::text"
+            " AND EXISTS (SELECT FROM done) RETURNING 1),"
+            f" sent AS (SELECT pg_notify($10, '{_REPLIED}' || $11::text) FROM done)"
+            " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)"
+        )
+        """``_reply_sql`` for one reply, its values as parameters: the same fence (the
+        shard's row share-locked, a stale epoch matching nothing), the same state write."""
         self._first_pages_sql = (
             "SELECT snap.taken, w.k, m.* FROM (SELECT pg_current_snapshot()::text AS taken)"
             " AS snap CROSS JOIN json_to_recordset($1::json) AS w(k int, g text, i int)"
@@ -378,12 +412,12 @@ class PgMessageStorage:
         )
 
     @asynccontextmanager
-    async def writing(self, writers: int = 1) -> AsyncIterator[None]:
-        """Run the group-commit writers (``writers`` of each kind) for the block."""
+    async def writing(self) -> AsyncIterator[None]:
+        """Run the group-commit writers (one of each kind) for the block."""
         async with (
-            self.requests.running(writers),
-            self.replies.running(writers),
-            self.first_pages.running(writers),
+            self.requests.running(),
+            self.replies.running(),
+            self.first_pages.running(),
         ):
             yield
 
@@ -402,6 +436,34 @@ class PgMessageStorage:
             _stored_note(item.origin, item.envelope, meta) if item.announce else None
             for item, meta in zip(items, metas, strict=True)
         ]
+        if len(items) == 1:
+            inserted = await self._insert_one(items[0].envelope, metas[0], notes[0])
+        else:
+            inserted = await self._insert_batch(items, metas, notes)
+        return await self._saved(items, inserted)
+
+    async def _insert_one(self, e: Envelope, meta: bytes, note: str | None) -> set[int]:
+        params: list[Param] = [
+            e.request_id,
+            e.shard_group,
+            e.shard_index,
+            e.entity_type,
+            e.entity_id,
+            e.rpc,
+            e.payload,
+            e.primary_key,
+            e.deliver_at_ms,
+            meta,
+            e.dedup_key,
+            self.channel,
+            note,
+        ]
+        rows = await self._pool.fetch(self._insert_one_sql, params, prepare=True)
+        return {int(row[0]) for row in rows}
+
+    async def _insert_batch(
+        self, items: list[_SaveRequest], metas: list[bytes], notes: list[str | None]
+    ) -> set[int]:
         groups = pack_notes(notes, _CARRIED_HEADER)
         rows = [
             _RequestRow(
@@ -425,12 +487,17 @@ class PgMessageStorage:
             )
             for e in (item.envelope,)
         ]
-        inserted = {
+        return {
             int(row[0])
             for row in await self._pool.fetch(
                 self._insert_sql, [_encode_json(rows).decode(), self.channel], prepare=True
             )
         }
+
+    async def _saved(
+        self, items: list[_SaveRequest], inserted: set[int]
+    ) -> list[Saved | ClusterError]:
+        """Each item's outcome: stored, or the original its dedup key found."""
         outcomes: list[Saved | ClusterError] = []
         originals: dict[str, int] = {}
         missing: list[str] = []
@@ -471,6 +538,48 @@ class PgMessageStorage:
         notes: list[str | None] = [
             _reply_note(item.lease.machine_id, item.request_id, item.reply) for item in items
         ]
+        if len(items) == 1:
+            current = await self._reply_one(items[0], notes[0])
+        else:
+            current = await self._reply_batch(items, notes)
+        outcomes: list[ClusterError | None] = []
+        for item in items:
+            lease = item.lease
+            if (lease.shard.group, lease.shard.index, lease.epoch) in current:
+                outcomes.append(None)
+            else:
+                outcomes.append(
+                    EntityNotAssignedToRunner(
+                        f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
+                        request_id=item.request_id,
+                    )
+                )
+        return outcomes
+
+    async def _reply_one(self, item: _SaveReply, note: str | None) -> set[tuple[str, int, int]]:
+        """The lease of the item, if current (its reply then written and announced)."""
+        lease, state = item.lease, item.state
+        params: list[Param] = [
+            item.request_id,
+            lease.shard.group,
+            lease.shard.index,
+            lease.epoch,
+            item.reply,
+            state is not None,
+            None if state is None else state.entity_type,
+            None if state is None else state.entity_id,
+            None if state is None else state.data,
+            self.channel,
+            note,
+        ]
+        row = await self._pool.fetchrow(self._reply_one_sql, params, prepare=True)
+        current = row is not None and int(row[0]) > 0
+        return {(lease.shard.group, lease.shard.index, lease.epoch)} if current else set()
+
+    async def _reply_batch(
+        self, items: list[_SaveReply], notes: list[str | None]
+    ) -> set[tuple[str, int, int]]:
+        """The leases of the batch that are current (their replies written, announced)."""
         groups = pack_notes(notes, len(_REPLIED))
         rows = [
             _ReplyRow(
@@ -489,25 +598,12 @@ class PgMessageStorage:
             )
             for i, (item, note, group) in enumerate(zip(items, notes, groups, strict=True))
         ]
-        current = {
+        return {
             (group, int(index), int(epoch))
             for group, index, epoch, _ in await self._pool.fetch(
                 self._reply_sql, [_encode_json(rows).decode(), self.channel], prepare=True
             )
         }
-        outcomes: list[ClusterError | None] = []
-        for item in items:
-            lease = item.lease
-            if (lease.shard.group, lease.shard.index, lease.epoch) in current:
-                outcomes.append(None)
-            else:
-                outcomes.append(
-                    EntityNotAssignedToRunner(
-                        f"lease epoch {lease.epoch} of shard {lease.shard} is stale",
-                        request_id=item.request_id,
-                    )
-                )
-        return outcomes
 
     async def purge(self, lease: Lease, window: float, limit: int) -> int:
         """Delete up to *limit* of the shard's processed requests replied over *window* s ago.
