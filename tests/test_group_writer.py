@@ -79,6 +79,28 @@ async def test_writes_arriving_during_a_lone_write_wait_and_go_together_after_it
     assert server.most_out == 1
 
 
+async def test_after_a_batch_of_several_writes_go_through_the_writer_until_one_is_alone() -> None:
+    """Under load the callers of one batch write again together: the writer takes
+    them in one statement, rather than the first alone and the rest after it."""
+    server = Server()
+    server.hold = True
+    writer = GroupWriter("test", server.write)
+    me = trio.lowlevel.current_task()
+    async with writer.running():
+        async with trio.open_nursery() as nursery:
+            for item in (1, 2, 3):
+                nursery.start_soon(writer.submit, item)
+                await trio.testing.wait_all_tasks_blocked()
+            server.hold = False
+            server.release.set()
+        assert server.batches == [[1], [2, 3]]
+        await writer.submit(4)  # after a batch of two: through the writer, alone
+        await writer.submit(5)  # after a batch of one: in this task
+    assert server.batches[2:] == [[4], [5]]
+    assert server.tasks[2] is not me
+    assert server.tasks[3] is me
+
+
 async def test_a_write_right_after_a_lone_one_does_not_pass_one_the_writer_holds() -> None:
     """The caller of a lone write writes again at once, while the writer, woken by
     the lone write's end, has not run yet but holds a write that came before."""

@@ -48,7 +48,7 @@ from ..errors import ClusterError, PersistenceError
 from ..pgdriver.connection import Connection, open_connection
 from ..pgdriver.errors import ConnectionLost, PgError
 from ..pgdriver.pool import Pool
-from ..storage.base import Gap, Lease, Notice
+from ..storage.base import Gap, Lease, Notice, Triage
 from ..storage.notices import Followers
 from .boundary import translated
 from .schema import lock_namespace
@@ -340,9 +340,11 @@ class PgLeaseSession:
         await self._register(conn)
         self._answered_at(sent)
 
-    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+    def notices(
+        self, triage: Triage | None = None
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
         """What the lock connection hears, for as long as the ``async with`` lasts."""
-        return self._followers.follow()
+        return self._followers.follow(triage)
 
     async def _follow_notices(self, conn: Connection) -> None:
         """Pass each notification on, until the connection is lost or closed."""

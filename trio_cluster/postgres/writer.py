@@ -4,10 +4,14 @@ A writer task takes whatever is queued when it is free and writes it in one
 statement, so one transaction and one WAL flush serve the whole batch. There
 is no timer: batches grow only while the server is busy with the previous one
 (the "natural batching" of group commit). A lone write, one that finds nothing
-being written and nothing queued, is written by its caller's own task instead
-of being handed over: the hand-over cost two passes through the scheduler, a
-tenth of a lone write's time on a busy machine. Either way one statement of a
-kind is out at a time, in the order the writes came. A waiter is answered when
+being written and nothing queued while traffic is light (the previous statement
+carried one write), is written by its caller's own task instead of being handed
+over: the hand-over cost two passes through the scheduler, a tenth of a lone
+write's time on a busy machine. Under load the writer takes every write: the
+callers woken together by one batch's commit write again together, and the
+first of them, written alone, would split what the writer's next batch takes
+in one statement. Either way one statement of a kind is out at a time, in the
+order the writes came. A waiter is answered when
 its batch's statement has returned, that is after its commit; a caller
 cancelled during its own lone write abandons the statement (the driver cancels
 it), so, as with a queued write it stops waiting for, it cannot know whether
@@ -83,6 +87,8 @@ class GroupWriter(Generic[T, R]):
         """A statement is out (the writer's batch or a caller's lone write)."""
         self._holding = False
         """The writer has taken writes from the queue and waits for its turn."""
+        self._light = True
+        """The previous statement carried one write: traffic is light."""
         self._idle = trio.Event()
         self.batches = 0
         self.items = 0
@@ -127,9 +133,11 @@ class GroupWriter(Generic[T, R]):
                 self._receive.receive_nowait().settle(closed)
 
     def _lone(self) -> bool:
-        """Whether a write now would be alone: none out, none queued before it."""
+        """Whether a write now would be alone: none out, none queued before it, and
+        none came with the previous one."""
         return (
             self._open
+            and self._light
             and not self._busy
             and not self._holding
             and not self._send.statistics().current_buffer_used
@@ -158,6 +166,7 @@ class GroupWriter(Generic[T, R]):
 
     async def _write_all(self, batch: list[_Pending[T, R]]) -> None:
         """Write ``batch`` and settle each of its waiters, whatever happens."""
+        self._light = len(batch) == 1
         try:
             for part in split_conflicts(batch, lambda p: self._keys(p.item)):
                 await self._write_batch(part)

@@ -40,6 +40,13 @@ class Lease:
     epoch: int
 
 
+Triage = Callable[["Notice"], bool]
+"""A follower's first look at a notice, in the task that received it: True when it
+dealt with the notice there and then (nothing to wait for), so the notice is not
+queued. It must not block; an exception it raises is logged and the notice queued.
+Most notices concern another runner, or resolve a waiting caller: dealt with
+where they arrive, they wake no follower task."""
+
 NO_ORIGIN = -1
 """The ``origin`` of a notice no runner sent itself (a completed deferred woke a request):
 every runner acts on it, the one that caused it included."""
@@ -187,7 +194,9 @@ class LeaseSession(Protocol):
         """Stop being assigned shards (leases stay until released): the start of a handoff."""
         ...
 
-    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+    def notices(
+        self, triage: Triage | None = None
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
         """Follow what the runners store, for as long as the ``async with`` lasts.
 
         Notices come with the session, not the message storage: PostgreSQL
@@ -195,6 +204,8 @@ class LeaseSession(Protocol):
         die with its registration and cost no connection of their own. The
         channel is bounded: a follower that falls behind gets a :class:`Gap`
         instead of unbounded memory, and so does one whose session reconnected.
+        ``triage``, when given, sees each notice first, as it arrives (see
+        `Triage`); only those it leaves come through the channel.
         """
         ...
 

@@ -41,6 +41,7 @@ from .base import (
     Saved,
     StateWrite,
     Stored,
+    Triage,
 )
 from .notices import Followers
 from .retention import Retention, sweep_forever
@@ -518,5 +519,7 @@ class _MemorySession:
     async def leave(self) -> None:
         await self.storage._leave(self.machine_id)
 
-    def notices(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
-        return self.storage._followers.follow()
+    def notices(
+        self, triage: Triage | None = None
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Notice]]:
+        return self.storage._followers.follow(triage)

@@ -7,25 +7,37 @@ the follower rescans storage, which stays the source of truth.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
-from .base import Gap, Notice
+from .base import Gap, Notice, Triage
+
+log = logging.getLogger("trio_cluster.storage.notices")
 
 NOTICE_BUFFER = 1024
 
 
 class Follower:
-    __slots__ = ("_channel", "_missed")
+    __slots__ = ("_channel", "_missed", "_triage")
 
-    def __init__(self, channel: trio.MemorySendChannel[Notice]) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[Notice], triage: Triage | None) -> None:
         self._channel = channel
         self._missed = False
+        self._triage = triage
 
     def send(self, notice: Notice) -> None:
-        """Pass a notice on without waiting; note a gap when the buffer is full."""
+        """Pass a notice on without waiting (unless the triage dealt with it); note a
+        gap when the buffer is full."""
+        if self._triage is not None:
+            try:
+                if self._triage(notice):
+                    return
+            except Exception:
+                # A bug in the follower's triage: the notice takes the slow way.
+                log.exception("triage of %r failed", notice)
         try:
             if self._missed:
                 self._channel.send_nowait(Gap())
@@ -38,10 +50,12 @@ class Follower:
 
 
 @contextmanager
-def open_follower() -> Iterator[tuple[Follower, trio.MemoryReceiveChannel[Notice]]]:
+def open_follower(
+    triage: Triage | None = None,
+) -> Iterator[tuple[Follower, trio.MemoryReceiveChannel[Notice]]]:
     send, receive = trio.open_memory_channel[Notice](NOTICE_BUFFER)
     with send, receive:
-        yield Follower(send), receive
+        yield Follower(send, triage), receive
 
 
 class Followers:
@@ -53,9 +67,12 @@ class Followers:
         self._followers: list[Follower] = []
 
     @asynccontextmanager
-    async def follow(self) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
-        """A follower's channel, for as long as the ``async with`` lasts."""
-        with open_follower() as (follower, receive):
+    async def follow(
+        self, triage: Triage | None = None
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Notice]]:
+        """A follower's channel, for as long as the ``async with`` lasts (``triage``:
+        see `Triage`)."""
+        with open_follower(triage) as (follower, receive):
             self._followers.append(follower)
             try:
                 yield receive
