@@ -91,12 +91,22 @@ class Pool:
         """
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        async with self._slots:
+        # A free slot is taken without a pass through the scheduler (Semaphore.acquire
+        # would make one even then): the statements run in the block wait on the socket,
+        # which is the schedule point, as in `Connection._exclusive`.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = await self._take()
             try:
                 yield conn
             finally:
                 self._give_back(conn)
+        finally:
+            self._slots.release()
 
     async def fetch(
         self, sql: str, params: Sequence[Param] = (), *, prepare: bool = False
