@@ -495,6 +495,44 @@ async def test_statements_run_while_a_task_waits_for_notifications(
     assert [n.payload for n in received] == ["late"]
 
 
+async def test_a_follower_gets_every_notification_in_order_while_statements_run(
+    conn: Connection, other: Connection
+) -> None:
+    """``follow_notifications``: notifications queued during statements, sent while
+    it reads, and sent between statements, all passed on once, oldest first; the
+    connection's end ends it with ConnectionLost."""
+    await conn.listen("followed")
+    await conn.execute("SELECT pg_notify('followed', '0')")  # queued before following
+    received: list[str] = []
+    enough = trio.Event()
+
+    def receive(notification: Notification) -> None:
+        received.append(notification.payload)
+        if len(received) == 41:
+            enough.set()
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+
+            async def follow() -> None:
+                with pytest.raises(ConnectionLost):
+                    await conn.follow_notifications(receive)
+
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(1, 41):
+                if i % 2:
+                    await other.execute("SELECT pg_notify('followed', $1)", [str(i)])
+                else:  # a statement on the followed connection itself, which notifies
+                    assert (
+                        await conn.fetchval("SELECT pg_notify('followed', $1)::text", [str(i)])
+                        == ""
+                    )
+            await enough.wait()
+            assert await other.fetchval("SELECT pg_terminate_backend($1)", [conn.backend_pid])
+    assert received == [str(i) for i in range(41)]
+
+
 async def test_two_idle_readers_share_the_socket(conn: Connection, other: Connection) -> None:
     await conn.listen("shared")
     got: list[Notification] = []

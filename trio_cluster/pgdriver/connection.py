@@ -3,7 +3,8 @@
 Trio lets only one task wait on a socket at a time, and libpq is not re-entrant, so every
 use of the socket happens inside `Connection._exclusive` (a FIFO lock). Statements hold it
 for their whole round trip. Idle readers (`Connection.wait_notification`,
-`Connection.wait_closed`) hold it only while the connection is otherwise idle: a
+`Connection.follow_notifications`, `Connection.wait_closed`) hold it only while the
+connection is otherwise idle: a
 statement that wants the lock cancels the idle reader's wait, runs, and the idle reader
 resumes afterwards. So a lease holder can watch its lock connection for loss *and* run
 statements on it, without either blocking the other.
@@ -357,6 +358,26 @@ class Connection:
             await self._read_while_idle(lambda: bool(self._notifications))
         return self._notifications.popleft()
 
+    async def follow_notifications(self, receive: Callable[[Notification], None]) -> None:
+        """Pass each notification to ``receive`` as it arrives, oldest first, until the
+        connection is lost or closed: then `ConnectionLost`.
+
+        What `wait_notification` in a loop does, for less: the idle socket is read
+        under one cancel scope and one hold of the lock for as long as no statement
+        wants the connection, not one of each per notification (a lease holder
+        hears every notice of its cluster). ``receive`` runs in this task and must
+        neither block nor raise. Statements on this connection can run meanwhile.
+        """
+        while True:
+            self._pass_notifications(receive)
+            if self._closed:
+                raise self._lost_error()
+            await self._read_while_idle(lambda: self._closed, receive)
+
+    def _pass_notifications(self, receive: Callable[[Notification], None]) -> None:
+        while self._notifications:
+            receive(self._notifications.popleft())
+
     async def wait_closed(self) -> None:
         """Return as soon as the connection is lost or closed.
 
@@ -368,8 +389,11 @@ class Connection:
         while not self._closed:
             await self._read_while_idle(lambda: self._closed)
 
-    async def _read_while_idle(self, done: Callable[[], bool]) -> None:
-        """One round of reading the idle socket (or of waiting for whoever does)."""
+    async def _read_while_idle(
+        self, done: Callable[[], bool], receive: Callable[[Notification], None] | None = None
+    ) -> None:
+        """One round of reading the idle socket (or of waiting for whoever does); with
+        ``receive``, reading on, passing notifications to it, until ``done``."""
         if self._idle_reader_scope is not None:
             # Another idle reader owns the socket; it reports what it reads.
             await self._changed.wait()
@@ -385,10 +409,14 @@ class Connection:
                 except trio.WouldBlock:
                     await self._lock.acquire()
                 try:
-                    if done() or self._closed:
-                        return
-                    await self._wait_readable()
-                    self._consume_input()
+                    while not (done() or self._closed):
+                        if receive is not None:
+                            # Those a statement received while this waited for the lock.
+                            self._pass_notifications(receive)
+                        await self._wait_readable()
+                        self._consume_input()
+                        if receive is None:
+                            break
                 finally:
                     self._lock.release()
         except ConnectionLost:

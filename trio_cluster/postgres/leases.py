@@ -29,6 +29,7 @@ completing a message is fenced by the shard's epoch (see ``messages``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -45,7 +46,7 @@ from ..core.retry import RetryPolicy
 from ..core.snowflake import MACHINE_IDS
 from ..core.validation import number
 from ..errors import ClusterError, PersistenceError
-from ..pgdriver.connection import Connection, open_connection
+from ..pgdriver.connection import Connection, Notification, open_connection
 from ..pgdriver.errors import ConnectionLost, PgError
 from ..pgdriver.pool import Pool
 from ..storage.base import Gap, Lease, Notice, Triage
@@ -348,19 +349,18 @@ class PgLeaseSession:
 
     async def _follow_notices(self, conn: Connection) -> None:
         """Pass each notification on, until the connection is lost or closed."""
-        while True:
-            try:
-                notification = await conn.wait_notification()
-            except ConnectionLost:
-                return
-            try:
-                notices = self._parse_notification(notification.payload)
-            except Exception:
-                # A bug, not the database: this notification is lost, not the session.
-                log.exception("reading notification %r failed", notification.payload[:200])
-                notices = [Gap()]
-            for notice in notices:
-                self._followers.send(notice)
+        with contextlib.suppress(ConnectionLost):
+            await conn.follow_notifications(self._pass_on)
+
+    def _pass_on(self, notification: Notification) -> None:
+        try:
+            notices = self._parse_notification(notification.payload)
+        except Exception:
+            # A bug, not the database: this notification is lost, not the session.
+            log.exception("reading notification %r failed", notification.payload[:200])
+            notices = [Gap()]
+        for notice in notices:
+            self._followers.send(notice)
 
     def _connect(self) -> AbstractAsyncContextManager[Connection]:
         return open_lock_connection(
