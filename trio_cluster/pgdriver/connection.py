@@ -37,6 +37,7 @@ from psycopg.pq.abc import PGconn, PGresult
 from trio_cluster.pgdriver.codec import Param, decode_rows, encode_params
 from trio_cluster.pgdriver.errors import ConnectionLost, PgError, error_class_for
 from trio_cluster.pgdriver.statements import StatementCache, StatementKey
+from trio_cluster.pgdriver.turns import take
 
 __all__ = ["ConnectOptions", "Connection", "Notification", "open_connection"]
 
@@ -402,12 +403,7 @@ class Connection:
         self._idle_reader_scope = scope
         try:
             with scope:
-                # As in `_exclusive`: the socket wait is the schedule point, so a free
-                # lock is taken without a pass through the scheduler.
-                try:
-                    self._lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await self._lock.acquire()
+                await take(self._lock)  # the socket wait is the schedule point
                 try:
                     while not (done() or self._closed):
                         if receive is not None:
@@ -431,13 +427,8 @@ class Connection:
     async def _exclusive(self) -> AsyncIterator[PGconn]:
         if self._idle_reader_scope is not None:
             self._idle_reader_scope.cancel()  # it resumes after us
-        # Lock.acquire would cost a pass through the scheduler even when the lock is
-        # free; statements always wait on the socket anyway (schedule point).
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await take(self._lock)  # statements always wait on the socket (see ``turns``)
         try:
             if self._closed:
                 raise self._lost_error()

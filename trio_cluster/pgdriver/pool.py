@@ -10,6 +10,7 @@ import trio
 
 from trio_cluster.pgdriver.codec import Param
 from trio_cluster.pgdriver.connection import Connection, ConnectOptions, _connect
+from trio_cluster.pgdriver.turns import take
 
 __all__ = ["Pool", "open_pool"]
 
@@ -91,14 +92,8 @@ class Pool:
         """
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        # A free slot is taken without a pass through the scheduler (Semaphore.acquire
-        # would make one even then): the statements run in the block wait on the socket,
-        # which is the schedule point, as in `Connection._exclusive`.
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
+        await take(self._slots)  # the block's statements wait on the socket (see ``turns``)
         try:
             conn = await self._take()
             try:

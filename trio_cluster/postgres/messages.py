@@ -219,6 +219,25 @@ def _stored(note: _StoredNote, xid: int | None, carried: list[Carried]) -> Store
     return Stored(ShardId(note.group, note.index), note.request_id, note.origin)
 
 
+def _stored_values(
+    e: Envelope, meta: bytes
+) -> tuple[int, str, int, str, str, str, bytes, str | None, int | None, bytes, str | None]:
+    """What a request's row stores: ``_COLUMNS``, then its dedup key."""
+    return (
+        e.request_id,
+        e.shard_group,
+        e.shard_index,
+        e.entity_type,
+        e.entity_id,
+        e.rpc,
+        e.payload,
+        e.primary_key,
+        e.deliver_at_ms,
+        meta,
+        e.dedup_key,
+    )
+
+
 def _reply_note(origin: int, request_id: int, reply: bytes) -> str:
     note = _note((origin, request_id, reply))
     return note if fits(note, len(_REPLIED)) else _note((origin, request_id, None))
@@ -443,21 +462,7 @@ class PgMessageStorage:
         return await self._saved(items, inserted)
 
     async def _insert_one(self, e: Envelope, meta: bytes, note: str | None) -> set[int]:
-        params: list[Param] = [
-            e.request_id,
-            e.shard_group,
-            e.shard_index,
-            e.entity_type,
-            e.entity_id,
-            e.rpc,
-            e.payload,
-            e.primary_key,
-            e.deliver_at_ms,
-            meta,
-            e.dedup_key,
-            self.channel,
-            note,
-        ]
+        params: list[Param] = [*_stored_values(e, meta), self.channel, note]
         rows = await self._pool.fetch(self._insert_one_sql, params, prepare=True)
         return {int(row[0]) for row in rows}
 
@@ -466,26 +471,10 @@ class PgMessageStorage:
     ) -> set[int]:
         groups = pack_notes(notes, _CARRIED_HEADER)
         rows = [
-            _RequestRow(
-                i,
-                e.request_id,
-                e.shard_group,
-                e.shard_index,
-                e.entity_type,
-                e.entity_id,
-                e.rpc,
-                e.payload,
-                e.primary_key,
-                e.deliver_at_ms,
-                meta,
-                e.dedup_key,
-                note,
-                group,
-            )
+            _RequestRow(i, *_stored_values(item.envelope, meta), note, group)
             for i, (item, meta, note, group) in enumerate(
                 zip(items, metas, notes, groups, strict=True)
             )
-            for e in (item.envelope,)
         ]
         return {
             int(row[0])
