@@ -8,6 +8,8 @@ tests/postgres/test_group_commit.py.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -120,6 +122,63 @@ async def test_a_write_right_after_a_lone_one_does_not_pass_one_the_writer_holds
         server.hold = False
         server.release.set()
     assert server.batches == [[1], [2, 3]]
+
+
+async def test_a_write_handed_to_the_waiting_writer_is_not_overtaken() -> None:
+    """The channel hands a write straight to a writer waiting to receive, before that
+    writer runs: a lone write begun right then must still come after it. Each
+    round races the two (Trio orders a scheduling batch at random); every write
+    takes its number as it is submitted, so the statements must come in order."""
+    for _ in range(40):
+        assert await race_a_lone_write_with_a_handed_one() == [0, 1, 2]
+
+
+async def race_a_lone_write_with_a_handed_one() -> list[int]:
+    server = Server()
+    server.hold = True
+    writer = GroupWriter("test", server.write)
+    numbers = itertools.count()
+
+    async def submit_next() -> None:
+        await writer.submit(next(numbers))
+
+    async def caller() -> None:
+        await submit_next()  # alone, held
+        await submit_next()  # right after it
+
+    async with writer.running(), trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        await trio.testing.wait_all_tasks_blocked()
+        server.hold = False
+        nursery.start_soon(submit_next)
+        server.release.set()
+    return [item for batch in server.batches for item in batch]
+
+
+async def test_a_write_the_writer_holds_fails_when_the_storage_closes() -> None:
+    server = Server()
+    server.hold = True
+    writer = GroupWriter("test", server.write)
+    outcome: list[BaseException] = []
+
+    async def queued() -> None:
+        try:
+            await writer.submit(2)
+        except PersistenceError as error:
+            outcome.append(error)
+
+    async with trio.open_nursery() as nursery:
+        async with writer.running():
+            nursery.start_soon(writer.submit, 1)  # alone, held
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(queued)  # the writer takes it and waits its turn
+            await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            while not outcome:
+                await trio.testing.wait_all_tasks_blocked()
+        server.release.set()
+    assert "closed" in str(outcome[0])
+    assert server.batches == [[1]]
 
 
 @settings(deadline=None)

@@ -30,7 +30,7 @@ from trio_cluster.storage import (
     Replied,
     Stored,
 )
-from trio_cluster.storage.notices import Followers
+from trio_cluster.storage.notices import NOTICE_BUFFER, Followers
 
 ME, PEER = 1, 2
 SERVED, ELSEWHERE = ShardId("default", 3), ShardId("default", 4)
@@ -112,3 +112,20 @@ async def test_only_what_the_triage_leaves_is_queued() -> None:
         assert channel.receive_nowait() == Stored(SERVED, 2, PEER)
         with pytest.raises(trio.WouldBlock):
             channel.receive_nowait()
+
+
+async def test_a_gap_is_not_held_back_by_notices_the_triage_deals_with() -> None:
+    """After an overflow the follower must hear of the gap at the next notice of any
+    kind, even one the triage drops: else it would wait for a notice it needs."""
+    world = World()
+    followers = Followers()
+    async with followers.follow(world.follower.triage) as channel:
+        for n in range(NOTICE_BUFFER + 1):  # the last one overflows
+            followers.send(Stored(SERVED, n, PEER))
+        while True:
+            try:
+                channel.receive_nowait()
+            except trio.WouldBlock:
+                break
+        followers.send(Stored(ELSEWHERE, 1, PEER))  # dropped by the triage
+        assert isinstance(channel.receive_nowait(), Gap)

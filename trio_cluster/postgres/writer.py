@@ -85,8 +85,9 @@ class GroupWriter(Generic[T, R]):
         self._open = False
         self._busy = False
         """A statement is out (the writer's batch or a caller's lone write)."""
-        self._holding = False
-        """The writer has taken writes from the queue and waits for its turn."""
+        self._queued = 0
+        """Writes handed to the queue and not yet in a batch being written (the channel
+        hands one straight to a waiting writer, which may not have run yet)."""
         self._light = True
         """The previous statement carried one write: traffic is light."""
         self._idle = trio.Event()
@@ -105,10 +106,14 @@ class GroupWriter(Generic[T, R]):
             finally:
                 self._done_writing()
         else:
+            self._queued += 1
             try:
                 await self._send.send(pending)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise PersistenceError(f"cannot {self.name}: the storage is closed") from None
+            except BaseException as error:
+                self._queued -= 1
+                if isinstance(error, trio.ClosedResourceError | trio.BrokenResourceError):
+                    raise PersistenceError(f"cannot {self.name}: the storage is closed") from None
+                raise
             await pending.done.wait()
         outcome = pending.outcome
         if isinstance(outcome, BaseException):
@@ -135,13 +140,7 @@ class GroupWriter(Generic[T, R]):
     def _lone(self) -> bool:
         """Whether a write now would be alone: none out, none queued before it, and
         none came with the previous one."""
-        return (
-            self._open
-            and self._light
-            and not self._busy
-            and not self._holding
-            and not self._send.statistics().current_buffer_used
-        )
+        return self._open and self._light and not self._busy and not self._queued
 
     def _done_writing(self) -> None:
         self._busy = False
@@ -150,15 +149,20 @@ class GroupWriter(Generic[T, R]):
 
     async def _run(self) -> None:
         async for first in self._receive:
-            self._holding = True
-            while self._busy:
-                await self._idle.wait()  # a caller's lone write, begun before ours came
+            try:
+                while self._busy:
+                    await self._idle.wait()  # a caller's lone write, begun before ours came
+            except BaseException:
+                # Cancelled (the storage closing): the write taken is not in the channel
+                # any more, so the drain after the writer would not find it.
+                first.settle(PersistenceError(f"cannot {self.name}: the storage is closed"))
+                raise
             batch = [first]
             with contextlib.suppress(trio.WouldBlock):
                 while len(batch) < self._max_batch:
                     batch.append(self._receive.receive_nowait())
             self._busy = True
-            self._holding = False
+            self._queued -= len(batch)
             try:
                 await self._write_all(batch)
             finally:

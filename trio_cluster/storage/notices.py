@@ -31,17 +31,18 @@ class Follower:
     def send(self, notice: Notice) -> None:
         """Pass a notice on without waiting (unless the triage dealt with it); note a
         gap when the buffer is full."""
-        if self._triage is not None:
-            try:
-                if self._triage(notice):
-                    return
-            except Exception:
-                # A bug in the follower's triage: the notice takes the slow way.
-                log.exception("triage of %r failed", notice)
         try:
             if self._missed:
+                # Before any triage: the Gap must not wait for a notice that needs queueing.
                 self._channel.send_nowait(Gap())
                 self._missed = False
+            if self._triage is not None:
+                try:
+                    if self._triage(notice):
+                        return
+                except Exception:
+                    # A bug in the follower's triage: the notice takes the slow way.
+                    log.exception("triage of %r failed", notice)
             self._channel.send_nowait(notice)
         except trio.WouldBlock:
             self._missed = True
