@@ -190,8 +190,9 @@ async def test_reply_notices_carry_the_reply(storage: MemoryStorage | PostgresSt
         storage.runners.session(RunnerSpec("r"), lambda _: None) as session,
         session.notices() as notices,
     ):
+        me = session.machine_id  # a reply is announced to the caller that stored it
         requests = [envelope(e) for e in ENTITIES[:10]]
-        await all_at_once(*(messages.save_request(e, origin=1, announce=True) for e in requests))
+        await all_at_once(*(messages.save_request(e, origin=me, announce=True) for e in requests))
         leases: dict[ShardId, Lease] = {}
         for shard in {shard_of(e.entity_id) for e in requests}:
             lease = await session.acquire(shard)
@@ -210,7 +211,8 @@ async def test_reply_notices_carry_the_reply(storage: MemoryStorage | PostgresSt
         with trio.fail_after(10):
             while len(replied) < len(wanted):
                 match await notices.receive():
-                    case Stored(shard, request_id, 1) if request_id in wanted:
+                    case Stored(shard, request_id, origin) if request_id in wanted:
+                        assert origin == me
                         assert shard == shards[request_id]
                         stored.add(request_id)
                     case Replied(request_id, _, reply) if request_id in wanted:
@@ -255,12 +257,12 @@ async def test_a_reply_too_large_for_a_notice_is_announced_without_it(pg_dsn: st
     async with open_postgres_storage(pg_dsn, prefix=f"gc{next(_prefixes)}_") as storage:
         messages = storage.messages
         big, small = envelope("e0"), envelope(OTHER)
-        for e in (big, small):
-            await messages.save_request(e, origin=1, announce=False)
         async with (
             storage.runners.session(RunnerSpec("r"), lambda _: None) as session,
             session.notices() as notices,
         ):
+            for e in (big, small):
+                await messages.save_request(e, origin=session.machine_id, announce=False)
             big_lease = await session.acquire(shard_of(big.entity_id))
             small_lease = await session.acquire(shard_of(small.entity_id))
             assert big_lease is not None and small_lease is not None

@@ -52,12 +52,17 @@ from ..pgdriver.pool import Pool
 from ..storage.base import Gap, Lease, Notice, Triage
 from ..storage.notices import Followers
 from .boundary import translated
+from .messages import reply_channel
 from .schema import lock_namespace
 
 log = logging.getLogger("trio_cluster.postgres.leases")
 
 ACQUIRE_BATCH = 1_000
 """Shards one acquiring statement try-locks at most: a bounded statement and lock count."""
+REPLY_IDS = 8
+"""Most machine ids whose reply channels a runner listens on: it keeps listening on
+the ids it had before a reconnect gave it another (a request stored under one waits
+for its reply there), up to this many."""
 RECONNECT = RetryPolicy(base_delay=0.05, max_delay=1.0, max_attempts=2**62, max_elapsed=2.0**62)
 
 
@@ -208,6 +213,10 @@ class PgLeaseSession:
         self._register_deadline = register_deadline
         self._conn: Connection | None = None
         self._machine_id = -1
+        self._reply_ids: list[int] = []
+        """The machine ids this runner registered under, newest last: replies to the
+        requests it stored are announced on those ids' channels (see ``messages``), so
+        it listens on each, for as long as requests stored under them may wait."""
         self._held: dict[ShardId, Lease] = {}
         self._unlocks = _Unlocks()
         """Released shards whose locks the unlock task lets go of next (see ``release``)."""
@@ -333,8 +342,11 @@ class PgLeaseSession:
 
     async def _listen_and_register(self, conn: Connection, *, reconnected: bool) -> None:
         # Before registering: no notice about this runner's shards can be sent
-        # before it listens.
+        # before it listens. Before the gap: the replies it re-reads either are
+        # stored already or will be heard.
         await conn.listen(self._channel)
+        for machine_id in self._reply_ids:
+            await conn.listen(reply_channel(self._prefix, machine_id))
         if reconnected:
             self._followers.send(Gap())
         sent = trio.current_time()
@@ -390,6 +402,10 @@ class PgLeaseSession:
             raise PersistenceError(f"no free machine id among {MACHINE_IDS}")
         if self._machine_id not in (-1, candidate):
             log.warning("runner %s re-registered as machine %s", self._machine_id, candidate)
+        if candidate not in self._reply_ids:
+            # Before any request can be stored under it (see ``machine_id``).
+            await conn.listen(reply_channel(self._prefix, candidate))
+            self._reply_ids = [*self._reply_ids[1 - REPLY_IDS :], candidate]
         self._machine_id = candidate
         spec = self._spec
         await conn.execute(

@@ -11,12 +11,13 @@ owner's reply are strictly ordered.
 Requests and replies are written by group commit (see ``writer``): what
 concurrent callers queue goes to the server in one statement per batch, one
 transaction and one WAL flush for all, with one ``pg_notify`` per batch (and
-channel) announcing every row of it. Notices carry what their receiver needs:
-a reply notice the reply itself, so a caller on another runner reads nothing
-back; a stored request's notice the request and its transaction's id, so the
-shard's owner reads nothing back unless a read of the shard may already have
-returned it (the fence, see ``carried``). Either falls back to the id alone,
-and a read, when too large for a notice. Rows travel as one JSON array per
+channel) announcing every row of it. A reply's notice goes to its caller's
+channel alone (see ``_ANNOUNCED_TO``): no other runner wakes for it. Notices
+carry what their receiver needs: a reply notice the reply itself, so a caller on
+another runner reads nothing back; a stored request's notice the request and its
+transaction's id, so the shard's owner reads nothing back unless a read of the
+shard may already have returned it (the fence, see ``carried``). Either falls
+back to the id alone, and a read, when too large for a notice. Rows travel as one JSON array per
 batch (``json_to_recordset``), so one prepared statement serves every batch
 size. A batch of one, what a lone caller writes whenever traffic is light, goes
 out as its own statement with typed parameters instead: the JSON costs more
@@ -127,6 +128,7 @@ class _RequestRow(msgspec.Struct):
     deliver_at_ms: int | None
     meta: bytes
     dedup_key: str | None
+    reply_to: int
     note: str | None
     grp: int
 
@@ -195,6 +197,30 @@ has its inserting transaction's id after the prefix, then a colon:
 _CARRIED_HEADER = len(_CARRIED) + len(str(2**64)) + 1
 """The longest prefix of a ``C:`` payload: an xid8 has at most 20 digits."""
 
+_ANNOUNCED_TO = (
+    "CASE WHEN m.watched OR m.reply_to IS NULL THEN {everyone}"
+    " ELSE {callers} || m.reply_to::text END AS channel"
+)
+"""The channel a reply is announced on, from its request's row: the caller's own
+(``reply_to``), so that no other runner wakes for it, unless a duplicate's caller
+waits on it too (``watched``, see ``watch_reply``) or an earlier version stored the
+request (no ``reply_to``): then every runner's. A batch answering more callers than
+``_CALLERS_PER_BATCH`` is announced to every runner too."""
+
+
+_CALLERS_PER_BATCH = 2
+"""Most callers' channels a batch of replies is announced on. Every listener of the
+database reads every notice on the server (PostgreSQL 15 filters channels there),
+at about half the cost of one it is sent: past two channels, one notice on the
+channel every runner hears costs the server less, and wakes the runners that are
+not callers once for the whole batch."""
+
+
+def reply_channel(prefix: str, machine_id: int | str) -> str:
+    """The channel on which the replies to a runner's requests are announced (its
+    machine id's); ``machine_id=""`` gives the prefix the statements complete."""
+    return f"{prefix}r{machine_id}"
+
 
 def _note(value: object) -> str:
     return base64.b64encode(_encode_note(value)).decode()
@@ -220,9 +246,10 @@ def _stored(note: _StoredNote, xid: int | None, carried: list[Carried]) -> Store
 
 
 def _stored_values(
-    e: Envelope, meta: bytes
-) -> tuple[int, str, int, str, str, str, bytes, str | None, int | None, bytes, str | None]:
-    """What a request's row stores: ``_COLUMNS``, then its dedup key."""
+    item: _SaveRequest, meta: bytes
+) -> tuple[int, str, int, str, str, str, bytes, str | None, int | None, bytes, str | None, int]:
+    """What a request's row stores: ``_COLUMNS``, then its dedup key and ``reply_to``."""
+    e = item.envelope
     return (
         e.request_id,
         e.shard_group,
@@ -235,6 +262,7 @@ def _stored_values(
         e.deliver_at_ms,
         meta,
         e.dedup_key,
+        item.origin,
     )
 
 
@@ -325,6 +353,7 @@ class PgMessageStorage:
         self._pool = pool
         self._prefix = prefix
         self.channel = f"{prefix}events"
+        self._reply_channels = reply_channel(prefix, "")
         self.requests: GroupWriter[_SaveRequest, Saved] = GroupWriter(
             "store requests", self._write_requests
         )
@@ -348,11 +377,11 @@ class PgMessageStorage:
             "WITH input AS (SELECT * FROM json_to_recordset($1::json) AS t(i int,"
             " request_id int8, shard_group text, shard_index int, entity_type text,"
             " entity_id text, rpc text, payload text, primary_key text, deliver_at_ms int8,"
-            " meta text, dedup_key text, note text, grp int)),"
-            f" ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key)"
+            " meta text, dedup_key text, reply_to int, note text, grp int)),"
+            f" ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key, reply_to)"
             " SELECT request_id, shard_group, shard_index, entity_type, entity_id, rpc,"
             " decode(payload, 'base64'), primary_key, deliver_at_ms, decode(meta, 'base64'),"
-            " dedup_key FROM input ORDER BY i"
+            " dedup_key, reply_to FROM input ORDER BY i"
             " ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
             f" sent AS (SELECT pg_notify($2, '{_CARRIED}' || pg_current_xact_id()::text || ':'"
             " || string_agg(input.note, ','"
@@ -375,7 +404,8 @@ class PgMessageStorage:
             " epoch)),"
             f" done AS (UPDATE {p}messages AS m SET processed = true,"
             " reply = decode(ok.reply, 'base64'), replied_at = now() FROM ok"
-            " WHERE m.request_id = ok.request_id AND NOT m.processed RETURNING m.request_id),"
+            " WHERE m.request_id = ok.request_id AND NOT m.processed"
+            f" RETURNING m.request_id, {_ANNOUNCED_TO.format(everyone='$2', callers='$3')}),"
             # A request's state is written exactly when its reply is (``done``).
             " changed AS (SELECT ok.* FROM ok JOIN done USING (request_id)"
             " WHERE ok.has_state),"
@@ -388,26 +418,32 @@ class PgMessageStorage:
             f" state_del AS (DELETE FROM {p}states AS s USING changed AS c"
             " WHERE s.entity_type = c.entity_type AND s.entity_id = c.entity_id"
             " AND c.state IS NULL RETURNING 1),"
-            f" sent AS (SELECT pg_notify($2, '{_REPLIED}' || string_agg(ok.note, ','"
-            " ORDER BY ok.i)) FROM ok JOIN done USING (request_id) WHERE ok.grp >= 0"
-            " GROUP BY ok.grp)"
+            # To its callers' channels, unless more than _CALLERS_PER_BATCH: then one
+            # notice for everyone costs the server less (see ``_ANNOUNCED_TO``).
+            " routed AS (SELECT CASE WHEN (SELECT count(DISTINCT channel) FROM done)"
+            f" > {_CALLERS_PER_BATCH} THEN $2 ELSE done.channel END AS channel, ok.i, ok.note,"
+            " ok.grp FROM ok JOIN done USING (request_id) WHERE ok.grp >= 0),"
+            f" sent AS (SELECT pg_notify(channel, '{_REPLIED}' || string_agg(note, ','"
+            " ORDER BY i)) FROM routed GROUP BY channel, grp)"
             " SELECT shard_group, shard_index, epoch, (SELECT count(*) FROM sent) FROM lease"
         )
         self._insert_one_sql = (
-            f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key) VALUES ($1::int8,"
-            " $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea, $8::text, $9::int8,"
-            " $10::bytea, $11::text) ON CONFLICT (dedup_key) DO NOTHING RETURNING request_id),"
-            f" sent AS (SELECT pg_notify($12, '{_CARRIED}' || pg_current_xact_id()::text || ':'"
-            " || $13::text) FROM ins WHERE $13::text IS NOT NULL)"
+            f"WITH ins AS (INSERT INTO {p}messages ({_COLUMNS}, dedup_key, reply_to) VALUES"
+            " ($1::int8, $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea, $8::text,"
+            " $9::int8, $10::bytea, $11::text, $12::int4) ON CONFLICT (dedup_key) DO NOTHING"
+            " RETURNING request_id),"
+            f" sent AS (SELECT pg_notify($13, '{_CARRIED}' || pg_current_xact_id()::text || ':'"
+            " || $14::text) FROM ins WHERE $14::text IS NOT NULL)"
             " SELECT request_id, (SELECT count(*) FROM sent) FROM ins"
         )
         """``_insert_sql`` for one request, its values as parameters."""
         self._reply_one_sql = (
             f"WITH lease AS (SELECT epoch FROM {p}shards WHERE shard_group = $2::text"
             " AND shard_index = $3::int4 AND epoch = $4::int8 FOR SHARE),"
-            f" done AS (UPDATE {p}messages SET processed = true, reply = $5::bytea,"
+            f" done AS (UPDATE {p}messages AS m SET processed = true, reply = $5::bytea,"
             " replied_at = now() WHERE request_id = $1::int8 AND NOT processed"
-            " AND EXISTS (SELECT FROM lease) RETURNING request_id),"
+            " AND EXISTS (SELECT FROM lease)"
+            f" RETURNING request_id, {_ANNOUNCED_TO.format(everyone='$10', callers='$12')}),"
             f" state_up AS (INSERT INTO {p}states"
             " (entity_type, entity_id, shard_group, shard_index, data)"
             " SELECT $7::text, $8::text, $2::text, $3::int4, $9::bytea FROM done"
@@ -417,11 +453,12 @@ class PgMessageStorage:
             f" state_del AS (DELETE FROM {p}states WHERE $6::bool AND $9::bytea IS NULL"
             " AND entity_type = $7::text AND entity_id = $8::text"
             " AND EXISTS (SELECT FROM done) RETURNING 1),"
-            f" sent AS (SELECT pg_notify($10, '{_REPLIED}' || $11::text) FROM done)"
+            f" sent AS (SELECT pg_notify(channel, '{_REPLIED}' || $11::text) FROM done)"
             " SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM sent)"
         )
         """``_reply_sql`` for one reply, its values as parameters: the same fence (the
-        shard's row share-locked, a stale epoch matching nothing), the same state write."""
+        shard's row share-locked, a stale epoch matching nothing), the same state write,
+        the same channel."""
         self._first_pages_sql = (
             "SELECT snap.taken, w.k, m.* FROM (SELECT pg_current_snapshot()::text AS taken)"
             " AS snap CROSS JOIN json_to_recordset($1::json) AS w(k int, g text, i int)"
@@ -456,13 +493,13 @@ class PgMessageStorage:
             for item, meta in zip(items, metas, strict=True)
         ]
         if len(items) == 1:
-            inserted = await self._insert_one(items[0].envelope, metas[0], notes[0])
+            inserted = await self._insert_one(items[0], metas[0], notes[0])
         else:
             inserted = await self._insert_batch(items, metas, notes)
         return await self._saved(items, inserted)
 
-    async def _insert_one(self, e: Envelope, meta: bytes, note: str | None) -> set[int]:
-        params: list[Param] = [*_stored_values(e, meta), self.channel, note]
+    async def _insert_one(self, item: _SaveRequest, meta: bytes, note: str | None) -> set[int]:
+        params: list[Param] = [*_stored_values(item, meta), self.channel, note]
         rows = await self._pool.fetch(self._insert_one_sql, params, prepare=True)
         return {int(row[0]) for row in rows}
 
@@ -471,7 +508,7 @@ class PgMessageStorage:
     ) -> set[int]:
         groups = pack_notes(notes, _CARRIED_HEADER)
         rows = [
-            _RequestRow(i, *_stored_values(item.envelope, meta), note, group)
+            _RequestRow(i, *_stored_values(item, meta), note, group)
             for i, (item, meta, note, group) in enumerate(
                 zip(items, metas, notes, groups, strict=True)
             )
@@ -560,6 +597,7 @@ class PgMessageStorage:
             None if state is None else state.data,
             self.channel,
             note,
+            self._reply_channels,
         ]
         row = await self._pool.fetchrow(self._reply_one_sql, params, prepare=True)
         current = row is not None and int(row[0]) > 0
@@ -590,7 +628,9 @@ class PgMessageStorage:
         return {
             (group, int(index), int(epoch))
             for group, index, epoch, _ in await self._pool.fetch(
-                self._reply_sql, [_encode_json(rows).decode(), self.channel], prepare=True
+                self._reply_sql,
+                [_encode_json(rows).decode(), self.channel, self._reply_channels],
+                prepare=True,
             )
         }
 
@@ -614,6 +654,21 @@ class PgMessageStorage:
 
     async def interrupt(self, request_id: int, origin: int) -> bool:
         return await mark_interrupted(self._pool, self._prefix, self.channel, request_id, origin)
+
+    async def watch_reply(self, request_id: int) -> bytes | None:
+        """The reply to another runner's request, and its notice from now on heard by
+        every runner: it goes to the caller's channel (see ``_ANNOUNCED_TO``) unless the
+        row is marked ``watched``. The mark and the reply's UPDATE take the row's lock
+        in turn: a reply written first is returned here, one written after sees the
+        mark."""
+        with translated("watch reply to %s", request_id):
+            reply = await self._pool.fetchval(
+                f"UPDATE {self._prefix}messages SET watched = true WHERE request_id = $1"
+                " RETURNING reply",
+                [request_id],
+                prepare=True,
+            )
+        return None if reply is None else bytes(reply)
 
     async def reply_for(self, request_id: int) -> bytes | None:
         with translated("read reply to %s", request_id):

@@ -128,6 +128,13 @@ MIGRATIONS: tuple[str, ...] = (
         acked bigint NOT NULL
     );
     """,
+    # 9: where a request's reply is announced: its caller's channel (``reply_to``, the
+    # storing runner's machine id), or every runner's once a duplicate waits on it too
+    # (``watched``). Rows of earlier versions have neither: announced to every runner.
+    """
+    ALTER TABLE {p}messages ADD COLUMN reply_to int,
+        ADD COLUMN watched boolean NOT NULL DEFAULT false;
+    """,
 )
 
 

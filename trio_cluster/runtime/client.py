@@ -299,7 +299,7 @@ class Client:
                     request_id = saved.request_id
                     reply = waiting.expect(request_id)
                     start = await self._streams.acked(request_id)
-                    final = saved.reply or await self._messages.reply_for(request_id)
+                    final = saved.reply or await self._messages.watch_reply(request_id)
                     if final is not None:
                         reply.resolve(final)
                 else:
@@ -566,8 +566,9 @@ class Client:
         slot = waiting.expect(saved.request_id)
         try:
             # The original may have completed between the save and expect();
-            # its reply is then only in storage.
-            stored = await self._messages.reply_for(saved.request_id)
+            # its reply is then only in storage. Its notice would go to the
+            # original's caller alone: this runner asks to hear it too.
+            stored = await self._messages.watch_reply(saved.request_id)
             return stored if stored is not None else await slot.wait()
         finally:
             waiting.forget(saved.request_id, slot)

@@ -11,8 +11,9 @@ shard keeper. Notices of one batch are acted on in order of kind: stored request
 are queued before interrupts are applied, so an interrupt that follows its
 request's notice finds it.
 
-Most notices need no wait: every runner hears every notice, so most concern
-another runner, and a reply the notice carries resolves its caller at once.
+Most notices need no wait: every runner hears every stored request's notice
+(and a reply's, when storage announces it to all), so most concern another
+runner, and a reply the notice carries resolves its caller at once.
 Those are dealt with as they arrive (``triage``, in the task that read them),
 without waking the follower's task: a persisted ask's two notices cost each
 runner that is neither its caller nor its owner no task step at all, and its

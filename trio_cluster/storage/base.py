@@ -261,6 +261,12 @@ class MessageStorage(Protocol):
 
     async def reply_for(self, request_id: int) -> bytes | None: ...
 
+    async def watch_reply(self, request_id: int) -> bytes | None:
+        """``reply_for`` another runner's request (a duplicate's original), whose
+        reply's notice this runner must then hear as well: a storage may announce a
+        reply to its caller alone until asked this."""
+        ...
+
     async def interrupt(self, request_id: int, origin: int) -> bool:
         """Mark an unprocessed request interrupted (its caller withdrew it) and notify
         its shard's owner; False when it has a final reply already, or is marked.

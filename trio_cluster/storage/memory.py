@@ -420,6 +420,10 @@ class MemoryStorage:
         stored = self._requests.get(request_id)
         return None if stored is None else stored.reply
 
+    async def watch_reply(self, request_id: int) -> bytes | None:
+        """Every follower here hears every reply already: nothing to mark."""
+        return await self.reply_for(request_id)
+
     async def unprocessed(
         self,
         shard: ShardId,
